@@ -1,0 +1,1 @@
+"""step3-edge app stage."""
