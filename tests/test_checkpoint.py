@@ -1,0 +1,141 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from step3_edge.checkpoint import CheckpointReader
+from step3_edge.errors import CheckpointError
+from step3_edge.layout import expected_weights
+from step3_edge.quantize.schemes import FP8, BlockFP8, expand_blocks
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_real_names_shapes_and_block_fp8_layout(tiny_fp8, tiny_cfg):
+    r = CheckpointReader(tiny_fp8)
+    r.check()
+    stored = set(r.stored_names())
+    t = tiny_cfg.text_config
+    # spec §3.1 names: separate q/k/v, inter_norm, wq, 3-D experts, router, shared expert
+    assert "model.layers.1.moe.gate_proj.weight" in stored
+    assert r.stored_shape("model.layers.1.moe.down_proj.weight") == (
+        t.moe_num_experts, t.hidden_size, t.moe_intermediate_size)
+    # spec §4.3: scale [E, ceil(out/128), ceil(in/128)], float32; router/norm/embed bf16
+    assert r.stored_shape("model.layers.1.moe.down_proj.weight_scale_inv") == (8, 1, 1)
+    assert r.stored_dtype("model.layers.0.mlp.gate_proj.weight_scale_inv") == torch.float32
+    assert r.stored_shape("model.layers.0.mlp.gate_proj.weight_scale_inv") == (3, 1)
+    assert r.stored_dtype("model.layers.1.moe.gate_proj.weight") == FP8
+    for name in ("model.layers.1.moe.gate.weight", "model.embed_tokens.weight",
+                 "lm_head.weight", "model.layers.0.self_attn.inter_norm.weight",
+                 "vision_model.embeddings.class_embedding", "vit_large_projector.weight"):
+        assert r.stored_dtype(name) == torch.bfloat16, name
+        assert name + "_scale_inv" not in stored
+    prefixes = {n.split(".")[0] for n in stored}
+    assert prefixes == {"model", "lm_head", "vision_model", "vit_downsampler",
+                        "vit_downsampler2", "vit_large_projector"}
+    index = json.loads((tiny_fp8 / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == stored
+
+
+def test_dequantization_follows_the_spec_formula_with_partial_blocks(tiny_fp8):
+    r = CheckpointReader(tiny_fp8)
+    name = "model.layers.0.mlp.down_proj.weight"        # [128, 320]: 3 blocks, last 64 wide
+    parts = r.read_parts(name)
+    q, s = parts[""].float(), parts["_scale_inv"]
+    manual = torch.empty_like(q)
+    for o in range(q.shape[0]):
+        for bi in range(s.shape[1]):
+            manual[o, bi * 128:(bi + 1) * 128] = q[o, bi * 128:(bi + 1) * 128] * s[o // 128, bi]
+    assert torch.equal(r.read(name), manual)
+
+
+def test_one_expert_is_read_alone(tiny_fp8, tiny_bf16, rng):
+    e = int(torch.randint(0, 8, (1,), generator=rng))
+    for folder in (tiny_fp8, tiny_bf16):
+        r = CheckpointReader(folder)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.2.moe.{proj}.weight"
+            assert torch.equal(r.read(name, expert=e), r.read(name)[e])
+
+
+def test_block_fp8_round_trip_on_fresh_weights(rng):
+    w = torch.randn(3, 200, 333, generator=rng)
+    parts = BlockFP8().quantize(w)
+    back = BlockFP8().dequantize(parts, tuple(w.shape))
+    # e4m3 has 3 mantissa bits: relative error <= 2^-4 for normal numbers, plus the
+    # subnormal spacing 2^-9 times the block scale for the smallest values
+    scale = expand_blocks(parts["_scale_inv"], 128, 128, tuple(w.shape))
+    assert ((back - w).abs() <= w.abs() * 2 ** -4 + scale * 2 ** -9 + 1e-12).all()
+
+
+def test_truncated_shard_is_named(tiny_bf16, tmp_path):
+    ck = _copy(tiny_bf16, tmp_path / "ck")
+    shard = sorted(ck.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=shard.name):
+        CheckpointReader(ck).check()
+
+
+def test_flipped_header_byte_is_named(tiny_bf16, tmp_path):
+    ck = _copy(tiny_bf16, tmp_path / "ck")
+    shard = sorted(ck.glob("model-*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[8 + 1] ^= 0xFF          # first bytes of the JSON header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt|cannot open"):
+        CheckpointReader(ck).check()
+
+
+def _rewrite_shard(ck, edit):
+    """Apply `edit(tensors)` to the shard holding layer 1 and fix the index."""
+    index_path = ck / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    fname = index["weight_map"]["model.layers.1.moe.gate.weight"]
+    tensors = load_file(ck / fname)
+    edit(tensors)
+    save_file(tensors, ck / fname)
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items()
+                           if v != fname or k in tensors}
+    index["weight_map"].update({k: fname for k in tensors})
+    index_path.write_text(json.dumps(index))
+
+
+def test_missing_misshapen_wrong_dtype_and_unexpected_are_listed_together(tiny_fp8, tmp_path):
+    ck = _copy(tiny_fp8, tmp_path / "ck")
+
+    def edit(t):
+        del t["model.layers.1.moe.gate.weight"]
+        t["model.layers.1.share_expert.up_proj.weight_scale_inv"] = torch.ones(5, 5)
+        t["model.layers.1.moe.up_proj.weight"] = t["model.layers.1.moe.up_proj.weight"].float()
+        t["model.layers.1.moe.extra.weight"] = torch.ones(2)
+
+    _rewrite_shard(ck, edit)
+    with pytest.raises(CheckpointError) as err:
+        CheckpointReader(ck).check()
+    msg = str(err.value)
+    assert "missing (1): model.layers.1.moe.gate.weight" in msg
+    assert "unexpected (1): model.layers.1.moe.extra.weight" in msg
+    assert "share_expert.up_proj.weight_scale_inv: [5, 5], expected [1, 1]" in msg
+    assert "model.layers.1.moe.up_proj.weight: torch.float32, expected torch.float8_e4m3fn" in msg
+
+
+def test_index_cannot_point_outside_the_folder(tiny_bf16, tmp_path):
+    ck = _copy(tiny_bf16, tmp_path / "ck")
+    index_path = ck / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../etc/passwd"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside"):
+        CheckpointReader(ck)
+
+
+def test_every_expected_tensor_is_stored(tiny_bf16, tiny_cfg):
+    r = CheckpointReader(tiny_bf16)
+    assert set(r.stored_names()) == set(expected_weights(tiny_cfg))
