@@ -1,0 +1,68 @@
+"""`step3-edge generate`: one prompt (and images) through the reference model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from step3_edge.sampling import SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--model", help="checkpoint or bundle folder (default: the embedded model)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--system", help="optional system message")
+    p.add_argument("--raw", action="store_true",
+                   help="send PROMPT as-is, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON with the prompt and generated token ids")
+
+
+def run(args: argparse.Namespace) -> int:
+    from step3_edge.defaults import default_model
+    from step3_edge.model import Step3ForConditionalGeneration
+    from step3_edge.processor import Step3Processor
+
+    folder = Path(args.model) if args.model else default_model()
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    t0 = time.perf_counter()
+    model = Step3ForConditionalGeneration.from_pretrained(folder, getattr(torch, args.dtype))
+    proc = Step3Processor.from_pretrained(folder, model.config)
+    load_s = time.perf_counter() - t0
+    if args.raw:
+        ids, views = proc(args.prompt, args.image)
+    else:
+        content = [{"type": "image", "image": img} for img in args.image]
+        content.append({"type": "text", "text": args.prompt})
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": content}]
+        ids, views = proc.apply_chat(messages)
+    gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    t1 = time.perf_counter()
+    out = model.generate(torch.tensor([ids]), args.max_new_tokens, images=views or None,
+                         sampling=sampling, stop_token_ids=tuple(proc.stop_token_ids),
+                         generator=gen)
+    gen_s = time.perf_counter() - t1
+    new = out[0, len(ids):].tolist()
+    if new and new[-1] in proc.stop_token_ids:
+        new = new[:-1]
+    text = proc.decode(new)
+    if args.json:
+        print(json.dumps({"model": str(folder), "prompt_token_ids": ids,
+                          "generated_token_ids": new, "text": text,
+                          "load_seconds": round(load_s, 3),
+                          "generate_seconds": round(gen_s, 3)}))
+    else:
+        print(text)
+    return 0
