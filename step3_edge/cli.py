@@ -13,6 +13,8 @@ from step3_edge.errors import Step3EdgeError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("step3_edge.synth", "write a synthetic Step3 checkpoint in the real layout"),
     "generate": ("step3_edge.generate", "generate text with the reference model"),
+    "quantize": ("step3_edge.quantize.cli", "requantize a checkpoint for a target card"),
+    "plan": ("step3_edge.runtime.plan_cli", "print the device placement and memory plan"),
 }
 
 

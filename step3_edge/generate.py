@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -65,4 +66,6 @@ def run(args: argparse.Namespace) -> int:
                           "generate_seconds": round(gen_s, 3)}))
     else:
         print(text)
+        if not text.strip():
+            print(f"(no printable text; generated token ids: {new})", file=sys.stderr)
     return 0
