@@ -1,0 +1,93 @@
+"""`step3-edge plan`: print the device placement and memory plan. Never touches weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from step3_edge.config import Step3Config
+from step3_edge.errors import ConfigError
+from step3_edge.runtime.planner import (DEFAULT_ACTIVATION_RESERVE, DEFAULT_HEADROOM,
+                                        parse_size, plan_placement)
+from step3_edge.targets import TARGETS, get_target
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the `plan` options on `p`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=["tiny", "mini", "full"],
+                     help="plan a preset config (`full` is the real Step3)")
+    src.add_argument("--model", help="checkpoint or bundle folder: reads only its config.json")
+    p.add_argument("--target", default="l20", help=f"card profile: {', '.join(TARGETS)}")
+    p.add_argument("--devices", type=int, default=8, help="number of cards (default 8)")
+    p.add_argument("--cpu-mem", default=None,
+                   help="CPU memory for cold experts, e.g. 512GiB (default: this machine's)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-tokens", type=int, help="KV cache budget in tokens (all sequences)")
+    kv.add_argument("--context", type=int, help="context length per sequence (with --batch)")
+    p.add_argument("--batch", type=int, help="concurrent sequences (with --context, default 8K)")
+    p.add_argument("--kv-dtype", choices=["fp8", "int8", "bf16"], default="fp8",
+                   help="KV cache element type (default fp8, as in the paper)")
+    p.add_argument("--scheme", help="weight scheme of the FFN linears (default: the target's)")
+    p.add_argument("--attn-scheme", help="weight scheme of the attention linears")
+    p.add_argument("--attention-devices", type=int, help="override the A/F split")
+    p.add_argument("--activation-reserve", default=None,
+                   help=f"per-device activation reserve (default "
+                        f"{DEFAULT_ACTIVATION_RESERVE // 2**30}GiB)")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help="fraction of each card kept free (default 0.05)")
+    p.add_argument("--expert-counts", help="JSON file {layer: [count per expert]} from a profile")
+    p.add_argument("--text-only", action="store_true", help="no vision tower (text-only serving)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--dry-run", action="store_true",
+                   help="accepted for symmetry: planning never reads weights")
+
+
+def _read_counts(path: str) -> dict[int, list[int]]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = data.get("expert_counts", data)
+        return {int(k): [int(x) for x in v] for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"cannot read expert counts from {path}: {e}",
+                          "pass the JSON written by `step3-edge profile` "
+                          "({\"layer\": [count per expert, ...]})") from e
+
+
+def _cpu_mem(text: str | None) -> int:
+    if text is not None:
+        return parse_size(text)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan and print; PlanError / ConfigError propagate to the CLI's error printer."""
+    cfg = Step3Config.preset(args.preset) if args.preset else Step3Config.from_pretrained(
+        args.model)
+    kv_tokens = args.kv_tokens
+    if args.context is not None or args.batch is not None:
+        if kv_tokens is not None:
+            raise ConfigError("--batch goes with --context, not with --kv-tokens",
+                              "give either --kv-tokens N or --context C --batch B")
+        kv_tokens = (args.context or 8192) * (args.batch or 1)
+    if kv_tokens is not None and kv_tokens < 1:
+        raise ConfigError(f"KV budget {kv_tokens} tokens", "ask for at least 1 token")
+    reserve = (DEFAULT_ACTIVATION_RESERVE if args.activation_reserve is None
+               else parse_size(args.activation_reserve))
+    plan = plan_placement(
+        cfg, get_target(args.target), args.devices, cpu_mem_bytes=_cpu_mem(args.cpu_mem),
+        scheme=args.scheme, attn_scheme=args.attn_scheme, kv_tokens=kv_tokens,
+        kv_bytes_per_elem=2.0 if args.kv_dtype == "bf16" else 1.0,
+        attention_devices=args.attention_devices, activation_reserve_bytes=reserve,
+        headroom_fraction=args.headroom,
+        expert_counts=_read_counts(args.expert_counts) if args.expert_counts else None,
+        vision=not args.text_only)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        contexts = (4096, 8192, 32768) if args.context is None else (args.context,)
+        print(plan.format_table(contexts))
+    return 0

@@ -1,0 +1,404 @@
+"""Placement planner: which device runs what, which experts are hot, how much KV cache fits.
+
+A pure function of config, target, device count and budgets; it never reads a weight, so
+`step3-edge plan --preset full` plans the real 321B model on a laptop (design.md).
+
+Roles (AFD, spec §6 "Deployment layout"): attention devices run data-parallel attention, each
+with its own sequences, so each holds every layer's attention weights, norms and routers, the
+KV cache of its sequences (one KV head: tensor parallelism would only replicate the cache) and
+a replica of embed_tokens + lm_head + final norm (used every decode step by every DP instance;
+one shared copy would put all logits behind one device). The vision tower (prefill only) lives
+on the first attention device. FFN devices hold the dense MLPs and the shared experts (whole
+units, balanced by bytes) and fill the rest of their memory with hot routed experts (expert
+parallel); cold experts stay in CPU memory. One device runs everything.
+
+A/F split rule: the fewest attention devices whose KV room holds the KV budget asked for
+(without a budget: one, giving every other device to experts; KV then takes all the room left
+there). Attention-side weights and one budget's worth of KV must fit; everything else goes to
+experts, so the split that maximises hot experts is the smallest that satisfies the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+from step3_edge.config import Step3Config
+from step3_edge.errors import ConfigError, PlanError
+from step3_edge.layout import expected_weights, layer_of
+from step3_edge.quantize.schemes import get_scheme
+from step3_edge.targets import Target
+
+GiB = 2**30
+DEFAULT_ACTIVATION_RESERVE = 2 * GiB  # CUDA context, GEMM workspace, one prefill chunk
+DEFAULT_HEADROOM = 0.05               # allocator fragmentation
+ATTN_ROLES = ("attn", "norm", "router", "embed", "lm_head", "vision")
+ExpertId = tuple[int, int]            # (layer, expert)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as `512GiB`, `64GB`, `1.5TiB`, `300M` (bare K/M/G/T are binary)."""
+    s = str(text).strip().lower().replace(" ", "").replace("_", "")
+    num = s.rstrip("kmgtib")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"cannot read the size {text!r}",
+                          "write a number with an optional unit, e.g. 512GiB, 64GB, 1.5TiB")
+    return int(value * _UNITS[unit])
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """One accelerator: its role and where its memory goes (bytes)."""
+
+    index: int
+    role: str                        # "attention" | "ffn" | "both"
+    capacity_bytes: int
+    weight_bytes: dict[str, int]     # by layout role; "experts" = the hot routed experts here
+    kv_bytes: int
+    kv_tokens: int
+    activation_bytes: int
+    headroom_bytes: int
+    hot_experts: tuple[ExpertId, ...] = ()
+    dense_layers: tuple[int, ...] = ()          # layers whose dense MLP runs here
+    shared_expert_layers: tuple[int, ...] = ()  # layers whose shared expert runs here
+
+    @property
+    def weights_total(self) -> int:
+        return sum(self.weight_bytes.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_total + self.kv_bytes + self.activation_bytes + self.headroom_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.total_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every weight lives and how much KV fits; goes into the bundle manifest."""
+
+    target: str
+    devices: int
+    scheme: str
+    attn_scheme: str
+    kv_bytes_per_elem: float
+    kv_bytes_per_token: int
+    max_context: int
+    num_experts: int
+    moe_layers: tuple[int, ...]
+    expert_bytes: int                 # one routed expert: gate + up + down
+    model_weight_bytes: int           # every weight once, under these schemes
+    cpu_mem_bytes: int
+    kv_tokens_requested: int | None
+    device_plans: tuple[DevicePlan, ...]
+    cold_experts: tuple[ExpertId, ...] = field(default=())
+
+    @property
+    def attention_devices(self) -> tuple[int, ...]:
+        return tuple(d.index for d in self.device_plans if d.role in ("attention", "both"))
+
+    @property
+    def ffn_devices(self) -> tuple[int, ...]:
+        return tuple(d.index for d in self.device_plans if d.role in ("ffn", "both"))
+
+    @property
+    def hot(self) -> dict[int, list[ExpertId]]:
+        """device -> the (layer, expert) pairs it holds."""
+        return {d.index: list(d.hot_experts) for d in self.device_plans if d.hot_experts}
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV cache tokens over all attention devices."""
+        return sum(d.kv_tokens for d in self.device_plans)
+
+    @property
+    def cold_bytes(self) -> int:
+        return len(self.cold_experts) * self.expert_bytes
+
+    @cached_property
+    def _where(self) -> dict[ExpertId, int | str]:
+        loc: dict[ExpertId, int | str] = {e: "cpu" for e in self.cold_experts}
+        for d in self.device_plans:
+            loc.update({e: d.index for e in d.hot_experts})
+        return loc
+
+    def expert_location(self, layer: int, expert: int) -> int | str:
+        """Device index holding routed expert `expert` of `layer`, or "cpu" when it is cold."""
+        try:
+            return self._where[(layer, expert)]
+        except KeyError:
+            raise PlanError(f"layer {layer} expert {expert} is not a routed expert of this plan",
+                            f"MoE layers are {self.moe_layers[0]}..{self.moe_layers[-1]}, "
+                            f"experts 0..{self.num_experts - 1}") from None
+
+    def expert_map(self) -> dict[int, list[int | str]]:
+        """layer -> location of each of its experts (device index or "cpu")."""
+        return {L: [self._where[(L, e)] for e in range(self.num_experts)]
+                for L in self.moe_layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """Inverse of `to_dict` (also after a JSON round trip)."""
+        try:
+            devs = tuple(DevicePlan(**{**p, "weight_bytes": dict(p["weight_bytes"]),
+                                       "hot_experts": tuple(map(tuple, p["hot_experts"])),
+                                       "dense_layers": tuple(p["dense_layers"]),
+                                       "shared_expert_layers": tuple(p["shared_expert_layers"])})
+                         for p in d["device_plans"])
+            return cls(**{**d, "moe_layers": tuple(d["moe_layers"]), "device_plans": devs,
+                          "cold_experts": tuple(map(tuple, d["cold_experts"]))})
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"the device plan is malformed: {e}",
+                            "re-run `step3-edge plan` / export to write a fresh plan") from e
+
+    def format_table(self, contexts: tuple[int, ...] = (4096, 8192, 32768)) -> str:
+        """Per-device memory table in GiB, then the offloaded experts and the KV capacity."""
+        n_att = sum(d.role == "attention" for d in self.device_plans)
+        split = (f"{n_att} attention + {self.devices - n_att} FFN" if n_att else "one device")
+        lines = [f"target {self.target}, {self.devices} device(s) ({split}); weights "
+                 f"{self.scheme}, attention {self.attn_scheme}, KV {self.kv_bytes_per_elem:g} "
+                 f"B/elem = {self.kv_bytes_per_token:,} B/token",
+                 f"model weights {_gib(self.model_weight_bytes)} "
+                 f"({self.model_weight_bytes / 1e9:.1f} GB) under these schemes", "",
+                 f"{'dev':>3}  {'role':<9} {'weights':>8} {'KV':>7} {'act':>6} {'headrm':>6} "
+                 f"{'total':>7} {'capacity':>8} {'free':>6}  hot experts"]
+        for d in self.device_plans:
+            g = [x / GiB for x in (d.weights_total, d.kv_bytes, d.activation_bytes,
+                                   d.headroom_bytes, d.total_bytes, d.capacity_bytes,
+                                   d.free_bytes)]
+            lines.append(f"{d.index:>3}  {d.role:<9} {g[0]:8.2f} {g[1]:7.2f} {g[2]:6.2f} "
+                         f"{g[3]:6.2f} {g[4]:7.2f} {g[5]:8.2f} {g[6]:6.2f}  "
+                         f"{len(d.hot_experts)}")
+        n_exp = len(self.moe_layers) * self.num_experts
+        lines += ["", f"routed experts: {n_exp} x {self.expert_bytes / 1e6:.1f} MB; "
+                  f"{n_exp - len(self.cold_experts)} hot on cards, {len(self.cold_experts)} "
+                  f"cold in CPU memory ({_gib(self.cold_bytes)} of {_gib(self.cpu_mem_bytes)})"]
+        per = ", ".join(f"dev {d.index}: {d.kv_tokens:,}" for d in self.device_plans
+                        if d.kv_tokens)
+        batches = ", ".join(f"batch {self.kv_tokens // c} at {c // 1024}K context"
+                            for c in contexts if c <= self.max_context)
+        lines.append(f"KV capacity: {self.kv_tokens:,} tokens ({per}) = {batches} "
+                     f"(max context {self.max_context:,})")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    attn_side: dict[str, int]       # replicated on every attention device (vision excluded)
+    vision: int
+    dense: dict[int, int]           # layer -> dense MLP bytes
+    shared: dict[int, int]          # layer -> shared expert bytes
+    expert: int
+    total: int
+
+
+def weight_bytes_by_role(cfg: Step3Config, scheme: str, attn_scheme: str | None = None,
+                         vision: bool = True) -> dict[str, int]:
+    """Stored bytes per layout role: linears under `scheme` (attention under `attn_scheme`),
+    routers, norms, embeddings and vision in bf16 (spec §4.2)."""
+    lin, att, bf = get_scheme(scheme), get_scheme(attn_scheme or scheme), get_scheme("bf16")
+    out: dict[str, int] = {}
+    for w in expected_weights(cfg, vision=vision).values():
+        s = att if w.role == "attn" else lin if w.is_linear else bf
+        out[w.role] = out.get(w.role, 0) + s.nbytes(w.shape)
+    return out
+
+
+def _sizes(cfg: Step3Config, scheme: str, attn_scheme: str, vision: bool) -> _Sizes:
+    lin = get_scheme(scheme)
+    by_role = weight_bytes_by_role(cfg, scheme, attn_scheme, vision)
+    dense: dict[int, int] = {}
+    shared: dict[int, int] = {}
+    expert = 0
+    for w in expected_weights(cfg, vision=False).values():
+        layer = layer_of(w.name)
+        if w.role == "mlp":
+            dense[layer] = dense.get(layer, 0) + lin.nbytes(w.shape)
+        elif w.role == "shared_expert":
+            shared[layer] = shared.get(layer, 0) + lin.nbytes(w.shape)
+        elif w.role == "experts" and layer == cfg.text_config.moe_layers[0]:
+            expert += lin.nbytes(w.shape[1:])  # one expert's slice of the stacked tensor
+    return _Sizes({r: by_role.get(r, 0) for r in ATTN_ROLES if r != "vision"},
+                  by_role.get("vision", 0), dense, shared, expert, sum(by_role.values()))
+
+
+def _expert_order(cfg: Step3Config, counts: dict[int, list[int]] | None
+                  ) -> tuple[list[ExpertId], dict[ExpertId, float]]:
+    """Experts hottest first: by profile count, ties (and no profile) round robin over layers."""
+    t = cfg.text_config
+    rr = [(L, e) for e in range(t.moe_num_experts) for L in t.moe_layers]
+    if counts is None:
+        return rr, {x: 1.0 for x in rr}
+    bad = [L for L in counts if L not in t.moe_layers]
+    bad_len = [L for L, c in counts.items() if len(c) != t.moe_num_experts]
+    if bad or bad_len or any(v < 0 for c in counts.values() for v in c):
+        raise PlanError(f"expert_counts do not fit the model: layers {bad or bad_len} are not "
+                        f"MoE layers with {t.moe_num_experts} non-negative counts each",
+                        f"give counts for MoE layers {t.moe_layers[0]}..{t.moe_layers[-1]} "
+                        "from a profile of this model")
+    w = {(L, e): float(counts[L][e]) if L in counts else 0.0 for L, e in rr}
+    pos = {x: i for i, x in enumerate(rr)}
+    return sorted(rr, key=lambda x: (-w[x], pos[x])), w
+
+
+def _place_experts(order: list[ExpertId], weight: dict[ExpertId, float],
+                   slots: dict[int, int]) -> dict[int, list[ExpertId]]:
+    """Greedy: each hot expert to the device with the least load of its layer so far."""
+    left = dict(slots)
+    load: dict[tuple[int, int], float] = {}
+    out: dict[int, list[ExpertId]] = {d: [] for d in slots}
+    for x in order[:sum(slots.values())]:
+        d = min((d for d in left if left[d] > 0),
+                key=lambda d: (load.get((d, x[0]), 0.0), -left[d], d))
+        out[d].append(x)
+        left[d] -= 1
+        load[(d, x[0])] = load.get((d, x[0]), 0.0) + weight[x] + 1e-9
+    return out
+
+
+def plan_placement(cfg: Step3Config, target: Target, devices: int, *, cpu_mem_bytes: int,
+                   scheme: str | None = None, attn_scheme: str | None = None,
+                   kv_tokens: int | None = None, kv_bytes_per_elem: float = 1.0,
+                   attention_devices: int | None = None,
+                   activation_reserve_bytes: int = DEFAULT_ACTIVATION_RESERVE,
+                   headroom_fraction: float = DEFAULT_HEADROOM,
+                   expert_counts: dict[int, list[int]] | None = None,
+                   vision: bool = True) -> Plan:
+    """Plan `devices` cards of `target` for `cfg`; raise PlanError (with the numbers) if the
+    request cannot fit. `kv_tokens=None` means at least one `max_context` sequence, and as many
+    more as fit on the attention devices. `vision=False` plans a text-only deployment."""
+    t = cfg.text_config
+    if devices < 1 or cpu_mem_bytes < 0 or activation_reserve_bytes < 0:
+        raise PlanError(f"devices={devices}, cpu_mem_bytes={cpu_mem_bytes}, activation reserve "
+                        f"{activation_reserve_bytes} must be >= 1, >= 0, >= 0",
+                        "pass a positive device count and non-negative budgets")
+    if not 0 <= headroom_fraction < 1 or kv_bytes_per_elem <= 0 or (kv_tokens or 1) < 1:
+        raise PlanError(f"headroom {headroom_fraction}, KV bytes/elem {kv_bytes_per_elem}, KV "
+                        f"tokens {kv_tokens} out of range", "headroom in [0, 1), KV bytes per "
+                        "element > 0 (1 = fp8/int8, 2 = bf16), KV tokens >= 1")
+    scheme = scheme or target.default_scheme
+    attn_scheme = attn_scheme or scheme
+    sz = _sizes(cfg, scheme, attn_scheme, vision)
+    order, weight = _expert_order(cfg, expert_counts)
+    kv_tok = math.ceil(t.num_hidden_layers * cfg.kv_bytes_per_token_per_layer(kv_bytes_per_elem))
+    want = kv_tokens if kv_tokens is not None else t.max_context
+    cpu_budget = cpu_mem_bytes
+    cap = target.memory_bytes
+    if not target.is_gpu:  # the CPU itself is the one device; nothing is offloaded from it
+        if devices != 1:
+            raise PlanError(f"target {target.name} runs on {devices} devices",
+                            "the cpu target is one device: pass --devices 1")
+        cap, cpu_budget = cpu_mem_bytes, 0
+    head = int(cap * headroom_fraction)
+    usable = cap - activation_reserve_bytes - head
+    attn_w = sum(sz.attn_side.values())
+
+    def dev(i: int, role: str, w: dict[str, int], kv: int = 0, hot: tuple[ExpertId, ...] = (),
+            dense: tuple[int, ...] = (), shared: tuple[int, ...] = ()) -> DevicePlan:
+        return DevicePlan(i, role, cap, {k: v for k, v in w.items() if v}, kv * kv_tok, kv,
+                          activation_reserve_bytes, head, hot, dense, shared)
+
+    if devices == 1:
+        fixed = attn_w + sz.vision + sum(sz.dense.values()) + sum(sz.shared.values())
+        room = usable - fixed
+        if room < want * kv_tok:
+            raise PlanError(
+                f"device 0 ({target.name}) needs {_gib(fixed)} of non-expert weights + "
+                f"{_gib(want * kv_tok)} KV ({want:,} tokens) but has {_gib(usable)} usable "
+                f"({_gib(cap)} - {_gib(activation_reserve_bytes)} activations - {_gib(head)} "
+                "headroom)", "use more devices, a smaller scheme or a smaller --kv-tokens")
+        n_hot = min(len(order), (room - want * kv_tok) // sz.expert)
+        kv = want + ((room - want * kv_tok - n_hot * sz.expert) // kv_tok
+                     if kv_tokens is None else 0)
+        placed = {0: order[:n_hot]}
+        w = {**sz.attn_side, "vision": sz.vision, "mlp": sum(sz.dense.values()),
+             "shared_expert": sum(sz.shared.values()), "experts": n_hot * sz.expert}
+        plans = [dev(0, "both", w, kv, tuple(order[:n_hot]), t.dense_layers, t.moe_layers)]
+    else:
+        room = [usable - attn_w - (sz.vision if i == 0 else 0) for i in range(devices - 1)]
+        if room[0] < 0:
+            raise PlanError(
+                f"attention device 0 needs {_gib(attn_w + sz.vision)} of weights "
+                f"(attention {_gib(sz.attn_side['attn'])}, embed + lm_head "
+                f"{_gib(sz.attn_side['embed'] + sz.attn_side['lm_head'])}, vision "
+                f"{_gib(sz.vision)}) but has {_gib(usable)} usable",
+                "use a smaller --attn-scheme, --text-only, or cards with more memory")
+        caps = [max(r, 0) // kv_tok for r in room]
+        if attention_devices is not None:
+            if not 1 <= attention_devices < devices:
+                raise PlanError(f"{attention_devices} attention devices out of {devices}",
+                                f"choose 1..{devices - 1} so that FFN devices remain")
+            n_att = attention_devices
+        else:
+            n_att = next((a for a in range(1, devices) if sum(caps[:a]) >= want), devices - 1)
+        if sum(caps[:n_att]) < want:
+            raise PlanError(
+                f"KV budget of {want:,} tokens x {kv_tok:,} B = {_gib(want * kv_tok)} does "
+                f"not fit: {n_att} attention device(s) hold at most {sum(caps[:n_att]):,} "
+                f"tokens ({', '.join(_gib(max(r, 0)) for r in room[:n_att])} free after "
+                "attention-side weights)",
+                "ask for fewer KV tokens (smaller --batch or --context), use more devices, "
+                "or 8-bit KV")
+        if kv_tokens is None:
+            kv = caps[:n_att]
+        else:  # spread the budget in proportion to each device's room
+            kv = [want * c // sum(caps[:n_att]) for c in caps[:n_att]]
+            for i in [i for i in range(n_att) if kv[i] < caps[i]][:want - sum(kv)]:
+                kv[i] += 1
+        plans = [dev(i, "attention", {**sz.attn_side, "vision": sz.vision if i == 0 else 0},
+                     kv[i]) for i in range(n_att)]
+        ffn = list(range(n_att, devices))
+        units = sorted([(b, "d", L) for L, b in sz.dense.items()]
+                       + [(b, "s", L) for L, b in sz.shared.items()], key=lambda u: -u[0])
+        fixed = {d: 0 for d in ffn}
+        owned: dict[int, list[tuple[str, int]]] = {d: [] for d in ffn}
+        for b, kind, L in units:  # largest first onto the least filled device
+            d = min(ffn, key=lambda d: (fixed[d], d))
+            fixed[d] += b
+            owned[d].append((kind, L))
+        short = [d for d in ffn if fixed[d] > usable]
+        if short:
+            raise PlanError(
+                f"FFN device {short[0]} needs {_gib(fixed[short[0]])} for dense MLPs and shared "
+                f"experts but has {_gib(usable)} usable ({len(ffn)} FFN devices)",
+                "use more devices, fewer attention devices or a smaller --scheme")
+        placed = _place_experts(order, weight, {d: (usable - fixed[d]) // sz.expert
+                                                for d in ffn})
+        for d in ffn:
+            dl = tuple(sorted(L for k, L in owned[d] if k == "d"))
+            sl = tuple(sorted(L for k, L in owned[d] if k == "s"))
+            w = {"mlp": sum(sz.dense[L] for L in dl), "shared_expert":
+                 sum(sz.shared[L] for L in sl), "experts": len(placed[d]) * sz.expert}
+            plans.append(dev(d, "ffn", w, 0, tuple(placed[d]), dl, sl))
+    hot = {x for xs in placed.values() for x in xs}
+    cold = tuple(sorted(x for x in order if x not in hot))
+    if len(cold) * sz.expert > cpu_budget:
+        raise PlanError(
+            f"{len(cold)} cold experts x {sz.expert / 1e6:.1f} MB = {_gib(len(cold) * sz.expert)}"
+            f" must live in CPU memory, but the CPU budget is {_gib(cpu_budget)}",
+            f"give --cpu-mem >= {_gib(len(cold) * sz.expert)}, use more devices, a smaller KV "
+            "budget or a smaller --scheme")
+    for p in plans:
+        assert p.total_bytes <= p.capacity_bytes, p
+    return Plan(target.name, devices, scheme, attn_scheme, kv_bytes_per_elem, kv_tok,
+                t.max_context, t.moe_num_experts, tuple(t.moe_layers), sz.expert, sz.total,
+                cpu_mem_bytes, kv_tokens, tuple(plans), cold)
