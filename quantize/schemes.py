@@ -6,14 +6,18 @@ under `name + suffix` (e.g. `weight_scale_inv`). `dequantize` inverts it in floa
 
 Stored layouts (all scales are float32 dequantization multipliers, W ~= q * scale):
 
-| scheme            | parts[""]                                   | scale part                        |
-|-------------------|---------------------------------------------|-----------------------------------|
-| bf16              | bf16 [..., out, in]                         | none                              |
-| block_fp8         | e4m3fn [..., out, in]                       | `_scale_inv` [..., ceil(out/128), ceil(in/128)] |
-| fp8_per_channel   | e4m3fn [..., out, in]                       | `_scale` [..., out, 1]            |
-| int8_per_channel  | int8 [..., out, in], q in [-127, 127]       | `_scale` [..., out, 1]            |
-| int8_block        | int8 [..., out, in], q in [-127, 127]       | `_scale` [..., out, ceil(in/128)] |
-| int4_block        | uint8 [..., out, ceil(in/2)], two nibbles   | `_scale` [..., out, ceil(in/128)] |
+- bf16:             bf16 [..., out, in]; no scale
+- block_fp8:        e4m3fn [..., out, in]; `_scale_inv` [..., ceil(out/128), ceil(in/128)]
+- fp8_per_channel:  e4m3fn [..., out, in]; `_scale` [..., out, 1]
+- int8_per_channel: int8 [..., out, in], q in [-127, 127]; `_scale` [..., out, 1]
+- int8_block:       int8 [..., out, in], q in [-127, 127]; `_scale` [..., out, ceil(in/128)]
+- int4_block:       uint8 [..., out, ceil(in/2)], two q per byte; `_scale` [..., out,
+                    ceil(in/128)]
+
+Stored names: `NAME` and `NAME_scale` (e.g. `...down_proj.weight_scale`, vLLM's name for a
+dequantization multiplier); block_fp8 keeps step3-fp8's `NAME_scale_inv`. int8/int4 groups are
+128 consecutive inputs of one output row (symmetric, no zero point); a partial last group
+(in % 128 != 0) has its own scale from the values it holds.
 
 int4_block nibbles hold q + 8 (offset binary, q in [-7, 7], so 1..15); the LOW nibble holds the
 even input index, the high nibble the odd one; an odd `in` pads the last high nibble with 8
@@ -24,8 +28,10 @@ point 8); int8_block becomes MatMulNBits bits=8 by adding 128. `to_matmul_nbits`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from step3_edge.errors import QuantizationError
@@ -91,20 +97,20 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _checked(w: torch.Tensor) -> torch.Tensor:
-    """float32 copy of `w`, refusing NaN / inf (they would poison every scale of their block)."""
+    """`w` as float32, refusing tensors that are not [..., out, in]."""
     if w.dim() < 2:
         raise QuantizationError(f"cannot quantize a tensor of shape {list(w.shape)}",
                                 "only [..., out, in] weights can be quantized; keep it bf16")
-    w = w.float()
-    if not bool(torch.isfinite(w).all()):
-        raise QuantizationError("weight holds NaN or inf values",
-                                "the source checkpoint is corrupt; re-download or re-create it")
-    return w
+    return w.float()
 
 
 def safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """amax / qmax, with 1 where that is 0 (all-zero rows/blocks, or amax so small that the
-    division underflows), so that w / scale never produces NaN or inf."""
+    division underflows), so that w / scale never produces NaN or inf. A NaN or inf weight
+    shows in its amax (amax propagates NaN) and is refused."""
+    if not bool(torch.isfinite(amax).all()):
+        raise QuantizationError("weight holds NaN or inf values",
+                                "the source checkpoint is corrupt; re-download or re-create it")
     s = amax / qmax
     return torch.where(s > 0, s, torch.ones_like(s))
 
@@ -112,6 +118,18 @@ def safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 def cast_fp8(x: torch.Tensor) -> torch.Tensor:
     """float -> e4m3fn with saturation at +-448 (round to nearest even inside the range)."""
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
+    """e4m3fn -> float32 through a 256-entry table (bit-exact with `.float()`, ~3x faster on
+    CPU, where fp8 is a storage type only)."""
+    lut = _fp8_table()
+    return torch.from_numpy(np.take(lut, q.contiguous().view(torch.uint8).numpy()))
+
+
+@cache
+def _fp8_table() -> np.ndarray:
+    return torch.arange(256, dtype=torch.int16).to(torch.uint8).view(FP8).float().numpy()
 
 
 def _round_int(x: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:
@@ -163,7 +181,11 @@ class BlockFP8(Scheme):
     def dequantize(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         bo, bi = self.block
         q, s = parts[""], parts["_scale_inv"].float()
-        return q.float() * expand_blocks(s, bo, bi, tuple(q.shape))
+        *lead, o, i = q.shape
+        if o % bo == 0 and i % bi == 0:                    # whole blocks: broadcast, no copy
+            qb = fp8_to_float(q).view(*lead, o // bo, bo, i // bi, bi)
+            return (qb * s[..., :, None, :, None]).view(q.shape)
+        return fp8_to_float(q) * expand_blocks(s, bo, bi, tuple(q.shape))
 
     def part_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         *lead, o, i = shape
@@ -185,7 +207,7 @@ class FP8PerChannel(Scheme):
         return {"": cast_fp8(w / scale).contiguous(), "_scale": scale.contiguous()}
 
     def dequantize(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        return parts[""].float() * parts["_scale"].float()
+        return fp8_to_float(parts[""]) * parts["_scale"].float()
 
     def part_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         return {"": tuple(shape), "_scale": (*shape[:-1], 1)}

@@ -84,7 +84,8 @@ class CheckpointReader:
             self._handles[path] = h
         return h
 
-    def _slice(self, stored: str):
+    def get_slice(self, stored: str):
+        """The lazy (memory-mapped) safetensors slice of one stored tensor."""
         try:
             return self._open(self._where[stored]).get_slice(stored)
         except KeyError:
@@ -111,10 +112,10 @@ class CheckpointReader:
         return name in self._where
 
     def stored_shape(self, stored: str) -> tuple[int, ...]:
-        return tuple(self._slice(stored).get_shape())
+        return tuple(self.get_slice(stored).get_shape())
 
     def stored_dtype(self, stored: str) -> torch.dtype:
-        code = self._slice(stored).get_dtype()
+        code = self.get_slice(stored).get_dtype()
         if code not in _ST_DTYPES:
             raise CheckpointError(f"tensor {stored!r} has unsupported dtype {code}", _REMEDY)
         return _ST_DTYPES[code]
@@ -133,7 +134,7 @@ class CheckpointReader:
         """The stored tensors of one weight (or one expert of it), without dequantizing."""
         parts = {}
         for suffix in ("",) + self.scheme_of(name).suffixes:
-            sl = self._slice(name + suffix)
+            sl = self.get_slice(name + suffix)
             try:
                 parts[suffix] = sl[expert] if expert is not None else sl[:]
             except SafetensorError as e:
