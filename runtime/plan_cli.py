@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accepted for symmetry: planning never reads weights")
 
 
-def _read_counts(path: str) -> dict[int, list[int]]:
+def read_counts(path: str) -> dict[int, list[int]]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         data = data.get("expert_counts", data)
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         kv_bytes_per_elem=2.0 if args.kv_dtype == "bf16" else 1.0,
         attention_devices=args.attention_devices, activation_reserve_bytes=reserve,
         headroom_fraction=args.headroom,
-        expert_counts=_read_counts(args.expert_counts) if args.expert_counts else None,
+        expert_counts=read_counts(args.expert_counts) if args.expert_counts else None,
         vision=not args.text_only)
     if args.json:
         print(json.dumps(plan.to_dict()))

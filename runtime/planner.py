@@ -241,9 +241,10 @@ def _sizes(cfg: Step3Config, scheme: str, attn_scheme: str, vision: bool) -> _Si
                   by_role.get("vision", 0), dense, shared, expert, sum(by_role.values()))
 
 
-def _expert_order(cfg: Step3Config, counts: dict[int, list[int]] | None
-                  ) -> tuple[list[ExpertId], dict[ExpertId, float]]:
-    """Experts hottest first: by profile count, ties (and no profile) round robin over layers."""
+def expert_order(cfg: Step3Config, counts: dict[int, list[int]] | None
+                 ) -> tuple[list[ExpertId], dict[ExpertId, float]]:
+    """Experts hottest first: by profile count, ties (and no profile) round robin over layers.
+    Also the runtime's order for choosing a resident set."""
     t = cfg.text_config
     rr = [(L, e) for e in range(t.moe_num_experts) for L in t.moe_layers]
     if counts is None:
@@ -298,7 +299,7 @@ def plan_placement(cfg: Step3Config, target: Target, devices: int, *, cpu_mem_by
     scheme = scheme or target.default_scheme
     attn_scheme = attn_scheme or scheme
     sz = _sizes(cfg, scheme, attn_scheme, vision)
-    order, weight = _expert_order(cfg, expert_counts)
+    order, weight = expert_order(cfg, expert_counts)
     kv_tok = math.ceil(t.num_hidden_layers * cfg.kv_bytes_per_token_per_layer(kv_bytes_per_elem))
     want = kv_tokens if kv_tokens is not None else t.max_context
     cpu_budget = cpu_mem_bytes

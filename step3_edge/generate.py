@@ -38,8 +38,15 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.model) if args.model else default_model()
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     t0 = time.perf_counter()
-    model = Step3ForConditionalGeneration.from_pretrained(folder, getattr(torch, args.dtype))
-    proc = Step3Processor.from_pretrained(folder, model.config)
+    runtime = None
+    if (folder / "manifest.json").is_file():        # an exported bundle: the deployment runtime
+        from step3_edge.runtime.api import Step3Runtime
+
+        runtime = Step3Runtime.load(folder, dtype=args.dtype)
+        proc = runtime.processor
+    else:
+        model = Step3ForConditionalGeneration.from_pretrained(folder, getattr(torch, args.dtype))
+        proc = Step3Processor.from_pretrained(folder, model.config)
     load_s = time.perf_counter() - t0
     if args.raw:
         ids, views = proc(args.prompt, args.image)
@@ -51,11 +58,16 @@ def run(args: argparse.Namespace) -> int:
         ids, views = proc.apply_chat(messages)
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     t1 = time.perf_counter()
-    out = model.generate(torch.tensor([ids]), args.max_new_tokens, images=views or None,
-                         sampling=sampling, stop_token_ids=tuple(proc.stop_token_ids),
-                         generator=gen)
+    if runtime is not None:
+        with runtime:
+            new = runtime.generate(ids, views or None, max_new_tokens=args.max_new_tokens,
+                                   sampling=sampling, seed=args.seed).token_ids
+    else:
+        out = model.generate(torch.tensor([ids]), args.max_new_tokens, images=views or None,
+                             sampling=sampling, stop_token_ids=tuple(proc.stop_token_ids),
+                             generator=gen)
+        new = out[0, len(ids):].tolist()
     gen_s = time.perf_counter() - t1
-    new = out[0, len(ids):].tolist()
     if new and new[-1] in proc.stop_token_ids:
         new = new[:-1]
     text = proc.decode(new)

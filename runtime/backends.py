@@ -1,0 +1,272 @@
+"""Compute backends: one small interface that turns a stored weight (the bundle's quantized form,
+`CheckpointReader.read_parts`) into a callable linear layer on one device.
+
+A backend answers `linear(scheme, parts, shape) -> Linear`. The torch backend picks a kernel per
+scheme and device (`KERNELS` below says which); a `Linear` keeps the stored parts so that it can
+be re-made on another device (`Linear.to`), which is how the expert store copies a cold expert
+into the device cache. Weights stay in their stored form wherever a fast kernel exists; where
+none exists the weight is dequantized once at load into the compute dtype, and `describe()` /
+`Linear.kernel` say so.
+
+ONNX Runtime and TensorRT backends (issue 5, item 3) work on whole subgraphs rather than
+linears; they are not implemented yet and `make_backend` refuses them with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from step3_edge.errors import ConfigError
+from step3_edge.quantize.schemes import Scheme, get_scheme
+
+FP8 = torch.float8_e4m3fn
+# (scheme, device type) -> kernel; "dequantized" means upcast once at load (no fast kernel).
+KERNELS: dict[tuple[str, str], str] = {
+    ("bf16", "cpu"): "F.linear (bf16 as stored; upcast at load for fp32 compute)",
+    ("bf16", "cuda"): "F.linear (bf16 as stored; upcast at load for fp32 compute)",
+    ("int8_per_channel", "cpu"): "torch._weight_int8pack_mm (weight-only int8)",
+    ("int8_per_channel", "cuda"): "torch._int_mm (dynamic per-row int8 activations)",
+    ("int4_block", "cpu"): "torch._weight_int4pack_mm_for_cpu (group 128)",
+    ("fp8_per_channel", "cuda"): "torch._scaled_mm (fp8 e4m3, per-row scales; sm89+)",
+}
+
+
+class Linear(nn.Module):
+    """y = x W^T for one stored weight; `parts` is the stored form (kept for `to`)."""
+
+    kernel = "dequantized"
+
+    def __init__(self, scheme: Scheme, parts: dict[str, torch.Tensor], shape: tuple[int, int],
+                 backend: TorchBackend) -> None:
+        super().__init__()
+        self.scheme, self.parts, self.shape, self.backend = scheme, parts, tuple(shape), backend
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored form (what a copy to another device moves)."""
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    def remake(self, backend: TorchBackend, non_blocking: bool = False) -> Linear:
+        """The same weight, re-made by `backend` (copying the stored parts to its device)."""
+        parts = {k: v.to(backend.device, non_blocking=non_blocking) for k, v in self.parts.items()}
+        return backend.linear(self.scheme, parts, self.shape)
+
+    def pin(self) -> Linear:
+        """Page-lock the stored parts (CPU copies that will be copied to a GPU)."""
+        self.parts = {k: v.pin_memory() for k, v in self.parts.items()}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        lead = x.shape[:-1]
+        return self.matmul(x.reshape(-1, x.shape[-1])).view(*lead, self.shape[0])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
+        raise NotImplementedError  # each kernel overrides
+
+
+class DenseLinear(Linear):
+    """A float weight in the compute dtype: bf16 as stored, or dequantized once at load."""
+
+    def __init__(self, scheme: Scheme, parts: dict[str, torch.Tensor], shape: tuple[int, int],
+                 backend: TorchBackend, kernel: str) -> None:
+        super().__init__(scheme, parts, shape, backend)
+        self.kernel = kernel
+        w = parts[""]
+        if w.dtype != backend.dtype or scheme.name != "bf16":
+            w = scheme.dequantize(parts, self.shape).to(backend.dtype)
+        self.weight = w                                                 # [out, in]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Int8WeightOnly(Linear):
+    """int8 [out, in] x per-row scale through `torch._weight_int8pack_mm`."""
+
+    kernel = "torch._weight_int8pack_mm"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.q = self.parts[""]                                         # int8 [out, in]
+        self.scale = self.parts["_scale"].reshape(-1)                   # [out]
+        self._scales: dict[torch.dtype, torch.Tensor] = {}
+
+    def scale_as(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self._scales.get(dtype)
+        if s is None:
+            s = self._scales[dtype] = self.scale.to(dtype).contiguous()
+        return s
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale_as(x.dtype))
+
+
+class Int8Dynamic(Int8WeightOnly):
+    """CUDA: activations quantized per row to int8, then `torch._int_mm` (int32 accumulate).
+    `_int_mm` wants more than 16 rows; decode batches are padded (or use the weight-only
+    kernel where this torch has it for CUDA)."""
+
+    kernel = "torch._int_mm"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if m <= 16 and self.backend.caps.get("int8pack_cuda"):
+            return super().matmul(x)
+        sx = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127.0   # [M, 1]
+        xq = (x.float() / sx).round_().clamp_(-127, 127).to(torch.int8)
+        if m <= 16:
+            xq = F.pad(xq, (0, 0, 0, 17 - m))
+        y = torch._int_mm(xq, self.q.t())[:m]                           # [M, out] int32
+        return (y.float() * sx * self.scale.float()[None]).to(x.dtype)
+
+
+class Int4CPU(Linear):
+    """int4_block (group 128) through `torch._weight_int4pack_mm_for_cpu`: the stored nibbles
+    (value q + 8) are repacked once at load into torch's int4pack layout (same byte count)."""
+
+    kernel = "torch._weight_int4pack_mm_for_cpu"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        from step3_edge.quantize.schemes import unpack_int4
+
+        n, k = self.shape
+        q = (unpack_int4(self.parts[""], k).to(torch.int32) + 8).contiguous()  # [out, in] 0..15
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        s = self.parts["_scale"].float()                                # [out, in/128]
+        self.scales_zeros = torch.stack([s.t(), torch.zeros_like(s.t())], -1).contiguous()
+        self._sz: dict[torch.dtype, torch.Tensor] = {}
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        sz = self._sz.get(x.dtype)
+        if sz is None:
+            sz = self._sz[x.dtype] = self.scales_zeros.to(x.dtype)
+        return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, 128, sz)
+
+
+class FP8Scaled(Linear):
+    """CUDA sm89+: e4m3 weight with per-row scales; activations quantized per row to e4m3 and
+    multiplied by `torch._scaled_mm` (bf16 output)."""
+
+    kernel = "torch._scaled_mm"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.q = self.parts[""]                                         # e4m3 [out, in]
+        self.scale = self.parts["_scale"].float().reshape(1, -1)        # [1, out]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        sx = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448.0   # [M, 1]
+        xq = (x.float() / sx).clamp_(-448.0, 448.0).to(FP8)
+        y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale,
+                             out_dtype=torch.bfloat16)
+        return y.to(x.dtype)
+
+
+class TorchBackend:
+    """The torch backend for one device (CPU or CUDA) and one compute dtype."""
+
+    name = "torch"
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+                 ) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype
+        self.used: Counter[str] = Counter()
+        self.caps = self._probe()
+
+    def _probe(self) -> dict[str, bool]:
+        """Which fast kernels run here, found by trying each once on a small matrix."""
+        dev, caps = self.device, {}
+        if dev.type == "cpu":
+            return {"int4pack_cpu": _try(lambda: torch._weight_int4pack_mm_for_cpu(
+                torch.ones(1, 128), torch._convert_weight_to_int4pack_for_cpu(
+                    torch.full((32, 128), 8, dtype=torch.int32), 1), 128,
+                torch.ones(1, 32, 2)))}
+        q = torch.ones(32, 32, dtype=torch.int8, device=dev)
+        caps["int_mm"] = _try(lambda: torch._int_mm(torch.ones(32, 32, dtype=torch.int8,
+                                                               device=dev), q.t()))
+        caps["int8pack_cuda"] = _try(lambda: torch._weight_int8pack_mm(
+            torch.ones(1, 32, dtype=torch.bfloat16, device=dev), q,
+            torch.ones(32, dtype=torch.bfloat16, device=dev)))
+        major, minor = torch.cuda.get_device_capability(dev)
+        caps["scaled_mm"] = (major, minor) >= (8, 9) and _try(lambda: torch._scaled_mm(
+            torch.ones(32, 32, device=dev).to(FP8), torch.ones(32, 32, device=dev).to(FP8).t(),
+            scale_a=torch.ones(32, 1, device=dev), scale_b=torch.ones(1, 32, device=dev),
+            out_dtype=torch.bfloat16))
+        return caps
+
+    def linear(self, scheme: Scheme | str, parts: dict[str, torch.Tensor],
+               shape: tuple[int, int]) -> Linear:
+        """A Linear for one stored weight; `parts` must already be on this device."""
+        scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+        n, k = shape
+        cls: type[Linear] | None = None
+        name, cuda = scheme.name, self.device.type == "cuda"
+        if name == "int8_per_channel" and not cuda:
+            cls = Int8WeightOnly
+        elif name == "int8_per_channel" and self.caps.get("int_mm") and k % 8 == 0 and n % 8 == 0:
+            cls = Int8Dynamic
+        elif name == "int4_block" and not cuda and self.caps.get("int4pack_cpu") and \
+                k % 128 == 0 and n % 32 == 0 and getattr(scheme, "group", 128) == 128:
+            cls = Int4CPU
+        elif name == "fp8_per_channel" and cuda and self.caps.get("scaled_mm") and \
+                k % 16 == 0 and n % 16 == 0:
+            cls = FP8Scaled
+        if cls is not None:
+            lin: Linear = cls(scheme, parts, shape, self)
+        else:
+            kernel = "F.linear" if name == "bf16" else \
+                f"dequantized at load to {str(self.dtype).removeprefix('torch.')} " \
+                f"(no fast {name} kernel on {self.device.type})"
+            lin = DenseLinear(scheme, parts, shape, self, kernel)
+        self.used[f"{name}: {lin.kernel}"] += 1
+        return lin
+
+    def describe(self) -> dict[str, Any]:
+        """Device, dtype, probed kernels and how many weights went to each kernel."""
+        return {"backend": self.name, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "capabilities": self.caps,
+                "kernels": dict(self.used)}
+
+
+def _try(fn: Any) -> bool:
+    try:
+        fn()
+        return True
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
+        return False
+
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_backend(name: str = "torch", device: str | None = None,
+                 dtype: torch.dtype | str | None = None) -> TorchBackend:
+    """The backend called `name` on `device` (default: CUDA when present, else the CPU),
+    computing in `dtype` (default bf16)."""
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"compute dtype {dtype!r}", "use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    device = device or default_device()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available",
+                          "pass device='cpu' or run on a machine with a CUDA GPU")
+    if name == "torch":
+        return TorchBackend(device, dtype or torch.bfloat16)
+    if name in BACKENDS:
+        raise ConfigError(f"the {name} backend is not implemented yet in the runtime",
+                          "use backend='torch' (CPU or CUDA)")
+    raise ConfigError(f"unknown backend {name!r}", f"choose one of: {', '.join(BACKENDS)}")

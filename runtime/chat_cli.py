@@ -1,0 +1,92 @@
+"""`step3-edge chat --bundle B [--image IMG]`: an interactive, streaming conversation.
+
+Each line typed is a user turn; the answer streams as it is generated. `/reset` starts over,
+`/stats` prints the expert-store and timing statistics, `/quit` (or end of input) leaves.
+Images given with --image go with the first user turn."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, TextIO
+
+from step3_edge.sampling import SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the `chat` options on `p`."""
+    p.add_argument("--bundle", required=True, help="bundle folder (from `step3-edge export`)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--system", help="optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    p.add_argument("--resident", type=float, default=None,
+                   help="fraction of routed experts kept on the device (default: the plan)")
+    p.add_argument("--miss", choices=["cpu", "copy", "auto"], default=None,
+                   help="on an expert miss: compute on the CPU, copy it in, or decide by cost")
+
+
+def runtime_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The Step3Runtime.load keywords a CLI's --device / --dtype / --resident / --miss give."""
+    o = {k: getattr(args, k, None) for k in ("device", "dtype", "resident", "miss")}
+    return {k: v for k, v in o.items() if v is not None}
+
+
+def chat_loop(rt: Any, sampling: SamplingParams, args: argparse.Namespace,
+              stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    """Read turns from `stdin` until /quit or end of input; stream answers to `out`."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, Any]] = []
+    interactive = stdin.isatty()
+    images = [{"type": "image", "image": p} for p in args.image]
+    while True:
+        if interactive:
+            out.write("you> ")
+            out.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            history = []
+            out.write("(conversation reset)\n")
+            continue
+        if text == "/stats":
+            out.write(json.dumps(rt.stats(), indent=1, default=str) + "\n")
+            continue
+        content: Any = text
+        if not history and images:
+            content = [*images, {"type": "text", "text": text}]
+        history.append({"role": "user", "content": content})
+        out.write("step3> " if interactive else "")
+        answer = []
+        for piece in rt.chat(system + history, stream=True, max_new_tokens=args.max_new_tokens,
+                             sampling=sampling, seed=args.seed):
+            answer.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the bundle and chat; errors are Step3EdgeErrors for the CLI to print."""
+    from step3_edge.runtime.api import Step3Runtime
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    with Step3Runtime.load(args.bundle, **runtime_overrides(args)) as rt:
+        if sys.stdin.isatty():
+            print(f"step3-edge chat: {args.bundle} on {rt.stats()['backend']['device']} "
+                  "(/reset, /stats, /quit)", file=sys.stderr)
+        return chat_loop(rt, sampling, args)

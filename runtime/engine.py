@@ -1,0 +1,213 @@
+"""The runtime's model: an attention side and an FFN side that exchange, per layer,
+(hidden [N, h], top-k ids [N, k], top-k weights [N, k]) and nothing else (AFD, spec §7).
+
+`AttentionWorker` holds the embeddings, the vision tower, every layer's norms, MFA attention and
+router, the final norm, lm_head and the paged KV pool; `FFNWorker` holds the dense MLPs, shared
+experts and the `ExpertStore`. `Engine` runs one forward step over a flat batch of N new tokens
+from several sequences (continuous batching). The math is the reference model's own modules
+(`Step3DecoderLayer.attention_side`, `Step3MoE.route`, `Step3MLP`, `RMSNorm`, the rope and mask
+helpers) with the runtime's linears swapped in, so fp32 compute over bf16 weights gives the
+reference's tokens. Splitting the two workers across processes (micro-batched AFD pipeline) is
+the next step; nothing here assumes they share a process except `Engine`'s loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from step3_edge.checkpoint import CheckpointReader
+from step3_edge.config import Step3Config
+from step3_edge.errors import PromptError
+from step3_edge.model import RMSNorm, Step3DecoderLayer, Step3ForConditionalGeneration
+from step3_edge.runtime.backends import TorchBackend
+from step3_edge.runtime.expert_store import ExpertStore, make_mlp, read_linear
+from step3_edge.runtime.kv import GroupCache, KVPool, StepBatch
+from step3_edge.vision import Step3VisionEncoder, build_vision_heads
+
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
+
+
+def _norm(reader: CheckpointReader, name: str, eps: float, device: torch.device) -> RMSNorm:
+    w = reader.read(name, torch.float32).to(device)
+    with torch.device("meta"):
+        norm = RMSNorm(w.shape[0], eps)
+    norm.load_state_dict({"weight": w}, assign=True)
+    return norm
+
+
+class _Embedding(nn.Module):
+    """Token embedding kept as stored (bf16); rows are cast to the compute dtype on lookup."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight, self.dtype = weight, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:   # [...] -> [..., h]
+        return F.embedding(ids, self.weight).to(self.dtype)
+
+
+class Frontend(nn.Module):
+    """Token embeddings with image features at the `<im_patch>` slots: the reference's `embed`
+    and `encode_images`, bound to a module that holds only what they use."""
+
+    embed = Step3ForConditionalGeneration.embed
+    _encode = Step3ForConditionalGeneration.encode_images
+
+    def __init__(self, cfg: Step3Config, reader: CheckpointReader, backend: TorchBackend,
+                 vision: bool) -> None:
+        super().__init__()
+        self.config, self._dtype, self.has_vision = cfg, backend.dtype, vision
+        self.model = nn.Module()
+        w = reader.read("model.embed_tokens.weight", torch.bfloat16).to(backend.device)
+        self.model.embed_tokens = _Embedding(w, backend.dtype)
+        if vision:
+            with torch.device("meta"):
+                self.vision_model = Step3VisionEncoder(cfg.vision_config)
+                for name, module in build_vision_heads(cfg).items():
+                    self.add_module(name, module)
+            names = [n for n in self.state_dict() if not n.startswith("model.")]
+            self.load_state_dict({n: reader.read(n, backend.dtype).to(backend.device)
+                                  for n in names}, strict=False, assign=True)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def encode_images(self, images: list) -> torch.Tensor:
+        if not self.has_vision:
+            raise PromptError("this runtime was loaded without the vision tower",
+                              "load it with vision=True to send images")
+        return self._encode(images)
+
+
+class AttentionWorker:
+    """Attention side of every layer, plus embeddings, vision, final norm, lm_head, routers and
+    the KV pool of its sequences."""
+
+    def __init__(self, cfg: Step3Config, reader: CheckpointReader, backend: TorchBackend,
+                 kv_tokens: int, kv_dtype: torch.dtype | None = None, vision: bool = True
+                 ) -> None:
+        t = cfg.text_config
+        dev = backend.device
+        self.cfg, self.backend = cfg, backend
+        self.frontend = Frontend(cfg, reader, backend, vision)
+        self.layers: list[Step3DecoderLayer] = []
+        for L in range(t.num_hidden_layers):
+            with torch.device("meta"):
+                layer = Step3DecoderLayer(t, L)
+            p = f"model.layers.{L}."
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                setattr(layer, n, _norm(reader, f"{p}{n}.weight", t.rms_norm_eps, dev))
+            layer.self_attn.inter_norm = _norm(reader, f"{p}self_attn.inter_norm.weight",
+                                               t.rms_norm_eps, dev)
+            for n in ATTN_LINEARS:
+                setattr(layer.self_attn, n, read_linear(reader, backend,
+                                                        f"{p}self_attn.{n}.weight"))
+            if layer.is_moe:
+                layer.moe.gate = read_linear(reader, backend, f"{p}moe.gate.weight")
+            self.layers.append(layer)
+        self.norm = _norm(reader, "model.norm.weight", t.rms_norm_eps, dev)
+        self.lm_head = read_linear(reader, backend, "lm_head.weight")
+        self.kv = KVPool(t, kv_tokens, kv_dtype or backend.dtype, dev)
+
+    def routers(self) -> dict[int, object]:
+        """layer -> the reference router (`Step3MoE.route`) of each MoE layer."""
+        return {L.layer: L.moe.route for L in self.layers if L.is_moe}
+
+    def embed(self, ids: list[int], images: list | None = None) -> torch.Tensor:
+        """One sequence's token embeddings [T, h] (image features in place)."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.backend.device)
+        return self.frontend.embed(x, images or None)[0]
+
+    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        """Embeddings [len(ids), h] of plain tokens (decode steps)."""
+        x = torch.tensor(ids, dtype=torch.long, device=self.backend.device)
+        return self.frontend.model.embed_tokens(x)
+
+    def layer(self, L: int, h: torch.Tensor, batch: StepBatch
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Residual h [N, h] -> (new residual, normed FFN input [N, h], top-k ids / weights
+        [N, k] on MoE layers, else None)."""
+        layer = self.layers[L]
+        hs, xs = [], []
+        for g in batch.groups:
+            hg = h[g.start:g.start + g.b * g.t].view(g.b, g.t, -1)          # [b, t, h]
+            hh, xx = layer.attention_side(hg, g.cos, g.sin, g.mask, GroupCache(self.kv, g))
+            hs.append(hh.reshape(g.b * g.t, -1))
+            xs.append(xx.reshape(g.b * g.t, -1))
+        h, x = (hs[0], xs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(xs))
+        if not layer.is_moe:
+            return h, x, None, None
+        ids, w = layer.moe.route(x)                                         # [N, k] each
+        return h, x, ids, w
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head on residual rows [S, h] -> float32 logits [S, vocab]."""
+        return self.lm_head(self.norm(h)).float()
+
+
+class FFNWorker:
+    """FFN side of every layer: dense MLPs, shared experts and the routed experts' store."""
+
+    def __init__(self, cfg: Step3Config, reader: CheckpointReader, backend: TorchBackend,
+                 store: ExpertStore) -> None:
+        t = cfg.text_config
+        self.cfg, self.store = t, store
+        self.mlps: dict[int, nn.Module] = {}
+        for L in range(t.num_hidden_layers):
+            part = "share_expert" if t.is_moe(L) else "mlp"
+            self.mlps[L] = make_mlp(*(read_linear(reader, backend,
+                                                  f"model.layers.{L}.{part}.{p}.weight")
+                                      for p in ("gate_proj", "up_proj", "down_proj")))
+
+    def layer(self, L: int, x: torch.Tensor, ids: torch.Tensor | None,
+              w: torch.Tensor | None) -> torch.Tensor:
+        """FFN output [N, h] for normed input x [N, h] (and top-k ids / weights on MoE layers)."""
+        if ids is None or w is None:
+            return self.mlps[L](x)
+        nxt = L + 1 if self.cfg.is_moe(L + 1) else None
+        routed = self.store.compute(L, x, ids, w, next_layer=nxt)           # float32 [N, h]
+        return self.mlps[L](x) + routed.to(x.dtype)
+
+
+class Engine:
+    """One process, one device: the attention side then the FFN side of each layer."""
+
+    def __init__(self, attn: AttentionWorker, ffn: FFNWorker, sync_timing: bool = False
+                 ) -> None:
+        self.attn, self.ffn = attn, ffn
+        n = attn.cfg.text_config.num_hidden_layers
+        self.attn_seconds = [0.0] * n
+        self.ffn_seconds = [0.0] * n
+        self.steps = 0
+        dev = attn.backend.device
+        self._sync = (lambda: torch.cuda.synchronize(dev)) if sync_timing and \
+            dev.type == "cuda" else (lambda: None)
+
+    def reset_stats(self) -> None:
+        n = len(self.attn_seconds)
+        self.attn_seconds, self.ffn_seconds, self.steps = [0.0] * n, [0.0] * n, 0
+
+    def forward(self, batch: StepBatch, h: torch.Tensor) -> torch.Tensor:
+        """Embedded new tokens h [N, h] (flat rows in `batch` order) -> float32 logits
+        [sequences, vocab] at each sequence's last new token; advances the KV lengths."""
+        self.ffn.store.begin_step()
+        clock = time.perf_counter
+        for L in range(len(self.attn.layers)):
+            t0 = clock()
+            h, x, ids, w = self.attn.layer(L, h, batch)
+            self._sync()
+            t1 = clock()
+            f = self.ffn.layer(L, x, ids, w)
+            self._sync()
+            self.attn_seconds[L] += t1 - t0
+            self.ffn_seconds[L] += clock() - t1
+            h = h + f
+        batch.commit()
+        self.steps += 1
+        rows = torch.tensor(batch.last_rows, device=h.device)
+        return self.attn.logits(h.index_select(0, rows))

@@ -1,0 +1,345 @@
+"""Routed experts in their stored (quantized) form: a resident set on the device, the rest in
+CPU memory (page-locked when CUDA is present), and a policy for misses.
+
+On a miss the store either computes the expert on the CPU, moving the activations rather than
+the weights (Fiddler / KTransformers), or copies the expert into the device cache (`ExpertCache`:
+static, LRU or frequency-weighted) and computes it there. `miss="auto"` asks `CostModel`, which
+is fed by bandwidths measured at start-up (`measure_bandwidths`). With `prefetch`, the FFN side
+applies the next layer's router to the current layer's input and copies the predicted experts
+ahead (on CUDA on a side stream, so that the copy overlaps this layer's compute).
+
+On a CPU-only machine "device" and "CPU" are the same memory: a copy is a memcpy into a cache
+slot (done for real, so the copy path costs what a copy costs), and CPU compute is plain compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from step3_edge.checkpoint import CheckpointReader
+from step3_edge.config import Step3TextConfig
+from step3_edge.errors import ConfigError
+from step3_edge.model import Step3MLP
+from step3_edge.runtime.backends import Linear, TorchBackend
+from step3_edge.runtime.expert_cache import ExpertCache, Key
+
+MISS_POLICIES = ("cpu", "copy", "auto")
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]   # x -> (ids, weights)
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Bytes/s and FLOP/s measured at start-up (or given); they feed `CostModel`."""
+
+    host_to_device: float   # pinned CPU memory -> device (CPU-only: a memcpy)
+    host_memory: float      # CPU memory traffic of a large copy (read + write)
+    device_memory: float    # device memory traffic of a large copy (read + write)
+    host_flops: float       # a CPU GEMM in the compute dtype
+    device_flops: float     # the same on the device
+    measured: bool = True
+
+
+def _timed(fn: Callable[[], object], sync: Callable[[], None], reps: int = 3) -> float:
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def measure_bandwidths(device: torch.device, dtype: torch.dtype, nbytes: int = 32 << 20
+                       ) -> Bandwidths:
+    """Copy bandwidths and GEMM rates of this machine (a fraction of a second)."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a = torch.empty(nbytes, dtype=torch.uint8)
+    a.fill_(1)
+    b = torch.empty_like(a)
+    host = 2 * nbytes / _timed(lambda: b.copy_(a), lambda: None)
+    x, w = torch.randn(64, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    host_flops = 2 * 64 * 1024 * 1024 / _timed(lambda: x @ w, lambda: None)
+    if not cuda:
+        return Bandwidths(host / 2, host, host, host_flops, host_flops)
+    pinned = a.pin_memory()
+    d = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    h2d = nbytes / _timed(lambda: d.copy_(pinned, non_blocking=True), sync)
+    d2 = torch.empty_like(d)
+    dev = 2 * nbytes / _timed(lambda: d2.copy_(d), sync)
+    xd, wd = torch.randn(512, 4096, dtype=dtype, device=device), \
+        torch.randn(4096, 4096, dtype=dtype, device=device)
+    dev_flops = 2 * 512 * 4096 * 4096 / _timed(lambda: xd @ wd, sync)
+    return Bandwidths(h2d, host, dev, host_flops, dev_flops)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds to serve one missed expert for `n` tokens, on the CPU or by a copy."""
+
+    bw: Bandwidths
+    hidden: int
+    act_bytes: int        # bytes per activation element
+    same_memory: bool     # CPU-only: no activation transfer for CPU compute
+
+    def cpu_seconds(self, n: int, nbytes: int, flops: float) -> float:
+        move = 0.0 if self.same_memory else 2 * n * self.hidden * self.act_bytes / \
+            self.bw.host_to_device
+        return move + max(nbytes / self.bw.host_memory, flops / self.bw.host_flops)
+
+    def copy_seconds(self, n: int, nbytes: int, flops: float) -> float:
+        return nbytes / self.bw.host_to_device + max(nbytes / self.bw.device_memory,
+                                                     flops / self.bw.device_flops)
+
+    def choose(self, n: int, nbytes: int, flops: float) -> str:
+        """"cpu" or "copy", whichever the model says is faster."""
+        return "copy" if self.copy_seconds(n, nbytes, flops) < self.cpu_seconds(n, nbytes, flops) \
+            else "cpu"
+
+
+@dataclass
+class StoreStats:
+    accesses: int = 0          # (layer, expert) uses per forward step
+    hits: int = 0              # ... found on the device
+    cpu_computed: int = 0      # misses computed on the CPU
+    copied: int = 0            # experts copied to the device (misses and prefetches)
+    bytes_copied: int = 0      # weight bytes moved host -> device
+    bytes_activations: int = 0  # activation bytes moved for CPU compute (both ways)
+    prefetched: int = 0
+    prefetch_used: int = 0
+    evictions: int = 0
+    miss_choices: dict[str, int] = field(default_factory=lambda: {"cpu": 0, "copy": 0})
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 1.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "misses": self.accesses - self.hits, "hit_rate": self.hit_rate}
+
+
+def make_mlp(gate: nn.Module, up: nn.Module, down: nn.Module) -> Step3MLP:
+    """The reference SwiGLU module (`Step3MLP`) around three runtime linears."""
+    with torch.device("meta"):
+        mlp = Step3MLP(1, 1)
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
+    return mlp
+
+
+def read_linear(reader: CheckpointReader, backend: TorchBackend, name: str,
+                expert: int | None = None) -> Linear:
+    """One stored weight (or one expert of a stacked weight) as a Linear of `backend`."""
+    parts = {k: v.to(backend.device) for k, v in reader.read_parts(name, expert).items()}
+    spec = reader.spec(name)
+    shape = spec.shape[1:] if expert is not None else spec.shape
+    return backend.linear(reader.scheme_of(name), parts, shape)
+
+
+class ExpertStore:
+    """Every routed expert of every MoE layer; `compute` runs one layer's routed experts."""
+
+    def __init__(self, cfg: Step3TextConfig, reader: CheckpointReader, backend: TorchBackend,
+                 resident: set[Key], *, policy: str = "lru", miss: str = "auto",
+                 prefetch: bool = False, bandwidths: Bandwidths | None = None,
+                 routers: dict[int, Router] | None = None) -> None:
+        if miss not in MISS_POLICIES:
+            raise ConfigError(f"unknown miss policy {miss!r}",
+                              f"choose one of: {', '.join(MISS_POLICIES)}")
+        self.cfg, self.backend, self.miss, self.prefetch_on = cfg, backend, miss, prefetch
+        self.routers = routers or {}
+        dev = backend.device
+        self.host = backend if dev.type == "cpu" else TorchBackend("cpu", backend.dtype)
+        pinned = resident if policy == "static" else ()
+        self.cache = ExpertCache(0 if policy == "static" else len(resident), policy, pinned,
+                                 initial=sorted(resident))
+        self.bw = bandwidths or measure_bandwidths(dev, backend.dtype)
+        self.cost = CostModel(self.bw, cfg.hidden_size, torch.finfo(backend.dtype).bits // 8,
+                              dev.type == "cpu")
+        self.on_device: dict[Key, Step3MLP] = {}
+        self.on_host: dict[Key, Step3MLP] = {}
+        self.ready: dict[Key, torch.cuda.Event] = {}
+        self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        names = [f"moe.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+        for L in cfg.moe_layers:
+            for e in range(cfg.moe_num_experts):
+                key = (L, e)
+                home = None
+                if key not in self.cache or policy != "static":    # a CPU home copy
+                    lins = [read_linear(reader, self.host, f"model.layers.{L}.{n}", e)
+                            for n in names]
+                    if dev.type == "cuda":
+                        lins = [lin.pin() for lin in lins]
+                    home = self.on_host[key] = make_mlp(*lins)
+                if key in self.cache:                    # same memory on a CPU-only machine
+                    self.on_device[key] = home if home is not None and dev.type == "cpu" \
+                        else make_mlp(*(read_linear(reader, backend, f"model.layers.{L}.{n}", e)
+                                        for n in names))
+        one = next(iter({**self.on_host, **self.on_device}.values()))
+        self.expert_bytes = sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
+        self.stats = StoreStats()
+        self.counts = {L: torch.zeros(cfg.moe_num_experts, dtype=torch.long)
+                       for L in cfg.moe_layers}
+        self.trace: list[list[dict[str, object]]] | None = None
+        self._predicted: dict[int, set[int]] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reset_stats(self) -> None:
+        self.stats = StoreStats()
+        for c in self.counts.values():
+            c.zero_()
+
+    def begin_step(self) -> None:
+        """Mark the start of one forward step (for the routing trace)."""
+        if self.trace is not None:
+            self.trace.append([])
+        self._predicted.clear()
+
+    @property
+    def resident(self) -> set[Key]:
+        return self.cache.resident
+
+    def _flops(self, n: int) -> float:
+        return 6.0 * n * self.cfg.hidden_size * self.cfg.moe_intermediate_size
+
+    # ------------------------------------------------------------------ moving weights
+    def _copy_in(self, key: Key, admit: bool, protect: frozenset[Key], wait: bool = True
+                 ) -> Step3MLP:
+        """A device copy of a host expert; kept in the cache when `admit` and the policy lets
+        it in (evicting a victim), else used once and dropped. On CUDA the copy runs on a side
+        stream; `wait` makes the compute stream wait for it now (else at first use)."""
+        src = self.on_host[key]
+        linears = (src.gate_proj, src.up_proj, src.down_proj)
+        same = self.backend.device.type == "cpu"
+        if self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                lins = [lin.remake(self.backend, non_blocking=True) for lin in linears]
+                ev = torch.cuda.Event()
+                ev.record(self.copy_stream)
+            main = torch.cuda.current_stream(self.backend.device)
+            for lin in lins:
+                for t in [*lin.parts.values(), *(v for v in vars(lin).values()
+                                                 if isinstance(v, torch.Tensor))]:
+                    t.record_stream(main)
+        else:
+            lins = [_cloned(lin, self.backend) if same else lin.remake(self.backend)
+                    for lin in linears]
+            ev = None
+        mlp = make_mlp(*lins)
+        self.stats.copied += 1
+        self.stats.bytes_copied += sum(lin.nbytes for lin in linears)
+        if admit:
+            ok, out = self.cache.admit(key, protect)
+            if out is not None:
+                self.stats.evictions += 1
+                self.on_device.pop(out, None)
+                self.ready.pop(out, None)
+            if ok:
+                self.on_device[key] = mlp
+                if ev is not None:
+                    self.ready[key] = ev
+        if ev is not None and (wait or key not in self.ready):
+            torch.cuda.current_stream(self.backend.device).wait_event(ev)
+            self.ready.pop(key, None)
+        return mlp
+
+    def _device_mlp(self, key: Key) -> Step3MLP:
+        ev = self.ready.pop(key, None)
+        if ev is not None:
+            torch.cuda.current_stream(self.backend.device).wait_event(ev)
+        return self.on_device[key]
+
+    def _prefetch(self, layer: int, x: torch.Tensor, protect: frozenset[Key]) -> None:
+        """Apply layer `layer`'s router to `x` [N, h] (the current layer's input) and copy the
+        experts it predicts into the cache before that layer runs."""
+        route = self.routers.get(layer)
+        if route is None or (not self.prefetch_on and self.trace is None):
+            return
+        ids, _ = route(x)
+        pred = set(ids.unique().tolist())
+        if self.trace is not None and self.trace and self.trace[-1]:
+            self.trace[-1][-1]["next"] = sorted(pred)
+        if not self.prefetch_on:
+            return
+        self._predicted[layer] = pred
+        protect = protect | frozenset((layer, e) for e in pred)
+        c = self.cache
+        for e in sorted(pred):
+            room = len(c.slots) < c.capacity or c.victim(protect) is not None
+            if (layer, e) not in c and c.policy != "static" and room:
+                self._copy_in((layer, e), True, protect, wait=False)
+                self.stats.prefetched += 1
+
+    # ------------------------------------------------------------------ compute
+    def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                next_layer: int | None = None) -> torch.Tensor:
+        """sum_k w_k * expert_{ids_k}(x) for x [N, h], ids / w [N, k] -> float32 [N, h].
+        With `next_layer`, that layer's experts are predicted from x and prefetched first."""
+        uniq = ids.unique().tolist()                                     # sorted
+        self.counts[layer] += torch.bincount(ids.flatten().cpu(),
+                                             minlength=self.cfg.moe_num_experts)
+        if self.trace is not None and self.trace:
+            self.trace[-1].append({"layer": layer, "experts": uniq})
+        pred = self._predicted.pop(layer, set())
+        self.stats.prefetch_used += len(pred & set(uniq))
+        protect = frozenset((layer, e) for e in uniq)
+        if next_layer is not None:
+            self._prefetch(next_layer, x, protect)
+            protect |= frozenset((next_layer, e) for e in self._predicted.get(next_layer, ()))
+        dev = x.device
+        ids_h = ids.cpu()                            # one sync; routing decisions on the host
+        plan: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        for e in uniq:
+            key = (layer, e)
+            tok, slot = (ids_h == e).nonzero(as_tuple=True)
+            self.stats.accesses += 1
+            hit = key in self.cache
+            self.cache.touch(key)
+            if hit:
+                self.stats.hits += 1
+                plan[e] = ("device", tok, slot)
+                continue
+            n = int(tok.numel())
+            choice = self.miss if self.miss != "auto" else self.cost.choose(
+                n, self.expert_bytes, self._flops(n))
+            self.stats.miss_choices[choice] += 1
+            plan[e] = ("copy" if choice == "copy" else "cpu", tok, slot)
+        # activations for the CPU experts first (waits only for the attention side), then
+        # the device experts are queued, then the CPU computes while the device works
+        on_cpu = {e: x[t.to(dev)].to("cpu", self.host.dtype) for e, (k, t, _) in plan.items()
+                  if k == "cpu"}
+        results: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for e, (kind, tok, slot) in plan.items():
+            if kind == "cpu":
+                continue
+            mlp = self._device_mlp((layer, e)) if kind == "device" else \
+                self._copy_in((layer, e), True, protect)
+            tok_d, slot_d = tok.to(dev, non_blocking=True), slot.to(dev, non_blocking=True)
+            results[e] = (tok_d, slot_d, mlp(x[tok_d]))
+        for e, xs in on_cpu.items():
+            _, tok, slot = plan[e]
+            y = self.on_host[(layer, e)](xs)
+            if dev.type != "cpu":
+                self.stats.bytes_activations += 2 * xs.numel() * x.element_size()
+                y = y.to(dev, x.dtype, non_blocking=True)
+                tok, slot = tok.to(dev, non_blocking=True), slot.to(dev, non_blocking=True)
+            self.stats.cpu_computed += 1
+            results[e] = (tok, slot, y)
+        out = torch.zeros_like(x, dtype=torch.float32)                   # [N, h]
+        n = x.shape[0]
+        for e in uniq:                    # the reference's order of accumulation
+            tok, slot, y = results[e]
+            if tok.numel() == n:          # every row (tok == arange(N)): same sums, no scatter
+                out += y.float() * w[tok, slot, None]
+            else:
+                out.index_add_(0, tok, y.float() * w[tok, slot, None])
+        return out
+
+
+def _cloned(lin: Linear, backend: TorchBackend) -> Linear:
+    """Same-memory 'copy' (CPU-only machines): a real memcpy of the stored parts."""
+    return backend.linear(lin.scheme, {k: v.clone() for k, v in lin.parts.items()}, lin.shape)

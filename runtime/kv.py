@@ -1,0 +1,187 @@
+"""Paged KV cache: one pool per attention device, sized by the plan, and a block table per
+sequence. Step3 has one K and one V head (MFA), so a token costs 2 x layers x head_dim values.
+
+A forward step attends in groups: all single-token (decode) sequences together, padded to the
+longest and masked, and each multi-token chunk (prefill) on its own. `GroupCache` is what the
+reference `Step3Attention.forward` receives as its `cache`: `update` writes the new keys/values
+into the pool and returns the group's keys/values gathered from its block tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from step3_edge.config import Step3TextConfig
+from step3_edge.errors import PromptError
+from step3_edge.model import attention_mask, rope_cos_sin
+
+BLOCK = 16  # tokens per KV block
+
+
+@dataclass
+class SeqKV:
+    """One sequence's KV: its blocks (reserved up front) and how many tokens are written."""
+
+    blocks: list[int]
+    reserved: int          # tokens the blocks hold
+    length: int = 0        # tokens written
+    table: torch.Tensor = field(init=False)   # [reserved] pool slot of each token position
+
+    def __post_init__(self) -> None:
+        b = torch.tensor(self.blocks, dtype=torch.long)
+        self.table = (b[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)
+
+    def slots(self, start: int, n: int) -> torch.Tensor:
+        return self.table[start:start + n]
+
+
+class KVPool:
+    """k, v [layers, capacity, head_dim] in blocks of 16 tokens; the last block is scratch
+    (padding reads point at it)."""
+
+    def __init__(self, cfg: Step3TextConfig, capacity_tokens: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.num_blocks = max(1, capacity_tokens // BLOCK)
+        shape = (cfg.num_hidden_layers, (self.num_blocks + 1) * BLOCK, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
+        self.pad_slot = self.num_blocks * BLOCK
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * BLOCK
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self.free_blocks) * BLOCK
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.cfg.num_hidden_layers * self.cfg.head_dim * self.k.element_size()
+
+    def check(self, tokens: int) -> None:
+        """Raise PromptError if a sequence of `tokens` could never be held (even alone)."""
+        if math.ceil(tokens / BLOCK) > self.num_blocks:
+            raise PromptError(f"{tokens:,} tokens (prompt + max_new_tokens) exceed the KV "
+                              f"capacity of {self.capacity_tokens:,} tokens",
+                              "lower max_new_tokens, shorten the prompt, or load with a larger "
+                              "kv_tokens / a plan with more KV")
+
+    def allocate(self, tokens: int) -> SeqKV | None:
+        """Reserve blocks for `tokens`; None when the pool is too full right now."""
+        self.check(tokens)
+        n = math.ceil(tokens / BLOCK)
+        if n > len(self.free_blocks):
+            return None
+        return SeqKV([self.free_blocks.pop() for _ in range(n)], n * BLOCK)
+
+    def release(self, seq: SeqKV) -> None:
+        self.free_blocks.extend(reversed(seq.blocks))
+        seq.blocks = []
+
+
+@dataclass
+class Group:
+    """Sequences attended together: b rows of t new tokens each (flat rows [start, start+b*t))."""
+
+    start: int
+    b: int
+    t: int
+    cos: torch.Tensor                   # [b, t, head_dim]
+    sin: torch.Tensor
+    mask: torch.Tensor                  # [b, 1, t, S]
+    write: torch.Tensor                 # [b*t] pool slots of the new tokens
+    gather: torch.Tensor                # [b, S] pool slots of every key (padding: scratch)
+
+
+@dataclass
+class StepBatch:
+    """One forward step: groups in flat-row order and each sequence's last row."""
+
+    groups: list[Group]
+    seqs: list[SeqKV]
+    new_tokens: list[int]
+    last_rows: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(g.b * g.t for g in self.groups)
+
+    def commit(self) -> None:
+        """Advance each sequence past the tokens this step wrote."""
+        for s, n in zip(self.seqs, self.new_tokens):
+            s.length += n
+
+
+def plan_step(pool: KVPool, segments: list[tuple[SeqKV, int]]) -> StepBatch:
+    """Groups for `segments` (sequence, new tokens): the leading single-token segments attend
+    as one padded group, each later segment alone; flat rows follow the same order."""
+    cfg, dev = pool.cfg, pool.device
+    nd = next((i for i, (_, n) in enumerate(segments) if n != 1), len(segments))
+    decode = [s for s, _ in segments[:nd]]               # the leading single-token segments
+    groups: list[Group] = []
+    row = 0
+    if decode:
+        past = torch.tensor([s.length for s in decode])                   # [B]
+        s_max = int(past.max()) + 1
+        gather = torch.full((len(decode), s_max), pool.pad_slot, dtype=torch.long)
+        for i, s in enumerate(decode):
+            gather[i, :s.length + 1] = s.slots(0, s.length + 1)
+        valid = torch.arange(s_max)[None] <= past[:, None]                # [B, S]
+        groups.append(_group(pool, 0, past[:, None], valid, s_max - 1, gather,
+                             torch.cat([s.slots(s.length, 1) for s in decode])))
+        row = len(decode)
+    for s, n in segments[len(decode):]:
+        pos = torch.arange(s.length, s.length + n)[None]                  # [1, n]
+        total = s.length + n
+        gather = s.slots(0, total)[None]                                  # [1, S]
+        groups.append(_group(pool, row, pos, torch.ones(1, total, dtype=torch.bool),
+                             s.length, gather, s.slots(s.length, n)))
+        row += n
+    batch = StepBatch(groups, [s for s, _ in segments], [n for _, n in segments])
+    ends, r = [], 0
+    for _, n in segments:
+        r += n
+        ends.append(r - 1)
+    batch.last_rows = ends
+    assert row == batch.rows and cfg is pool.cfg and dev == pool.device
+    return batch
+
+
+def _group(pool: KVPool, start: int, positions: torch.Tensor, valid: torch.Tensor, past: int,
+           gather: torch.Tensor, write: torch.Tensor) -> Group:
+    t = pool.cfg
+    cos, sin = rope_cos_sin(positions, t.head_dim, t.rope_theta, t.rope_factor)
+    mask = attention_mask(positions, valid, past)                          # [b, 1, t, S]
+    dev = pool.device
+    b, n = positions.shape
+    return Group(start, b, n, cos.to(dev), sin.to(dev), mask.to(dev),
+                 write.to(dev), gather.to(dev))
+
+
+class GroupCache:
+    """The `cache` argument of `Step3Attention.forward` for one group."""
+
+    def __init__(self, pool: KVPool, group: Group) -> None:
+        self.pool, self.group = pool, group
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [b, t, d] into the pool; return the group's keys/values [b, S, d]."""
+        g, d = self.group, k.shape[-1]
+        idx = g.gather.reshape(-1)
+        out = []
+        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):   # [slots, d]
+            dt = pool.dtype
+            if dt.itemsize == 1:          # fp8 KV: index ops run on the raw bytes
+                src = new.reshape(-1, d).float().clamp(-448.0, 448.0).to(dt).view(torch.uint8)
+                pool = pool.view(torch.uint8)
+            else:
+                src = new.reshape(-1, d).to(dt)
+            pool.index_copy_(0, g.write, src)
+            out.append(pool.index_select(0, idx).view(dt).view(g.b, -1, d).to(new.dtype))
+        return out[0], out[1]

@@ -1,0 +1,251 @@
+"""Continuous batching: a scheduler thread that admits new sequences between forward steps.
+
+Callers (any thread) `submit` a `Request` and wait on it or stream from it. The scheduler
+thread owns the engine: each step it admits waiting requests whose whole KV need (prompt +
+max_new_tokens) fits the free pool, runs one forward over the decode tokens of every running
+sequence plus prefill chunks of the new ones, samples, and hands out text. A request that fails
+(a bad image, say) fails alone; the others go on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from step3_edge.runtime.engine import Engine
+from step3_edge.runtime.kv import SeqKV, plan_step
+from step3_edge.sampling import SamplingParams, sample_next
+
+_DONE = object()
+
+
+@dataclass
+class Generation:
+    """One finished request: text (stop strings cut off), generated ids (stop token excluded)
+    and why it ended: "stop" (stop token or string), "length" (max_new_tokens) or
+    "cancelled" (`Request.cancel`)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class Request:
+    """A submitted prompt; `result()` waits for it, `stream()` yields its text pieces."""
+
+    prompt_ids: list[int]
+    images: list | None
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    # scheduler state
+    kv: SeqKV | None = field(default=None, repr=False)
+    embeds: torch.Tensor | None = field(default=None, repr=False)
+    prefilled: int = 0
+    emitted: int = 0
+    cancelled: bool = False
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """Block until finished; re-raises the error that failed this request."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return Generation(self.text, list(self.token_ids), list(self.prompt_ids),
+                          self.finish_reason or "length")
+
+    def stream(self) -> Iterator[str]:
+        """Text pieces as they are generated; they concatenate to `result().text`."""
+        while True:
+            item = self._events.get()
+            if item is _DONE:
+                break
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Stop generating (any thread); the request ends with finish_reason "cancelled" and
+        the text so far, at the scheduler's next step."""
+        self.cancelled = True
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self._events.put(_DONE)
+        self._done.set()
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` not safe to emit yet: the longest suffix that could start
+    a stop string, and an incomplete UTF-8 character (decoded as U+FFFD)."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    n = len(text) - hold
+    while n > 0 and text[n - 1] == "\ufffd":
+        n -= 1
+    return len(text) - n
+
+
+class Scheduler:
+    """Owns the engine; one daemon thread runs forward steps while there is work."""
+
+    def __init__(self, engine: Engine, decode: Callable[[list[int]], str], max_batch: int = 32,
+                 max_prefill_tokens: int = 2048) -> None:
+        self.engine, self.decode = engine, decode
+        self.max_batch, self.max_prefill = max_batch, max_prefill_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.tokens_generated = 0
+        self.thread = threading.Thread(target=self._loop, name="step3-edge-scheduler",
+                                       daemon=True)
+        self.thread.start()
+
+    def submit(self, req: Request) -> Request:
+        self.engine.attn.kv.check(len(req.prompt_ids) + req.max_new_tokens)
+        with self.cond:
+            if self.stopped:
+                raise RuntimeError("the runtime is closed")
+            self.waiting.append(req)
+            self.cond.notify()
+        return req
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        self.thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not self.stopped and not self.waiting and not self.running:
+                        self.cond.wait()
+                    if self.stopped:
+                        for r in [*self.waiting, *self.running]:
+                            r._finish(RuntimeError("the runtime was closed"))
+                        return
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving
+                    for r in list(self.running):
+                        self._retire(r, e)
+
+    def _admit(self) -> None:
+        pool = self.engine.attn.kv
+        for r in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(r)
+            r.finish_reason = "cancelled"
+            r._finish()
+        while self.waiting and len(self.running) < self.max_batch:
+            r = self.waiting[0]
+            kv = pool.allocate(len(r.prompt_ids) + r.max_new_tokens)
+            if kv is None:
+                break                                   # wait for running sequences to end
+            self.waiting.popleft()
+            r.kv = kv
+            self.running.append(r)
+
+    def _retire(self, r: Request, error: BaseException | None = None) -> None:
+        if r.kv is not None:
+            self.engine.attn.kv.release(r.kv)
+            r.kv = None
+        r.embeds = None
+        if r in self.running:
+            self.running.remove(r)
+        r._finish(error)
+
+    def _step(self) -> None:
+        attn = self.engine.attn
+        for r in [r for r in self.running if r.cancelled]:
+            if len(r.text) > r.emitted:           # what was held back, so pieces add up
+                r._events.put(r.text[r.emitted:])
+            r.finish_reason = "cancelled"
+            self._retire(r)
+        decode = [r for r in self.running if r.prefilled == len(r.prompt_ids)]
+        prefill: list[tuple[Request, int]] = []
+        budget = self.max_prefill
+        for r in self.running:
+            if r.prefilled == len(r.prompt_ids) or (budget <= 0 and prefill):
+                continue
+            if r.embeds is None:
+                try:
+                    r.embeds = attn.embed(r.prompt_ids, r.images)       # [T, h]
+                except Exception as e:  # noqa: BLE001 - a bad prompt fails its request only
+                    self._retire(r, e)
+                    continue
+            n = min(len(r.prompt_ids) - r.prefilled, max(budget, 1))
+            prefill.append((r, n))
+            budget -= n
+        if not decode and not prefill:
+            return
+        parts = []
+        if decode:
+            parts.append(attn.embed_tokens([r.token_ids[-1] for r in decode]))
+        parts += [r.embeds[r.prefilled:r.prefilled + n] for r, n in prefill]
+        segs = [(r.kv, 1) for r in decode] + [(r.kv, n) for r, n in prefill]
+        batch = plan_step(attn.kv, segs)
+        logits = self.engine.forward(batch, torch.cat(parts) if len(parts) > 1 else parts[0])
+        for r, n in prefill:
+            r.prefilled += n
+        live = decode + [r for r, _ in prefill]
+        for i, r in enumerate(live):
+            if r.prefilled < len(r.prompt_ids):
+                continue                                # mid-prompt chunk: no token yet
+            r.embeds = None
+            tok = int(sample_next(logits[i:i + 1], r.sampling, r.generator)[0])
+            self.tokens_generated += 1
+            self._advance(r, tok)
+
+    def _advance(self, r: Request, tok: int) -> None:
+        done = tok in r.stop_ids
+        if not done:
+            r.token_ids.append(tok)
+        text = self.decode(r.token_ids)
+        cut = min((i for i in (text.find(s) for s in r.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            text, done = text[:cut], True
+        reason = "stop" if done else None
+        if not done and len(r.token_ids) >= r.max_new_tokens:
+            done, reason = True, "length"
+        safe = len(text) if done else len(text) - _held_back(text, r.stop_strings)
+        if safe > r.emitted:
+            r._events.put(text[r.emitted:safe])
+            r.emitted = safe
+        r.text = text
+        if done:
+            r.finish_reason = reason
+            self._retire(r)
+
+
+def stats(s: Scheduler) -> dict[str, Any]:
+    """Queue and KV use of a scheduler."""
+    pool = s.engine.attn.kv
+    return {"running": len(s.running), "waiting": len(s.waiting),
+            "tokens_generated": s.tokens_generated,
+            "kv_capacity_tokens": pool.capacity_tokens,
+            "kv_used_tokens": pool.capacity_tokens - pool.free_tokens}

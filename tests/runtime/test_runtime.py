@@ -1,0 +1,165 @@
+"""The runtime against the reference model: greedy tokens equal in every expert mode, batched
+and from concurrent threads; prompt errors; stop strings; streaming; images; statistics."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXED_BW, MAX_NEW, reference_tokens
+from PIL import Image
+
+from step3_edge.errors import ConfigError, PromptError
+from step3_edge.runtime import Step3Runtime
+
+MODES = {
+    "all-resident": {},
+    "25%-cpu-compute": {"resident": 0.25, "miss": "cpu"},
+    "25%-copy-lru-prefetch": {"resident": 0.25, "miss": "copy", "cache": "lru",
+                              "prefetch": True},
+    "50%-copy-lfu-chunked-prefill": {"resident": 0.5, "miss": "copy", "cache": "lfu",
+                                     "max_prefill_tokens": 8},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_greedy_tokens_equal_reference(mode: str, bundle: Path, prompts, reference) -> None:
+    kw = MODES[mode]
+    with Step3Runtime.load(bundle, dtype="float32", device="cpu", bandwidths=FIXED_BW,
+                           **kw) as rt:
+        outs = rt.generate(prompts, max_new_tokens=MAX_NEW)          # one continuous batch
+        assert [o.token_ids for o in outs] == reference
+        s = rt.stats()["experts"]
+    total = 2 * 8                                                   # tiny: 2 MoE layers x 8
+    assert s["resident"] == round(kw.get("resident", 1.0) * total)
+    if kw.get("miss") == "cpu":
+        assert s["cpu_computed"] > 0 and s["copied"] == 0 and s["hit_rate"] < 1
+    elif kw.get("miss") == "copy":
+        assert s["copied"] > 0 and s["bytes_copied"] == s["copied"] * s["expert_bytes"]
+        assert s["cpu_computed"] == 0 and s["evictions"] > 0
+    else:
+        assert s["hit_rate"] == 1.0 and s["copied"] == s["cpu_computed"] == 0
+    if kw.get("prefetch"):
+        assert s["prefetched"] > 0
+
+
+def test_concurrent_generate_from_threads(rt, prompts, reference) -> None:
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            results[i] = rt.generate(prompts[i % len(prompts)],
+                                     max_new_tokens=MAX_NEW).token_ids
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert all(results[i] == reference[i % len(prompts)] for i in range(6))
+
+
+def test_prompt_over_context_or_kv_capacity_is_a_prompt_error(rt, bundle: Path,
+                                                               prompts) -> None:
+    ctx = rt.config.text_config.max_context
+    with pytest.raises(PromptError, match="context") as e:
+        rt.generate([5] * ctx, max_new_tokens=1)
+    assert e.value.remedy
+    with Step3Runtime.load(bundle, dtype="float32", device="cpu", bandwidths=FIXED_BW,
+                           kv_tokens=48, vision=False) as small:
+        assert small.kv_capacity == 48
+        with pytest.raises(PromptError, match="KV capacity"):
+            small.generate([5] * 40, max_new_tokens=20)
+        ok = small.generate(prompts[3], max_new_tokens=4)            # still serving
+        assert len(ok.token_ids) <= 4
+    for bad in ([], [-1], [10**9]):
+        with pytest.raises(PromptError):
+            rt.generate(bad, max_new_tokens=2)
+    with pytest.raises(PromptError):
+        rt.generate(prompts[0], max_new_tokens=0)
+
+
+def test_stop_strings_and_streaming(rt, prompts) -> None:
+    full = rt.generate(prompts[2], max_new_tokens=24)
+    assert len(full.text) >= 8 and full.finish_reason in ("length", "stop")
+    stop = full.text[5:7]
+    cut = rt.generate(prompts[2], max_new_tokens=24, stop=[stop, "never-there"])
+    assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
+    for kw in ({}, {"stop": stop}):
+        req = rt.submit(prompts[2], max_new_tokens=24, **kw)
+        pieces = list(req.stream())
+        assert "".join(pieces) == req.result().text
+        assert len(pieces) > 1 or len(req.result().text) <= 1
+    msgs = [{"role": "user", "content": "Count to three."}]
+    assert "".join(rt.chat(msgs, stream=True, max_new_tokens=16)) == \
+        rt.chat(msgs, max_new_tokens=16)
+
+
+def test_chat_with_an_image_matches_reference(rt, ref_model) -> None:
+    img = Image.new("RGB", (96, 64), (200, 40, 40))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img},
+                                         {"type": "text", "text": "What colour?"}]}]
+    ids, views = rt.processor.apply_chat(msgs)
+    want = reference_tokens(ref_model, ids, rt.processor.stop_token_ids, images=views,
+                            max_new=8)
+    got = rt.generate(ids, views, max_new_tokens=8)
+    assert got.token_ids == want
+    assert rt.chat(msgs, max_new_tokens=8) == rt.processor.decode(want)
+
+
+def test_statistics_and_expert_counts(rt, prompts) -> None:
+    rt.reset_stats()
+    g = rt.generate(prompts[1], max_new_tokens=6)
+    t = rt.config.text_config
+    tokens = len(prompts[1]) + len(g.token_ids) - (g.finish_reason == "length")
+    counts = rt.expert_counts()
+    assert sorted(counts) == list(t.moe_layers)
+    assert all(sum(c) == tokens * t.moe_top_k for c in counts.values())
+    s = rt.stats()
+    assert len(s["time"]["attention_s"]) == t.num_hidden_layers
+    assert s["time"]["steps"] > 0 and sum(s["time"]["ffn_s"]) > 0
+    assert s["experts"]["accesses"] > 0 and s["scheduler"]["kv_used_tokens"] == 0
+    assert "bf16: F.linear" in s["backend"]["kernels"]
+    rt.record_trace(True)
+    rt.generate(prompts[3], max_new_tokens=3)
+    trace = rt.record_trace(False)
+    assert trace and all(rec["layer"] in t.moe_layers for step in trace for rec in step)
+
+
+def test_load_errors(bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown runtime option"):
+        Step3Runtime.load(bundle, devcie="cpu")
+    with pytest.raises(ConfigError, match="not implemented"):
+        Step3Runtime.load(bundle, backend="onnxruntime", device="cpu")
+    with pytest.raises(ConfigError, match="resident"):
+        Step3Runtime.load(bundle, device="cpu", resident=10**6, bandwidths=FIXED_BW)
+    from step3_edge.errors import BundleError
+
+    with pytest.raises(BundleError, match="not a bundle"):
+        Step3Runtime.load(tmp_path)
+
+
+def test_bf16_compute_runs(bundle: Path, prompts) -> None:
+    with Step3Runtime.load(bundle, dtype="bfloat16", device="cpu", bandwidths=FIXED_BW,
+                           kv_dtype="float8_e4m3fn", vision=False) as rt:
+        g = rt.generate(prompts[0], max_new_tokens=4)
+        assert rt.engine.attn.kv.k.dtype == torch.float8_e4m3fn
+    assert 1 <= len(g.token_ids) <= 4 or g.finish_reason == "stop"
+
+
+def test_cancel_ends_a_request_early(rt, prompts) -> None:
+    req = rt.submit(prompts[0], max_new_tokens=400)
+    stream = req.stream()
+    first = next(stream)
+    req.cancel()
+    rest = "".join(stream)
+    g = req.result(timeout=60)
+    assert g.finish_reason == "cancelled" and len(g.token_ids) < 400
+    assert first + rest == g.text
+    assert rt.generate(prompts[3], max_new_tokens=2).finish_reason in ("length", "stop")
