@@ -46,12 +46,13 @@ def random_weight(spec: WeightSpec, seed: int) -> torch.Tensor:
 def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed: int = 0,
                      shard_bytes: int = 64 * 2**20, overwrite: bool = False,
                      weights: dict[str, torch.Tensor] | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, special: dict[str, int] | None = None) -> Path:
     """Write `cfg` as a checkpoint folder: config.json, sharded safetensors + index, tokenizer.
 
-    `weights` (name -> tensor) overrides the random ones, e.g. for a trained model.
+    `weights` (name -> tensor) overrides the random ones, e.g. for a trained model; `special`
+    (token -> id) replaces the Step3 special-token ids, e.g. for a compact vocabulary.
     """
-    from step3_edge.tokenizer import write_tokenizer_files
+    from step3_edge.tokenizer import SPECIAL_TOKENS, write_tokenizer_files
 
     if fmt not in ("bf16", "block-fp8"):
         raise ValueError(f"format {fmt!r}")
@@ -60,10 +61,9 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
     fp8 = BlockFP8()
     specs = list(expected_weights(cfg).values())
     with staged_dir(out, overwrite) as tmp:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
+        shard: dict[str, torch.Tensor] = {}   # only one shard is held in memory at a time
+        n, size, total = 1, 0, 0
         weight_map: dict[str, int] = {}
-        total = 0
         for spec in tqdm(specs, desc=f"synth {fmt}", unit="tensor", disable=not progress):
             w = weights[spec.name] if weights is not None else random_weight(spec, seed)
             if tuple(w.shape) != spec.shape:
@@ -74,16 +74,14 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
                 parts = {"": w.to(torch.bfloat16).contiguous()}
             nbytes = sum(t.numel() * t.element_size() for t in parts.values())
             if size and size + nbytes > shard_bytes:
-                _flush(tmp, shards, len(shards))
-                shards.append({})
-                size = 0
+                save_file(shard, str(tmp / f"part-{n}"), metadata={"format": "pt"})
+                shard, n, size = {}, n + 1, 0
             for suffix, t in parts.items():
-                shards[-1][spec.name + suffix] = t
-                weight_map[spec.name + suffix] = len(shards)
+                shard[spec.name + suffix] = t
+                weight_map[spec.name + suffix] = n
             size += nbytes
             total += nbytes
-        _flush(tmp, shards, len(shards))
-        n = len(shards)
+        save_file(shard, str(tmp / f"part-{n}"), metadata={"format": "pt"})
         files = {i: f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
         for i in range(1, n + 1):
             (tmp / f"part-{i}").rename(tmp / files[i])
@@ -91,16 +89,11 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
                  "weight_map": {k: files[v] for k, v in weight_map.items()}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         cfg.save(tmp)
-        write_tokenizer_files(tmp)
+        write_tokenizer_files(tmp, special=special or SPECIAL_TOKENS)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg.text_config.bos_token_id,
              "eos_token_id": cfg.text_config.eos_token_id}, indent=2) + "\n")
     return out
-
-
-def _flush(folder: Path, shards: list[dict[str, torch.Tensor]], i: int) -> None:
-    save_file(shards[-1], str(folder / f"part-{i}"), metadata={"format": "pt"})
-    shards[-1] = {}  # free memory: only one shard is ever held
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
