@@ -1,0 +1,91 @@
+"""`step3-edge inspect BUNDLE`: a readable summary of a bundle, then every artifact's sha256
+checked against the manifest (exit status 2 on any mismatch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from step3_edge.manifest import Manifest, load_manifest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the `inspect` options on `p`."""
+    p.add_argument("bundle", help="bundle folder written by `step3-edge export`")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+
+
+def summary(m: Manifest) -> dict:
+    """The facts `inspect` prints, as a dict."""
+    d = m.data
+    arts = m.artifacts
+    by_kind: dict[str, list[int]] = {}
+    for a in arts:
+        by_kind.setdefault(a.kind, [0, 0])
+        by_kind[a.kind][0] += 1
+        by_kind[a.kind][1] += a.bytes
+    plan = d.get("plan", {})
+    t = d.get("config", {}).get("text_config", {})
+    return {
+        "bundle": str(m.bundle), "schema_version": d["schema_version"],
+        "created": d.get("created"), "step3_edge_version": d.get("step3_edge_version"),
+        "source": d.get("source"), "target": d["target"]["name"],
+        "model": {k: t.get(k) for k in ("hidden_size", "num_hidden_layers",
+                                        "moe_num_experts", "vocab_size")},
+        "devices": [{k: v for k, v in dev.items() if k != "reads"} for dev in d.get("devices",
+                                                                                    [])],
+        "cold_experts": len(plan.get("cold_experts", [])),
+        "weights": {k: d.get("weights", {}).get(k) for k in ("schemes", "total_bytes")},
+        "subgraphs": {n: {"kind": s["kind"], "precision": s["precision"],
+                          "instances": len(s["instances"]), "devices": s["devices"],
+                          "validation": s.get("validation")}
+                      for n, s in m.subgraphs.items()},
+        "engines": d.get("engines"),
+        "artifacts": {k: {"files": n, "bytes": b} for k, (n, b) in sorted(by_kind.items())},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    m = load_manifest(Path(args.bundle))          # refuses paths that leave the bundle
+    s = summary(m)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        _print(s)
+    if not args.no_verify:
+        checked = m.verify()                       # BundleError (exit 2) on any mismatch
+        print(f"verified {len(checked)} artifacts: sizes and sha256 match the manifest")
+    return 0
+
+
+def _print(s: dict) -> None:
+    src = s["source"] or {}
+    print(f"bundle {s['bundle']} (schema {s['schema_version']}, step3-edge "
+          f"{s['step3_edge_version']}, created {s['created']})")
+    print(f"source {src.get('path')} ({src.get('format')}); target {s['target']}")
+    mdl = s["model"]
+    print(f"model: hidden {mdl['hidden_size']}, {mdl['num_hidden_layers']} layers, "
+          f"{mdl['moe_num_experts']} experts, vocab {mdl['vocab_size']}")
+    w = s["weights"]
+    schemes = ", ".join(f"{k} x{v}" for k, v in (w.get("schemes") or {}).items())
+    print(f"weights: {(w.get('total_bytes') or 0) / 1e6:.1f} MB ({schemes})")
+    print("devices:")
+    for d in s["devices"]:
+        extra = f", {d['cold_experts']} cold experts" if "cold_experts" in d else \
+            f", {d['hot_experts']} hot experts"
+        print(f"  {str(d['index']):>4} {d['role']:<12} runs {', '.join(d['subgraphs']) or '-'}"
+              f"{extra}")
+    print("subgraphs:")
+    for n, g in s["subgraphs"].items():
+        v = g["validation"]
+        val = f"validated: max err {v['rel']:.1e} of max |ref| (allowed rtol {v['rtol']:g})" \
+            if v else "not validated"
+        print(f"  {n:<14} {g['precision']:<5} {g['instances']:>5} instance(s)  {val}")
+    trt = (s.get("engines") or {}).get("trt") or {}
+    print(f"TensorRT: {'built' if trt.get('built') else 'not built'}"
+          f"{' (' + trt['reason'] + ')' if trt.get('reason') else ''}")
+    arts = ", ".join(f"{k} {v['files']} ({v['bytes'] / 1e6:.1f} MB)"
+                     for k, v in s["artifacts"].items())
+    print(f"artifacts: {arts}")

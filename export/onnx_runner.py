@@ -1,0 +1,260 @@
+"""Run a bundle's ONNX subgraphs in ONNX Runtime: bound sessions, and a prefill / decode loop.
+
+`BoundSession` is one graph file with one instance's weights bound as external initializers.
+`BundleGraphs` opens a bundle and creates (lazily, cached) the session of any kind for any
+layer or expert; the runtime's ORT backend builds on it (it decides where each expert runs and
+may `release` sessions). `OnnxStep3` drives the AFD split end to end: embed (+ vision) ->
+per layer attention side -> FFN side (shared + routed experts, or dense MLP) -> lm_head, with a
+KV cache, greedy `generate` -- the same API as the reference model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from step3_edge.checkpoint import CheckpointReader
+from step3_edge.config import Step3Config
+from step3_edge.errors import BundleError, MissingExtraError, PromptError
+from step3_edge.export.binding import FLOAT8E4M3FN, Bound, WeightBinding, bind
+from step3_edge.export.subgraphs import Instance
+from step3_edge.manifest import Manifest, load_manifest, sha256_file
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingExtraError("onnxruntime", "cpu", "running ONNX subgraphs") from None
+    return onnxruntime
+
+
+@dataclass
+class BoundSession:
+    """An ORT session of one graph with one instance's weights bound (kept alive with it)."""
+
+    session: Any
+    values: list[Any] = field(repr=False)
+    outputs: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, model: str | Path | bytes, bound: dict[str, Bound],
+               providers: list[str] | None = None, threads: int | None = None,
+               spin: bool = True) -> BoundSession:
+        """`threads`: intra-op threads (default: ORT's, one per core); `spin=False` stops
+        idle ORT threads from busy-waiting (use it when torch shares the cores)."""
+        ort = _ort()
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        names = list(bound)
+        values = [ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bound[n].array,
+                                                                 FLOAT8E4M3FN)
+                  if bound[n].onnx_type == FLOAT8E4M3FN else
+                  ort.OrtValue.ortvalue_from_numpy(bound[n].array) for n in names]
+        so.add_external_initializers(names, values)
+        src = str(model) if isinstance(model, Path) else model
+        sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+        return cls(sess, values, [o.name for o in sess.get_outputs()])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(None, feeds)))
+
+
+class BundleGraphs:
+    """Sessions for every subgraph of a bundle, created on first use per (kind, instance)."""
+
+    def __init__(self, bundle: str | Path | Manifest, *, providers: list[str] | None = None,
+                 threads: int | None = None, spin: bool = True, verify: bool = False) -> None:
+        self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify)
+        self.bundle = self.manifest.bundle
+        self.cfg = Step3Config.from_dict(self.manifest.data["config"])
+        self.reader = CheckpointReader(self.bundle, self.cfg)
+        self.providers, self.threads, self.spin = providers, threads, spin
+        self._route: dict[tuple[str, int | None, int | None], str] = {}
+        for name, sg in self.manifest.subgraphs.items():
+            for layer, expert in sg["instances"]:
+                self._route[(sg["kind"], layer, expert)] = name
+        self._bindings = {n: [WeightBinding.from_dict(w) for w in sg["weights"]]
+                          for n, sg in self.manifest.subgraphs.items()}
+        self._files: dict[str, Path] = {}
+        self._sessions: dict[tuple[str, int | None, int | None], BoundSession] = {}
+
+    def subgraph_for(self, kind: str, layer: int | None = None, expert: int | None = None
+                     ) -> str:
+        """Name of the subgraph (graph file) that serves this kind / layer / expert."""
+        try:
+            return self._route[(kind, layer, expert)]
+        except KeyError:
+            raise BundleError(f"the bundle has no {kind} subgraph for "
+                              f"{Instance(layer, expert)}",
+                              "re-export the bundle (was it exported with --no-onnx?)") from None
+
+    def _file(self, name: str) -> Path:
+        """The graph file, checked against its manifest sha256 once (graphs are small)."""
+        if name not in self._files:
+            rel = self.manifest.subgraphs[name]["file"]
+            path = self.manifest.path(rel)
+            art = next(a for a in self.manifest.artifacts if a.path == rel)
+            if sha256_file(path) != art.sha256:
+                raise BundleError(f"{rel} does not match its sha256 in manifest.json",
+                                  "the bundle was modified or damaged; re-export it")
+            self._files[name] = path
+        return self._files[name]
+
+    def session(self, kind: str, layer: int | None = None, expert: int | None = None
+                ) -> BoundSession:
+        key = (kind, layer, expert)
+        if key not in self._sessions:
+            name = self.subgraph_for(*key)
+            bound = bind(self._bindings[name], self.reader, self.cfg, Instance(layer, expert))
+            self._sessions[key] = BoundSession.create(self._file(name), bound, self.providers,
+                                                      self.threads, self.spin)
+        return self._sessions[key]
+
+    def run(self, kind: str, feeds: dict[str, np.ndarray], layer: int | None = None,
+            expert: int | None = None) -> dict[str, np.ndarray]:
+        return self.session(kind, layer, expert).run(feeds)
+
+    def release(self, kind: str, layer: int | None = None, expert: int | None = None) -> None:
+        """Drop a session and its bound weights (e.g. an evicted expert)."""
+        self._sessions.pop((kind, layer, expert), None)
+
+
+@dataclass
+class OnnxKVCache:
+    """Per layer k, v [B, S, head_dim] float32 (the attention graphs return the whole cache)."""
+
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: Step3Config, batch: int) -> OnnxKVCache:
+        t = cfg.text_config
+        z = np.zeros((batch, 0, t.head_dim), dtype=np.float32)
+        return cls([z] * t.num_hidden_layers, [z] * t.num_hidden_layers)
+
+
+class OnnxStep3:
+    """Step3 driven through the exported subgraphs (same API shape as the reference model)."""
+
+    def __init__(self, graphs: BundleGraphs) -> None:
+        self.graphs = graphs
+        self.cfg = graphs.cfg
+
+    @classmethod
+    def load(cls, bundle: str | Path, **kwargs: Any) -> OnnxStep3:
+        return cls(BundleGraphs(bundle, **kwargs))
+
+    def encode_images(self, images: list) -> np.ndarray:
+        """Vision features [n_image_tokens, h] for a list of ImageViews (crops, then global)."""
+        feats = []
+        for views in images:
+            if views.crops.shape[0]:
+                f = self.graphs.run("vision_crop", {"pixel_values": _np(views.crops)})
+                feats.append(f["features"].reshape(-1, f["features"].shape[-1]))
+            g = self.graphs.run("vision_global", {"pixel_values": _np(views.global_view[None])})
+            feats.append(g["features"][0])
+        return np.concatenate(feats)
+
+    def embed(self, input_ids: np.ndarray, images: list | None = None) -> np.ndarray:
+        """Token embeddings [B, T, h] with image features at the `<im_patch>` positions."""
+        x = self.graphs.run("embed", {"input_ids": input_ids})["hidden"]
+        slots = input_ids == self.cfg.image_token_id
+        if not images:
+            if slots.any():
+                raise PromptError(f"the prompt holds {int(slots.sum())} <im_patch> tokens but "
+                                  "no image", "pass the images, or remove the placeholders")
+            return x
+        feats = self.encode_images(images)
+        if feats.shape[0] != int(slots.sum()):
+            raise PromptError(f"{feats.shape[0]} image features for {int(slots.sum())} "
+                              "<im_patch> tokens", "build the prompt with Step3Processor")
+        x[slots] = feats
+        return x
+
+    def attention(self, layer: int, hidden: np.ndarray, positions: np.ndarray,
+                  key_valid: np.ndarray, past_k: np.ndarray, past_v: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+        """Attention side of one layer: residual, normed, present_k/v (+ topk on MoE)."""
+        kind = "attn_moe" if self.cfg.text_config.is_moe(layer) else "attn_dense"
+        return self.graphs.run(kind, {"hidden": hidden, "positions": positions,
+                                      "key_valid": key_valid, "past_k": past_k,
+                                      "past_v": past_v}, layer)
+
+    def ffn(self, layer: int, normed: np.ndarray, topk_ids: np.ndarray | None = None,
+            topk_weights: np.ndarray | None = None) -> np.ndarray:
+        """FFN side of one layer on normed [B, T, h]: dense MLP, or shared expert plus the
+        routed experts each token chose (weighted, accumulated in fp32)."""
+        flat = np.ascontiguousarray(normed.reshape(-1, normed.shape[-1]))        # [N, h]
+        if not self.cfg.text_config.is_moe(layer):
+            return self.graphs.run("dense_mlp", {"x": flat}, layer)["y"].reshape(normed.shape)
+        shared = self.graphs.run("shared_expert", {"x": flat}, layer)["y"]
+        ids = topk_ids.reshape(flat.shape[0], -1)                                # [N, k]
+        w = topk_weights.reshape(flat.shape[0], -1)                              # [N, k]
+        routed = np.zeros_like(flat)
+        for e in np.unique(ids).tolist():
+            tok, slot = np.nonzero(ids == e)
+            y = self.graphs.run("expert", {"x": flat[tok]}, layer, e)["y"]       # [n_e, h]
+            np.add.at(routed, tok, y * w[tok, slot, None])
+        return (shared + routed).reshape(normed.shape)
+
+    def forward(self, input_ids: np.ndarray | torch.Tensor | None = None,
+                images: list | None = None, cache: OnnxKVCache | None = None,
+                key_valid: np.ndarray | torch.Tensor | None = None,
+                inputs_embeds: np.ndarray | None = None, last_only: bool = False
+                ) -> np.ndarray:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only). With `cache`, the tokens
+        continue after `cache.length`; `key_valid` [B, past + T] marks non-padding slots."""
+        t = self.cfg.text_config
+        h = inputs_embeds if inputs_embeds is not None else self.embed(_np(input_ids), images)
+        b, n = h.shape[:2]
+        cache = cache if cache is not None else OnnxKVCache.empty(self.cfg, b)
+        past = cache.length
+        valid = np.ones((b, past + n), dtype=bool) if key_valid is None else _np(key_valid)
+        if past + n > t.max_context:
+            raise PromptError(f"{past + n} tokens exceed the context of {t.max_context}",
+                              "shorten the prompt or lower max_new_tokens")
+        positions = np.clip(valid.astype(np.int64).cumsum(-1) - 1, 0, None)[:, past:]
+        for layer in range(t.num_hidden_layers):
+            a = self.attention(layer, h, positions, valid, cache.k[layer], cache.v[layer])
+            cache.k[layer], cache.v[layer] = a["present_k"], a["present_v"]
+            h = a["residual"] + self.ffn(layer, a["normed"], a.get("topk_ids"),
+                                         a.get("topk_weights"))
+        cache.length += n
+        h = h[:, -1:] if last_only else h
+        return self.graphs.run("lm_head", {"hidden": np.ascontiguousarray(h)})["logits"]
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16,
+                 images: list | None = None, stop_token_ids: tuple[int, ...] = (),
+                 key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy prefill + decode; returns [B, T + new] like the reference `generate`."""
+        ids = _np(input_ids).astype(np.int64)
+        b = ids.shape[0]
+        cache = OnnxKVCache.empty(self.cfg, b)
+        valid = np.ones(ids.shape, dtype=bool) if key_valid is None else _np(key_valid)
+        logits = self.forward(ids, images, cache, valid, last_only=True)[:, -1]
+        out, done = [ids], np.zeros(b, dtype=bool)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)                                              # [B]
+            nxt = np.where(done, out[-1][:, -1], nxt)
+            out.append(nxt[:, None])
+            done |= np.isin(nxt, list(stop_token_ids))
+            if step == max_new_tokens - 1 or done.all():
+                break
+            valid = np.concatenate([valid, np.ones((b, 1), dtype=bool)], axis=1)
+            logits = self.forward(nxt[:, None], cache=cache, key_valid=valid,
+                                  last_only=True)[:, -1]
+        return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
