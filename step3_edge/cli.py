@@ -12,9 +12,16 @@ from step3_edge.errors import Step3EdgeError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("step3_edge.synth", "write a synthetic Step3 checkpoint in the real layout"),
-    "generate": ("step3_edge.generate", "generate text with the reference model"),
+    "generate": ("step3_edge.generate", "generate text (checkpoint: reference model; bundle: runtime)"),
+    "eval": ("step3_edge.evaluate", "exact-match accuracy on the held-out shapes task"),
     "quantize": ("step3_edge.quantize.cli", "requantize a checkpoint for a target card"),
     "plan": ("step3_edge.runtime.plan_cli", "print the device placement and memory plan"),
+    "export": ("step3_edge.export.cli", "export a checkpoint into per-device engine bundles"),
+    "inspect": ("step3_edge.export.inspect_cli", "summarise a bundle and verify its hashes"),
+    "chat": ("step3_edge.runtime.chat_cli", "interactive streaming chat with a bundle"),
+    "profile": ("step3_edge.runtime.profile_cli", "record per-layer expert counts for planning"),
+    "app": ("step3_edge.app.gradio_app", "Gradio image-chat demo"),
+    "serve": ("step3_edge.app.server", "OpenAI-compatible HTTP server"),
 }
 
 
