@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from step3_edge.app.engine import add_runtime_arguments
 from step3_edge.errors import Step3EdgeError
 
 log = logging.getLogger("step3_edge.app")
@@ -264,15 +265,7 @@ def launch(engine: Any, *, host: str = "127.0.0.1", port: int = 7860, share: boo
 
 # ------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", help="engine bundle folder (default: the embedded model, "
-                   "exported into the cache folder on first use)")
-    p.add_argument("--device", help="torch device for the runtime, e.g. cpu, cuda, cuda:1 "
-                   "(default: CUDA when present)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"],
-                   help="compute dtype (default: the runtime's, bfloat16)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    add_runtime_arguments(p, port=7860)
     p.add_argument("--share", action="store_true",
                    help="also open a public gradio.live link (needs internet access)")
     p.add_argument("--concurrency", type=int, default=4,

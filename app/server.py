@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from step3_edge.app.engine import add_runtime_arguments
 from step3_edge.app.openai_protocol import (ApiError, chunk_body, completion_body, error_body,
                                             model_body, models_body, new_completion_id,
                                             parse_chat_request, usage)
@@ -186,15 +187,7 @@ async def _read_json(request: Any, limit: int) -> Any:
 
 # ------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", help="engine bundle folder (default: the embedded model, "
-                   "exported into the cache folder on first use)")
-    p.add_argument("--device", help="torch device for the runtime, e.g. cpu, cuda, cuda:1 "
-                   "(default: CUDA when present)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"],
-                   help="compute dtype (default: the runtime's, bfloat16)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    add_runtime_arguments(p, port=8000)
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the "
                    "bundle's model name)")
     p.add_argument("--default-max-tokens", type=int, default=256,

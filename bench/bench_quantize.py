@@ -173,7 +173,7 @@ def main() -> None:
     _print_summary(rows, args.threads)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quantize.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\nraw numbers: {RESULTS / 'quantize.json'}")
+    print(f"\nraw numbers: {os.path.relpath(RESULTS / 'quantize.json')}")
 
 
 def _mb(x: float) -> str:

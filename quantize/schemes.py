@@ -27,6 +27,7 @@ point 8); int8_block becomes MatMulNBits bits=8 by adding 128. `to_matmul_nbits`
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cache
 from typing import ClassVar
@@ -43,16 +44,18 @@ INT4_MAX = 7
 
 
 @dataclass(frozen=True)
-class Scheme:
+class Scheme(ABC):
     name: ClassVar[str] = ""
     storage_dtype: ClassVar[torch.dtype] = torch.bfloat16
     suffixes: ClassVar[tuple[str, ...]] = ()
 
+    @abstractmethod
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError  # each scheme overrides
+        """The stored parts of weight `w` [..., out, in]."""
 
+    @abstractmethod
     def dequantize(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        raise NotImplementedError  # each scheme overrides
+        """float32 weight of logical `shape` from its stored parts."""
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         """Bytes stored for a weight of `shape` (all parts), without writing it."""
