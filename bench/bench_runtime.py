@@ -6,19 +6,27 @@
 3. the same with 50% and 25% of the experts resident: misses computed on the CPU, or copied
    into an LRU device cache (on a CPU-only machine both are the same memory: "CPU compute" is
    plain compute plus bookkeeping, "copy" adds a real memcpy of each missed expert);
-4. hit rates of LRU, frequency-pinned and LRU + prefetch replayed on a recorded routing trace.
+4. hit rates of LRU, frequency-pinned and LRU + prefetch replayed on a recorded routing trace;
+5. AFD: throughput at batch 16 of attention and FFN in two processes (1 intra-op thread each,
+   so each has a core) with 1, 2 and 3 micro-batches, against one worker at 2 threads and at
+   1 thread, side by side (round robin); also 1 attention + 2 FFN processes;
+6. backends on the same weights exported with ONNX subgraphs: torch bf16, torch float32 and
+   ONNX Runtime (float32 graphs) at batch 1 and 16 (what `backend="auto"` is decided from).
 
-    python bench/bench_runtime.py [--work DIR] [--new-tokens 32] [--out bench/results/runtime.json]
+    python bench/bench_runtime.py [--work DIR] [--new-tokens 32] [--only decode,afd,backends]
+                                  [--out bench/results/runtime.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from step3_edge.config import Step3Config
@@ -51,23 +59,35 @@ def prompts(batch: int, length: int = 32, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 250, (length,), generator=g).tolist() for _ in range(batch)]
 
 
+def _cpu(procs: list) -> list[float]:
+    return [sum(p.cpu_times()[:2]) for p in procs]
+
+
 def decode_rate_runtime(rt: Step3Runtime, batch: int, new: int) -> dict:
-    """Decode tokens/s: time(prefill + `new` + 1 tokens) - time(prefill + 1 token), and the
-    routed experts one decode step touched on average (the prefill step left out)."""
+    """Decode tokens/s: time(prefill + `new` + 1 tokens) - time(prefill + 1 token), the same
+    difference of CPU seconds per process (this one, then any AFD worker) per decode step, and
+    the routed experts one decode step touched on average (the prefill step left out)."""
     ps = prompts(batch)
+    procs = [psutil.Process()] + [psutil.Process(p.pid) for p in getattr(rt.engine, "procs", [])]
     rt.reset_stats()
+    c0 = _cpu(procs)
     t1 = _time(lambda: rt.generate(ps, max_new_tokens=1))
+    c1 = _cpu(procs)
     pre = rt.stats()
     rt.reset_stats()
+    c2 = _cpu(procs)
     tn = _time(lambda: rt.generate(ps, max_new_tokens=new + 1))
+    c3 = _cpu(procs)
+    cpu_ms = [1e3 * ((d - c) - (b - a)) / new for a, b, c, d in zip(c0, c1, c2, c3)]
     st = rt.stats()
     e, p = st["experts"], pre["experts"]
     steps = st["time"]["steps"] - pre["time"]["steps"]
-    return {"tokens_per_s": batch * new / max(tn - t1, 1e-9),
+    return {"tokens_per_s": batch * new / (tn - t1) if tn > t1 else 0.0,   # 0: a bad sample
             "experts_per_step": (e["accesses"] - p["accesses"]) / max(steps, 1),
             "hit_rate": e["hit_rate"], "cpu_computed": e["cpu_computed"],
             "copied": e["copied"], "bytes_copied": e["bytes_copied"],
-            "attention_s": sum(st["time"]["attention_s"]), "ffn_s": sum(st["time"]["ffn_s"])}
+            "attention_s": sum(st["time"]["attention_s"]), "ffn_s": sum(st["time"]["ffn_s"]),
+            "cpu_ms_per_step": cpu_ms}
 
 
 def decode_rate_reference(model, batch: int, new: int) -> dict:
@@ -91,27 +111,10 @@ def bytes_per_step(rt: Step3Runtime, experts_per_step: float, batch: int, ctx: i
     return lin + experts + batch * ctx * attn.kv.bytes_per_token()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", default="/tmp/step3-edge-bench-runtime")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3, help="best of N (the machine is shared)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime.json"))
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    ckpt = work / "mini-bf16"
-    if not (ckpt / "config.json").is_file():
-        write_checkpoint(Step3Config.preset("mini"), ckpt, "bf16", seed=0, overwrite=True)
-    bundle = work / "mini-bundle"
-    if not (bundle / "manifest.json").is_file():
-        export_bundle(ckpt, "cpu", 1, bundle, scheme="bf16", kv_tokens=1 << 16,
-                      cpu_mem_bytes=16 << 30, onnx=False, overwrite=True)
+def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict) -> None:
+    """Sections 1-4: roofline fractions per expert mode, the reference, trace hit rates."""
     bw = bandwidth()
-    res: dict = {"threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
-                 "decode": {}}
+    res["decode"] = {}
     modes = {"all resident": {}, "50% cpu-compute": {"resident": 0.5, "miss": "cpu",
                                                      "cache": "static"},
              "50% copy-lru": {"resident": 0.5, "miss": "copy", "cache": "lru"},
@@ -188,9 +191,125 @@ def main() -> int:
         print(f"hit rate at {int(frac * 100)}% resident ({cap} of {n_exp} experts, "
               f"{len(trace)} steps, batch 1): " +
               ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(f"wrote {args.out}")
+
+
+def _best_rates(configs: dict[str, tuple], batches: tuple[int, ...], reps: int, new: int
+                ) -> dict[str, dict]:
+    """Round robin over `configs` (name -> (runtime, torch threads, micro-batches or None)),
+    best tokens/s of `reps` per config and batch."""
+    best: dict[str, dict] = {}
+    for _ in range(reps):
+        for batch in batches:
+            for name, (rt, threads, micro) in configs.items():
+                torch.set_num_threads(threads)
+                if micro is not None:
+                    rt.engine.micro_batches = micro
+                row = decode_rate_runtime(rt, batch, new)
+                key = f"{name}, batch {batch}"
+                if key not in best or row["tokens_per_s"] > best[key]["tokens_per_s"]:
+                    best[key] = {**row, "batch": batch, "threads": threads}
+    return best
+
+
+def afd_section(args: argparse.Namespace, bundle: Path, res: dict) -> None:
+    """Section 5: the 2-process AFD pipeline against one worker at batch 16 on two cores."""
+    common = dict(device="cpu", dtype="bfloat16", vision=False)
+    one = Step3Runtime.load(bundle, **common)
+    torch.set_num_threads(1)
+    afd = Step3Runtime.load(bundle, **common, afd=True, ffn_ranks=1, afd_threads=1)
+    for rt in (one, afd):
+        rt.generate(prompts(16), max_new_tokens=2)
+    load0 = os.getloadavg()[0]
+    configs = {"one worker, 2 threads": (one, 2, None), "one worker, 1 thread": (one, 1, None),
+               **{f"AFD 1A+1F, {m} micro-batch{'es' * (m > 1)}": (afd, 1, m)
+                  for m in (1, 2, 3)}}
+    best = _best_rates(configs, (16,), args.reps, args.new_tokens)
+    afd.close()
+    afd2 = Step3Runtime.load(bundle, **common, afd=True, ffn_ranks=2, afd_threads=1)
+    afd2.generate(prompts(16), max_new_tokens=2)
+    best.update(_best_rates({"AFD 1A+2F (3 processes), 3 micro-batches": (afd2, 1, 3)},
+                            (16,), args.reps, args.new_tokens))
+    afd2.close()
+    one.close()
+    base = {t: best[f"one worker, {t} thread{'s' * (t > 1)}, batch 16"]["tokens_per_s"]
+            for t in (1, 2)}
+    res["afd"] = {"cpu_count": os.cpu_count(), "loadavg_before_after": [load0,
+                                                                        os.getloadavg()[0]],
+                  "rows": best}
+    print(f"AFD at batch 16 on {os.cpu_count()} cores (load average {load0:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after; best of {args.reps}):")
+    for key, row in best.items():
+        row.update(vs_one_worker_2_threads=row["tokens_per_s"] / base[2],
+                   vs_one_worker_1_thread=row["tokens_per_s"] / base[1])
+        cpu = row["cpu_ms_per_step"]
+        print(f"  {key:>48}: {row['tokens_per_s']:7.1f} tok/s = "
+              f"{row['vs_one_worker_2_threads']:.2f}x one worker at 2 threads, "
+              f"{row['vs_one_worker_1_thread']:.2f}x at 1 thread; CPU ms per step per process "
+              f"{[round(c, 1) for c in cpu]} (two free cores: <= "
+              f"{16e3 / max(cpu):.0f} tok/s)")
+
+
+def backends_section(args: argparse.Namespace, ckpt: Path, res: dict) -> None:
+    """Section 6: torch bf16 / torch float32 / ONNX Runtime on one bundle with subgraphs."""
+    bundle = Path(args.work) / "mini-onnx-bundle"
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(ckpt, "cpu", 1, bundle, scheme="bf16", kv_tokens=1 << 16,
+                      cpu_mem_bytes=16 << 30, onnx=True, validate=False, trt=False,
+                      overwrite=True)
+    threads = args.threads or torch.get_num_threads()
+    common = dict(device="cpu", vision=False)
+    rts = {"torch bf16": Step3Runtime.load(bundle, **common, backend="torch"),
+           "torch float32": Step3Runtime.load(bundle, **common, backend="torch",
+                                              dtype="float32"),
+           "onnxruntime float32": Step3Runtime.load(bundle, **common, backend="onnxruntime",
+                                                    ort_threads=threads)}
+    for rt in rts.values():
+        rt.generate(prompts(16), max_new_tokens=2)
+    best = _best_rates({n: (rt, threads, None) for n, rt in rts.items()}, (1, 16), args.reps,
+                       args.new_tokens)
+    for rt in rts.values():
+        rt.close()
+    res["backends"] = {"threads": threads, "rows": best}
+    print(f"backends on the mini bundle with ONNX subgraphs ({threads} threads):")
+    for key, row in best.items():
+        print(f"  {key:>32}: {row['tokens_per_s']:7.1f} tok/s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/step3-edge-bench-runtime")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3, help="best of N (the machine is shared)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--only", default="decode,afd,backends", help="sections to run")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    ckpt = work / "mini-bf16"
+    if not (ckpt / "config.json").is_file():
+        write_checkpoint(Step3Config.preset("mini"), ckpt, "bf16", seed=0, overwrite=True)
+    bundle = work / "mini-bundle"
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(ckpt, "cpu", 1, bundle, scheme="bf16", kv_tokens=1 << 16,
+                      cpu_mem_bytes=16 << 30, onnx=False, overwrite=True)
+    threads = torch.get_num_threads()
+    res: dict = {"threads": threads, "new_tokens": args.new_tokens}
+    only = set(args.only.split(","))
+    if "decode" in only:
+        decode_section(args, ckpt, bundle, res)
+    if "afd" in only:
+        afd_section(args, bundle, res)
+        torch.set_num_threads(threads)
+    if "backends" in only:
+        backends_section(args, ckpt, res)
+    out = Path(args.out)
+    if out.is_file() and only != {"decode", "afd", "backends"}:   # a partial run: merge
+        res = {**json.loads(out.read_text()), **res}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from step3_edge.checkpoint import INDEX_NAME, CheckpointReader
 from step3_edge.config import Step3Config
-from step3_edge.errors import BundleError, ConfigError, PromptError
-from step3_edge.manifest import load_manifest
+from step3_edge.errors import ConfigError, PromptError
 from step3_edge.processor import ImageViews, Step3Processor
 from step3_edge.runtime.backends import make_backend
-from step3_edge.runtime.engine import AttentionWorker, Engine, FFNWorker
-from step3_edge.runtime.expert_store import Bandwidths, ExpertStore
-from step3_edge.runtime.planner import Plan, expert_order
+from step3_edge.runtime.engine import Engine
+from step3_edge.runtime.loading import (build_attention, build_ffn, choose_backend,
+                                        kv_settings, open_bundle)
+from step3_edge.runtime.planner import Plan
 from step3_edge.runtime.scheduler import Generation, Request, Scheduler, stats
 from step3_edge.sampling import SamplingParams
 
-MAX_DEFAULT_KV_TOKENS = 1 << 18   # cap when the plan leaves a whole CPU's memory to KV
-RESERVE_BYTES = 2 << 30           # CUDA: left free for activations when capping residents
 OVERRIDES: dict[str, str] = {
     "device": "torch device: 'cpu', 'cuda', 'cuda:1' (default: CUDA when present)",
     "dtype": "compute dtype: 'bfloat16' (default) or 'float32' (the reference's numerics)",
-    "backend": "'torch' (ONNX Runtime / TensorRT: not yet)",
+    "backend": "'torch', 'onnxruntime' (the bundle's ONNX subgraphs; CPU provider, or CUDA "
+               "with onnxruntime-gpu) or 'auto' (default: onnxruntime for float32 compute on "
+               "a CPU when the bundle has ONNX subgraphs, else torch; runtime/README.md)",
     "resident": "routed experts on the device: a fraction in [0, 1] or a count "
                 "(default: the plan's hot set)",
     "cache": "device expert cache policy: 'static', 'lru' (default) or 'lfu'",
@@ -43,34 +41,20 @@ OVERRIDES: dict[str, str] = {
     "verify": "check every artifact's sha256 before loading (default False)",
     "vision": "load the vision tower (default True)",
     "sync_timing": "synchronize CUDA around each layer side for exact timings (default False)",
+    "afd": "attention / FFN disaggregation across processes: False (default, one process), "
+           "True (spawn the FFN worker processes here) or 'env' (this process is rank 0 of a "
+           "torchrun / env:// group whose other ranks run `python -m step3_edge.runtime.afd`)",
+    "ffn_ranks": "FFN worker processes to spawn with afd=True (default: the plan's FFN "
+                 "devices, at least 1); experts are split across them",
+    "micro_batches": "AFD micro-batches per step (default 3, as the Step3 paper)",
+    "afd_threads": "intra-op threads of each spawned FFN worker (default: cores / processes)",
+    "afd_timeout": "seconds to wait for an FFN worker before failing (default 300)",
+    "afd_backend": "torch.distributed backend: 'gloo' or 'nccl' (default: nccl when every rank "
+                   "has its own GPU, else gloo)",
+    "ffn_devices": "devices of the spawned FFN workers, e.g. ['cuda:1'] (default: one GPU "
+                   "each after the attention's when there are enough, else the CPU)",
+    "ort_threads": "ONNX Runtime intra-op threads (default: ORT's, one per core)",
 }
-
-
-def _resident_set(cfg: Step3Config, plan: Plan, resident: float | int | None,
-                  counts: dict[int, list[int]] | None) -> set[tuple[int, int]]:
-    t = cfg.text_config
-    keys = [(L, e) for L in t.moe_layers for e in range(t.moe_num_experts)]
-    hot = {k for k in keys if plan.expert_location(*k) != "cpu"}
-    if resident is None and counts is None:
-        return hot
-    n = len(hot) if resident is None else (
-        round(resident * len(keys)) if isinstance(resident, float) else int(resident))
-    if not 0 <= n <= len(keys):
-        raise ConfigError(f"resident={resident!r}", f"give a fraction in [0, 1] or a count in "
-                          f"0..{len(keys)}")
-    order, _ = expert_order(cfg, counts)
-    if counts is None:                    # the plan's hot experts first
-        order = sorted(order, key=lambda k: k not in hot)
-    return set(order[:n])
-
-
-def _counts(value: Any) -> dict[int, list[int]] | None:
-    if value is None or isinstance(value, dict):
-        return value if value is None else {int(k): list(v) for k, v in
-                                            value.get("expert_counts", value).items()}
-    from step3_edge.runtime.plan_cli import read_counts
-
-    return read_counts(str(value))
 
 
 class Step3Runtime:
@@ -91,63 +75,30 @@ class Step3Runtime:
         if unknown:
             raise ConfigError(f"unknown runtime option(s) {unknown}",
                               "known options: " + ", ".join(OVERRIDES))
-        o = overrides
-        bundle = Path(bundle)
-        manifest = load_manifest(bundle, verify=bool(o.get("verify", False)))
-        plan = Plan.from_dict(manifest.plan)
-        manifest.path("config.json")
-        index = manifest.path(INDEX_NAME)
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            manifest.path(shard)                         # only files the manifest names
-        cfg = Step3Config.from_pretrained(bundle)
-        t = cfg.text_config
-        if tuple(plan.moe_layers) != tuple(t.moe_layers) or plan.num_experts != \
-                t.moe_num_experts:
-            raise BundleError("the bundle's plan does not match its config.json (MoE layers "
-                              "or experts differ)", "re-export the bundle")
-        reader = CheckpointReader(bundle, cfg)
-        reader.check()
-        backend = make_backend(o.get("backend", "torch"), o.get("device"), o.get("dtype"))
-        dev, dtype = backend.device, backend.dtype
-        kv_dtype = o.get("kv_dtype") or (dtype if dtype == torch.float32 else
-                                         torch.float8_e4m3fn if plan.kv_bytes_per_elem == 1
-                                         else torch.bfloat16)
-        if isinstance(kv_dtype, str):
-            if kv_dtype not in ("float32", "bfloat16", "float16", "float8_e4m3fn"):
-                raise ConfigError(f"kv_dtype={kv_dtype!r}", "use float32, bfloat16, float16 "
-                                  "or float8_e4m3fn")
-            kv_dtype = getattr(torch, kv_dtype)
-        per_token = 2 * t.num_hidden_layers * t.head_dim * kv_dtype.itemsize
-        planned = sum(d.kv_bytes for d in plan.device_plans)
-        kv_tokens = int(o.get("kv_tokens") or min(planned // per_token, MAX_DEFAULT_KV_TOKENS))
-        if kv_tokens < 16:
-            raise ConfigError(f"kv_tokens={kv_tokens}", "give at least 16 KV tokens")
-        attn = AttentionWorker(cfg, reader, backend, kv_tokens, kv_dtype,
+        o = dict(overrides)
+        manifest, plan, cfg, reader = open_bundle(bundle, bool(o.get("verify", False)))
+        o["backend"] = choose_backend(o, manifest)
+        backend = make_backend(o["backend"], o.get("device"), o.get("dtype"),
+                               manifest=manifest, threads=o.get("ort_threads"))
+        kv_dtype, kv_tokens = kv_settings(o, backend.dtype, plan, cfg)
+        attn = build_attention(cfg, reader, backend, kv_tokens, kv_dtype,
                                bool(o.get("vision", True)))
-        resident = _resident_set(cfg, plan, o.get("resident"), _counts(o.get("expert_counts")))
-        if dev.type == "cuda" and o.get("resident") is None:   # one card holds what it can
-            ffn_fixed = sum(d.weight_bytes.get("mlp", 0) + d.weight_bytes.get("shared_expert", 0)
-                            for d in plan.device_plans)
-            free = torch.cuda.mem_get_info(dev)[0] - RESERVE_BYTES - ffn_fixed
-            cap = max(0, free // max(plan.expert_bytes, 1))
-            if len(resident) > cap:
-                order = [k for k in expert_order(cfg, _counts(o.get("expert_counts")))[0]
-                         if k in resident]
-                resident = set(order[:cap])
-        policy = o.get("cache", "lru")
-        bw = o.get("bandwidths")
-        store = ExpertStore(t, reader, backend, resident, policy=policy,
-                            miss=o.get("miss", "auto"),
-                            prefetch=bool(o.get("prefetch", dev.type == "cuda" and
-                                                policy != "static")),
-                            bandwidths=Bandwidths(**bw) if isinstance(bw, dict) else bw,
-                            routers=attn.routers())
-        ffn = FFNWorker(cfg, reader, backend, store)
-        engine = Engine(attn, ffn, bool(o.get("sync_timing", False)))
-        processor = Step3Processor.from_pretrained(bundle, cfg)
-        sched = Scheduler(engine, processor.decode, int(o.get("max_batch", 32)),
-                          int(o.get("max_prefill_tokens", 2048)))
-        return cls(bundle, cfg, plan, processor, engine, sched, dict(o))
+        afd = o.get("afd", False)
+        if afd:
+            from step3_edge.runtime.afd import start_afd
+
+            engine: Any = start_afd(Path(bundle), plan, attn, o)
+        else:
+            ffn = build_ffn(cfg, reader, plan, backend, o, routers=attn.routers())
+            engine = Engine(attn, ffn, bool(o.get("sync_timing", False)))
+        try:
+            processor = Step3Processor.from_pretrained(bundle, cfg)
+            sched = Scheduler(engine, processor.decode, int(o.get("max_batch", 32)),
+                              int(o.get("max_prefill_tokens", 2048)))
+        except BaseException:
+            engine.close()
+            raise
+        return cls(Path(bundle), cfg, plan, processor, engine, sched, o)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: str | Sequence[int], images: Sequence[Any] | None = None, *,
@@ -224,37 +175,32 @@ class Step3Runtime:
     def stats(self) -> dict[str, Any]:
         """Expert store (hit rate, bytes moved, CPU-computed experts), time per layer side,
         kernels in use, KV and queue state."""
-        store, e = self.engine.ffn.store, self.engine
-        exp = store.stats.to_dict()
-        exp.update(resident=len(store.resident), policy=store.cache.policy, miss=store.miss,
-                   prefetch=store.prefetch_on, expert_bytes=store.expert_bytes,
-                   bandwidths=vars(store.bw))
-        return {"backend": e.attn.backend.describe(), "experts": exp,
-                "time": {"steps": e.steps, "attention_s": list(e.attn_seconds),
-                         "ffn_s": list(e.ffn_seconds)},
-                "scheduler": stats(self.scheduler)}
+        with self.scheduler.engine_lock:
+            return {**self.engine.snapshot(), "scheduler": stats(self.scheduler)}
 
     def reset_stats(self) -> None:
-        self.engine.ffn.store.reset_stats()
-        self.engine.reset_stats()
+        with self.scheduler.engine_lock:
+            self.engine.reset_stats()
 
     def expert_counts(self) -> dict[int, list[int]]:
         """Tokens routed to each expert of each MoE layer since the last reset."""
-        return {L: c.tolist() for L, c in self.engine.ffn.store.counts.items()}
+        with self.scheduler.engine_lock:
+            return self.engine.expert_counts()
 
     def record_trace(self, on: bool = True) -> list[list[dict[str, Any]]] | None:
         """Start recording the routing trace (on=True) or stop and return it."""
-        store = self.engine.ffn.store
-        trace, store.trace = store.trace, ([] if on else None)
-        return trace
+        with self.scheduler.engine_lock:
+            return self.engine.record_trace(on)
 
     @property
     def kv_capacity(self) -> int:
         return self.engine.attn.kv.capacity_tokens
 
     def close(self) -> None:
-        """Stop the scheduler thread; queued requests fail."""
+        """Stop the scheduler thread (queued requests fail) and the AFD workers, if any."""
         self.scheduler.close()
+        with self.scheduler.engine_lock:
+            self.engine.close()
 
     def __enter__(self) -> Step3Runtime:
         return self

@@ -7,25 +7,29 @@ experts and the `ExpertStore`. `Engine` runs one forward step over a flat batch 
 from several sequences (continuous batching). The math is the reference model's own modules
 (`Step3DecoderLayer.attention_side`, `Step3MoE.route`, `Step3MLP`, `RMSNorm`, the rope and mask
 helpers) with the runtime's linears swapped in, so fp32 compute over bf16 weights gives the
-reference's tokens. Splitting the two workers across processes (micro-batched AFD pipeline) is
-the next step; nothing here assumes they share a process except `Engine`'s loop.
+reference's tokens. `afd.AFDEngine` runs the same two workers in separate processes (the
+micro-batched AFD pipeline); nothing here assumes they share a process except `Engine`'s loop.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from step3_edge.checkpoint import CheckpointReader
-from step3_edge.config import Step3Config
+from step3_edge.config import Step3Config, Step3TextConfig
 from step3_edge.errors import PromptError
-from step3_edge.model import RMSNorm, Step3DecoderLayer, Step3ForConditionalGeneration
+from step3_edge.model import (RMSNorm, Step3DecoderLayer, Step3ForConditionalGeneration,
+                              apply_rope)
 from step3_edge.runtime.backends import TorchBackend
+from step3_edge.runtime.expert_cache import Key
 from step3_edge.runtime.expert_store import ExpertStore, make_mlp, read_linear
-from step3_edge.runtime.kv import GroupCache, KVPool, StepBatch
+from step3_edge.runtime.kv import GroupCache, KVPool, SeqKV, StepBatch, plan_step
 from step3_edge.vision import Step3VisionEncoder, build_vision_heads
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
@@ -84,6 +88,39 @@ class Frontend(nn.Module):
         return self._encode(images)
 
 
+def _fuse_qkv(attn: nn.Module) -> torch.Tensor | None:
+    """q_proj, k_proj and v_proj as one prepacked bf16 GEMM [share_q + 2d, h] (when all three
+    are prepacked; bit-identical to three GEMMs), else None."""
+    lins = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if any(getattr(lin, "packed", None) is None for lin in lins):
+        return None
+    for lin in lins:
+        lin.packed = None                     # the fused copy replaces theirs
+    return torch.ops.mkldnn._reorder_linear_weight(torch.cat([lin.weight for lin in lins]), 1)
+
+
+def _attention_side(layer: Step3DecoderLayer, qkv: torch.Tensor, h: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                    cache: GroupCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Step3DecoderLayer.attention_side` with q/k/v projected by one GEMM: the reference's
+    ops in the reference's order otherwise (same bits)."""
+    a = layer.self_attn
+    x = layer.input_layernorm(h)
+    b, t, _ = x.shape
+    n, d, sq = a.cfg.num_attention_heads, a.cfg.head_dim, a.cfg.share_q_dim
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(b * t, -1), qkv, None, "none", [], "")
+    y = y.view(b, t, -1)                                                    # [b, t, sq + 2d]
+    q = a.wq(a.inter_norm(y[..., :sq])).view(b, t, n, d).transpose(1, 2)     # [b, n, t, d]
+    q, k = apply_rope(q, cos, sin), apply_rope(y[..., sq:sq + d][:, None], cos, sin)[:, 0]
+    k, v = cache.update(layer.layer, k, y[..., sq + d:])                     # [b, S, d]
+    s = k.shape[1]
+    out = F.scaled_dot_product_attention(q, k[:, None].expand(b, n, s, d),
+                                         v[:, None].expand(b, n, s, d), attn_mask=mask,
+                                         scale=d ** -0.5)                   # [b, n, t, d]
+    h = h + a.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
+    return h, layer.post_attention_layernorm(h)
+
+
 class AttentionWorker:
     """Attention side of every layer, plus embeddings, vision, final norm, lm_head, routers and
     the KV pool of its sequences."""
@@ -110,9 +147,11 @@ class AttentionWorker:
             if layer.is_moe:
                 layer.moe.gate = read_linear(reader, backend, f"{p}moe.gate.weight")
             self.layers.append(layer)
+        self.qkv = {L: _fuse_qkv(layer.self_attn) for L, layer in enumerate(self.layers)}
         self.norm = _norm(reader, "model.norm.weight", t.rms_norm_eps, dev)
         self.lm_head = read_linear(reader, backend, "lm_head.weight")
         self.kv = KVPool(t, kv_tokens, kv_dtype or backend.dtype, dev)
+        self._logits: torch.Tensor | None = None
 
     def routers(self) -> dict[int, object]:
         """layer -> the reference router (`Step3MoE.route`) of each MoE layer."""
@@ -136,7 +175,10 @@ class AttentionWorker:
         hs, xs = [], []
         for g in batch.groups:
             hg = h[g.start:g.start + g.b * g.t].view(g.b, g.t, -1)          # [b, t, h]
-            hh, xx = layer.attention_side(hg, g.cos, g.sin, g.mask, GroupCache(self.kv, g))
+            cache = GroupCache(self.kv, g)
+            qkv = self.qkv[L]
+            hh, xx = layer.attention_side(hg, g.cos, g.sin, g.mask, cache) if qkv is None \
+                else _attention_side(layer, qkv, hg, g.cos, g.sin, g.mask, cache)
             hs.append(hh.reshape(g.b * g.t, -1))
             xs.append(xx.reshape(g.b * g.t, -1))
         h, x = (hs[0], xs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(xs))
@@ -145,21 +187,70 @@ class AttentionWorker:
         ids, w = layer.moe.route(x)                                         # [N, k] each
         return h, x, ids, w
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and lm_head on residual rows [S, h] -> float32 logits [S, vocab]."""
-        return self.lm_head(self.norm(h)).float()
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and lm_head on residual rows [S, h] -> float32 logits [S, vocab], in
+        `out` when given, else in a buffer reused by the next call (consume it first: a
+        fresh [16, 128K] float32 tensor costs ~3 ms of page faults per step)."""
+        y = self.lm_head(self.norm(h))                                      # [S, vocab]
+        if out is None:
+            out = self.logits_buffer(y.shape[0])
+        return out.copy_(y)
+
+    def logits_buffer(self, rows: int) -> torch.Tensor:
+        """A reused float32 [rows, vocab] buffer for `logits`."""
+        buf = self._logits
+        if buf is None or buf.shape[0] < rows:
+            buf = self._logits = torch.empty(max(rows, 16), self.lm_head.shape[0],
+                                             device=self.backend.device)
+        return buf[:rows]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What one FFN worker serves: routed experts, dense-MLP layers and shared-expert layers
+    (AFD with several FFN ranks splits the FFN side into shards; one worker serves all)."""
+
+    experts: frozenset[Key]
+    dense_layers: frozenset[int]
+    shared_layers: frozenset[int]
+
+    @classmethod
+    def everything(cls, t: Step3TextConfig) -> Shard:
+        return cls(frozenset((L, e) for L in t.moe_layers for e in range(t.moe_num_experts)),
+                   frozenset(t.dense_layers), frozenset(t.moe_layers))
+
+    @property
+    def layers(self) -> frozenset[int]:
+        """Layers this shard computes anything for (the layers whose FFN input it receives)."""
+        return self.dense_layers | self.shared_layers | {L for L, _ in self.experts}
+
+    def to_dict(self) -> dict[str, list]:
+        return {"experts": sorted(map(list, self.experts)),
+                "dense_layers": sorted(self.dense_layers),
+                "shared_layers": sorted(self.shared_layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list]) -> Shard:
+        return cls(frozenset(map(tuple, d["experts"])), frozenset(d["dense_layers"]),
+                   frozenset(d["shared_layers"]))
 
 
 class FFNWorker:
-    """FFN side of every layer: dense MLPs, shared experts and the routed experts' store."""
+    """FFN side of every layer (or of one shard): dense MLPs, shared experts and the routed
+    experts' store. With a shard, `layer` returns this shard's partial sum."""
 
     def __init__(self, cfg: Step3Config, reader: CheckpointReader, backend: TorchBackend,
-                 store: ExpertStore) -> None:
+                 store: ExpertStore, shard: Shard | None = None) -> None:
         t = cfg.text_config
         self.cfg, self.store = t, store
+        self.shard = shard or Shard.everything(t)
         self.mlps: dict[int, nn.Module] = {}
+        self._expert_layers = {L for L, _ in self.shard.experts}
         for L in range(t.num_hidden_layers):
-            part = "share_expert" if t.is_moe(L) else "mlp"
+            moe = t.is_moe(L)
+            if L not in (self.shard.shared_layers if moe else self.shard.dense_layers):
+                continue
+            part = "share_expert" if moe else "mlp"
             self.mlps[L] = make_mlp(*(read_linear(reader, backend,
                                                   f"model.layers.{L}.{part}.{p}.weight")
                                       for p in ("gate_proj", "up_proj", "down_proj")))
@@ -167,15 +258,33 @@ class FFNWorker:
     def layer(self, L: int, x: torch.Tensor, ids: torch.Tensor | None,
               w: torch.Tensor | None) -> torch.Tensor:
         """FFN output [N, h] for normed input x [N, h] (and top-k ids / weights on MoE layers)."""
-        if ids is None or w is None:
-            return self.mlps[L](x)
+        mlp = self.mlps.get(L)
+        if ids is None or w is None or L not in self._expert_layers:
+            return mlp(x) if mlp is not None else torch.zeros_like(x)
         nxt = L + 1 if self.cfg.is_moe(L + 1) else None
         routed = self.store.compute(L, x, ids, w, next_layer=nxt)           # float32 [N, h]
-        return self.mlps[L](x) + routed.to(x.dtype)
+        return routed.to(x.dtype) if mlp is None else mlp(x) + routed.to(x.dtype)
+
+    def begin_step(self) -> None:
+        self.store.begin_step()
+
+    def expert_stats(self) -> dict[str, Any]:
+        return self.store.summary()
+
+    def reset_stats(self) -> None:
+        self.store.reset_stats()
+
+    def expert_counts(self) -> dict[int, list[int]]:
+        return {L: c.tolist() for L, c in self.store.counts.items()}
+
+    def record_trace(self, on: bool) -> list | None:
+        return self.store.record_trace(on)
 
 
 class Engine:
     """One process, one device: the attention side then the FFN side of each layer."""
+
+    micro_batches = 1
 
     def __init__(self, attn: AttentionWorker, ffn: FFNWorker, sync_timing: bool = False
                  ) -> None:
@@ -189,13 +298,44 @@ class Engine:
             dev.type == "cuda" else (lambda: None)
 
     def reset_stats(self) -> None:
+        """Zero the timings and the FFN side's expert counters."""
         n = len(self.attn_seconds)
         self.attn_seconds, self.ffn_seconds, self.steps = [0.0] * n, [0.0] * n, 0
+        self.ffn.reset_stats()
+
+    def expert_stats(self) -> dict[str, Any]:
+        return self.ffn.expert_stats()
+
+    def expert_counts(self) -> dict[int, list[int]]:
+        return self.ffn.expert_counts()
+
+    def record_trace(self, on: bool) -> list | None:
+        return self.ffn.record_trace(on)
+
+    def time_stats(self) -> dict[str, Any]:
+        return {"steps": self.steps, "attention_s": list(self.attn_seconds),
+                "ffn_s": list(self.ffn_seconds)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "single process", **self.attn.backend.describe()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Backend, expert statistics and time per layer side (`Step3Runtime.stats`)."""
+        return {"backend": self.describe(), "experts": self.expert_stats(),
+                "time": self.time_stats()}
+
+    def close(self) -> None:
+        """Nothing to release (the AFD engine stops its workers here)."""
+
+    def run(self, segments: list[tuple[SeqKV, int]], h: torch.Tensor) -> torch.Tensor:
+        """One step over `segments` (sequence KV, new tokens) with embedded rows h [N, h] ->
+        float32 logits [len(segments), vocab]."""
+        return self.forward(plan_step(self.attn.kv, segments), h)
 
     def forward(self, batch: StepBatch, h: torch.Tensor) -> torch.Tensor:
         """Embedded new tokens h [N, h] (flat rows in `batch` order) -> float32 logits
         [sequences, vocab] at each sequence's last new token; advances the KV lengths."""
-        self.ffn.store.begin_step()
+        self.ffn.begin_step()
         clock = time.perf_counter
         for L in range(len(self.attn.layers)):
             t0 = clock()

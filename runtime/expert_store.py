@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from step3_edge.checkpoint import CheckpointReader
@@ -124,11 +125,33 @@ class StoreStats:
 
 
 def make_mlp(gate: nn.Module, up: nn.Module, down: nn.Module) -> Step3MLP:
-    """The reference SwiGLU module (`Step3MLP`) around three runtime linears."""
+    """The reference SwiGLU module (`Step3MLP`) around three runtime linears; with oneDNN
+    prepacked bf16 gate and up, gate and up become one GEMM (`FusedSwiGLU`)."""
+    if getattr(gate, "packed", None) is not None and getattr(up, "packed", None) is not None:
+        return FusedSwiGLU(gate, up, down)
     with torch.device("meta"):
         mlp = Step3MLP(1, 1)
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
     return mlp
+
+
+class FusedSwiGLU(Step3MLP):
+    """`Step3MLP` with gate and up as one prepacked bf16 GEMM [2m, h] (bit-identical to two
+    GEMMs; tests/runtime/test_backends.py). The separate linears are kept for their stored
+    parts (copies, byte counts) but drop their own packed copies."""
+
+    def __init__(self, gate: Linear, up: Linear, down: Linear) -> None:
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+        self.m = gate.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(
+            torch.cat([gate.weight, up.weight]), 1)                      # [2m, h] blocked
+        gate.packed = up.packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                 # [n, h] -> [n, h]
+        gu = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none",
+                                                [], "")                  # [n, 2m]
+        return self.down_proj(F.silu(gu[..., :self.m]) * gu[..., self.m:])
 
 
 def read_linear(reader: CheckpointReader, backend: TorchBackend, name: str,
@@ -146,12 +169,16 @@ class ExpertStore:
     def __init__(self, cfg: Step3TextConfig, reader: CheckpointReader, backend: TorchBackend,
                  resident: set[Key], *, policy: str = "lru", miss: str = "auto",
                  prefetch: bool = False, bandwidths: Bandwidths | None = None,
-                 routers: dict[int, Router] | None = None) -> None:
+                 routers: dict[int, Router] | None = None, owned: set[Key] | None = None
+                 ) -> None:
+        """`owned`: the experts this store serves (an FFN rank's shard; default: all)."""
         if miss not in MISS_POLICIES:
             raise ConfigError(f"unknown miss policy {miss!r}",
                               f"choose one of: {', '.join(MISS_POLICIES)}")
         self.cfg, self.backend, self.miss, self.prefetch_on = cfg, backend, miss, prefetch
         self.routers = routers or {}
+        self.owned = owned
+        resident = resident if owned is None else resident & owned
         dev = backend.device
         self.host = backend if dev.type == "cpu" else TorchBackend("cpu", backend.dtype)
         pinned = resident if policy == "static" else ()
@@ -168,6 +195,8 @@ class ExpertStore:
         for L in cfg.moe_layers:
             for e in range(cfg.moe_num_experts):
                 key = (L, e)
+                if owned is not None and key not in owned:
+                    continue
                 home = None
                 if key not in self.cache or policy != "static":    # a CPU home copy
                     lins = [read_linear(reader, self.host, f"model.layers.{L}.{n}", e)
@@ -179,11 +208,15 @@ class ExpertStore:
                     self.on_device[key] = home if home is not None and dev.type == "cpu" \
                         else make_mlp(*(read_linear(reader, backend, f"model.layers.{L}.{n}", e)
                                         for n in names))
-        one = next(iter({**self.on_host, **self.on_device}.values()))
-        self.expert_bytes = sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
+        one = next(iter({**self.on_host, **self.on_device}.values()), None)
+        self.expert_bytes = 0 if one is None else \
+            sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
         self.stats = StoreStats()
         self.counts = {L: torch.zeros(cfg.moe_num_experts, dtype=torch.long)
                        for L in cfg.moe_layers}
+        self._own_mask = {L: torch.tensor([int(owned is None or (L, e) in owned)
+                                           for e in range(cfg.moe_num_experts)])
+                          for L in cfg.moe_layers}
         self.trace: list[list[dict[str, object]]] | None = None
         self._predicted: dict[int, set[int]] = {}
 
@@ -192,6 +225,19 @@ class ExpertStore:
         self.stats = StoreStats()
         for c in self.counts.values():
             c.zero_()
+
+    def summary(self) -> dict[str, object]:
+        """Counters (`StoreStats`) plus the store's settings, as `Step3Runtime.stats` shows."""
+        out = self.stats.to_dict()
+        out.update(resident=len(self.resident), policy=self.cache.policy, miss=self.miss,
+                   prefetch=self.prefetch_on, expert_bytes=self.expert_bytes,
+                   bandwidths=vars(self.bw))
+        return out
+
+    def record_trace(self, on: bool) -> list[list[dict[str, object]]] | None:
+        """Start recording the routing trace (on=True) or stop and return it."""
+        trace, self.trace = self.trace, ([] if on else None)
+        return trace
 
     def begin_step(self) -> None:
         """Mark the start of one forward step (for the routing trace)."""
@@ -260,7 +306,8 @@ class ExpertStore:
         if route is None or (not self.prefetch_on and self.trace is None):
             return
         ids, _ = route(x)
-        pred = set(ids.unique().tolist())
+        pred = {e for e in ids.unique().tolist()
+                if self.owned is None or (layer, e) in self.owned}
         if self.trace is not None and self.trace and self.trace[-1]:
             self.trace[-1][-1]["next"] = sorted(pred)
         if not self.prefetch_on:
@@ -278,10 +325,21 @@ class ExpertStore:
     def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                 next_layer: int | None = None) -> torch.Tensor:
         """sum_k w_k * expert_{ids_k}(x) for x [N, h], ids / w [N, k] -> float32 [N, h].
-        With `next_layer`, that layer's experts are predicted from x and prefetched first."""
-        uniq = ids.unique().tolist()                                     # sorted
-        self.counts[layer] += torch.bincount(ids.flatten().cpu(),
-                                             minlength=self.cfg.moe_num_experts)
+        With `next_layer`, that layer's experts are predicted from x and prefetched first.
+
+        The (token, slot) pairs are sorted by expert (stable), gathered once, each expert runs
+        on its slice, and one index_add_ accumulates in expert order per row: the same sums,
+        bit for bit, as the reference's loop of one index_add_ per expert."""
+        n_exp, k = self.cfg.moe_num_experts, ids.shape[1]
+        flat = ids.reshape(-1)                                           # [N*k]
+        order = torch.argsort(flat, stable=True)                         # pairs by expert
+        hist = torch.bincount(flat, minlength=n_exp).cpu()               # [E]
+        per = hist.tolist()                                              # one sync
+        if self.owned is not None:        # a shard: only its experts (ranks sum to the total)
+            hist *= self._own_mask[layer]
+        self.counts[layer] += hist
+        uniq = [e for e in range(n_exp) if per[e] and
+                (self.owned is None or (layer, e) in self.owned)]
         if self.trace is not None and self.trace:
             self.trace[-1].append({"layer": layer, "experts": uniq})
         pred = self._predicted.pop(layer, set())
@@ -290,53 +348,52 @@ class ExpertStore:
         if next_layer is not None:
             self._prefetch(next_layer, x, protect)
             protect |= frozenset((next_layer, e) for e in self._predicted.get(next_layer, ()))
-        dev = x.device
-        ids_h = ids.cpu()                            # one sync; routing decisions on the host
-        plan: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        start = [0] * (n_exp + 1)
+        for e in range(n_exp):
+            start[e + 1] = start[e] + per[e]
+        kinds: dict[int, str] = {}
         for e in uniq:
             key = (layer, e)
-            tok, slot = (ids_h == e).nonzero(as_tuple=True)
             self.stats.accesses += 1
             hit = key in self.cache
             self.cache.touch(key)
             if hit:
                 self.stats.hits += 1
-                plan[e] = ("device", tok, slot)
+                kinds[e] = "device"
                 continue
-            n = int(tok.numel())
             choice = self.miss if self.miss != "auto" else self.cost.choose(
-                n, self.expert_bytes, self._flops(n))
+                per[e], self.expert_bytes, self._flops(per[e]))
             self.stats.miss_choices[choice] += 1
-            plan[e] = ("copy" if choice == "copy" else "cpu", tok, slot)
+            kinds[e] = "copy" if choice == "copy" else "cpu"
+        out = torch.zeros_like(x, dtype=torch.float32)                   # [N, h]
+        if not uniq:
+            return out
+        dev = x.device
+        rows = torch.div(order, k, rounding_mode="floor")                # [N*k] token rows
+        xs = x.index_select(0, rows)                                     # [N*k, h]
         # activations for the CPU experts first (waits only for the attention side), then
         # the device experts are queued, then the CPU computes while the device works
-        on_cpu = {e: x[t.to(dev)].to("cpu", self.host.dtype) for e, (k, t, _) in plan.items()
-                  if k == "cpu"}
-        results: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for e, (kind, tok, slot) in plan.items():
-            if kind == "cpu":
-                continue
-            mlp = self._device_mlp((layer, e)) if kind == "device" else \
-                self._copy_in((layer, e), True, protect)
-            tok_d, slot_d = tok.to(dev, non_blocking=True), slot.to(dev, non_blocking=True)
-            results[e] = (tok_d, slot_d, mlp(x[tok_d]))
-        for e, xs in on_cpu.items():
-            _, tok, slot = plan[e]
-            y = self.on_host[(layer, e)](xs)
+        on_cpu = {e: xs[start[e]:start[e + 1]].to("cpu", self.host.dtype)
+                  for e in uniq if kinds[e] == "cpu"}
+        ys: dict[int, torch.Tensor] = {}
+        for e in uniq:
+            if kinds[e] != "cpu":
+                mlp = self._device_mlp((layer, e)) if kinds[e] == "device" else \
+                    self._copy_in((layer, e), True, protect)
+                ys[e] = mlp(xs[start[e]:start[e + 1]])
+        for e, xc in on_cpu.items():
+            y = self.on_host[(layer, e)](xc)
             if dev.type != "cpu":
-                self.stats.bytes_activations += 2 * xs.numel() * x.element_size()
+                self.stats.bytes_activations += 2 * xc.numel() * x.element_size()
                 y = y.to(dev, x.dtype, non_blocking=True)
-                tok, slot = tok.to(dev, non_blocking=True), slot.to(dev, non_blocking=True)
             self.stats.cpu_computed += 1
-            results[e] = (tok, slot, y)
-        out = torch.zeros_like(x, dtype=torch.float32)                   # [N, h]
-        n = x.shape[0]
-        for e in uniq:                    # the reference's order of accumulation
-            tok, slot, y = results[e]
-            if tok.numel() == n:          # every row (tok == arange(N)): same sums, no scatter
-                out += y.float() * w[tok, slot, None]
-            else:
-                out.index_add_(0, tok, y.float() * w[tok, slot, None])
+            ys[e] = y
+        wf = w.reshape(-1).index_select(0, order)                        # [N*k]
+        if len(uniq) < sum(1 for n in per if n):  # a shard: keep only its experts' pairs
+            keep = torch.cat([torch.arange(start[e], start[e + 1]) for e in uniq]).to(dev)
+            rows, wf = rows.index_select(0, keep), wf.index_select(0, keep)
+        y = ys[uniq[0]] if len(uniq) == 1 else torch.cat([ys[e] for e in uniq])
+        out.index_add_(0, rows, y.float() * wf[:, None])
         return out
 
 

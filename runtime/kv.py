@@ -96,6 +96,7 @@ class Group:
     mask: torch.Tensor                  # [b, 1, t, S]
     write: torch.Tensor                 # [b*t] pool slots of the new tokens
     gather: torch.Tensor                # [b, S] pool slots of every key (padding: scratch)
+    positions: torch.Tensor             # [b, t] (CPU) = keys already cached per row
 
 
 @dataclass
@@ -160,7 +161,7 @@ def _group(pool: KVPool, start: int, positions: torch.Tensor, valid: torch.Tenso
     dev = pool.device
     b, n = positions.shape
     return Group(start, b, n, cos.to(dev), sin.to(dev), mask.to(dev),
-                 write.to(dev), gather.to(dev))
+                 write.to(dev), gather.to(dev), positions)
 
 
 class GroupCache:
@@ -183,5 +184,21 @@ class GroupCache:
             else:
                 src = new.reshape(-1, d).to(dt)
             pool.index_copy_(0, g.write, src)
-            out.append(pool.index_select(0, idx).view(dt).view(g.b, -1, d).to(new.dtype))
+            got = pool.index_select(0, idx)                              # [b*S, d]
+            if dt.itemsize == 1:          # fp8 -> compute dtype through a 256-entry table
+                got = _fp8_table(dt, new.dtype, got.device).index_select(
+                    0, got.reshape(-1).int())                            # (exact, ~5x faster)
+            out.append(got.view(dt if dt.itemsize != 1 else new.dtype)
+                       .view(g.b, -1, d).to(new.dtype))
         return out[0], out[1]
+
+
+_FP8_TABLES: dict[tuple[torch.dtype, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _fp8_table(fp8: torch.dtype, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """value of every fp8 byte pattern in `dtype` [256]."""
+    key = (fp8, dtype, device)
+    if key not in _FP8_TABLES:
+        _FP8_TABLES[key] = torch.arange(256, dtype=torch.uint8).view(fp8).to(dtype).to(device)
+    return _FP8_TABLES[key]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from step3_edge.runtime.engine import Engine
-from step3_edge.runtime.kv import SeqKV, plan_step
+from step3_edge.runtime.kv import SeqKV
 from step3_edge.sampling import SamplingParams, sample_next
 
 _DONE = object()
@@ -116,6 +116,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cond = threading.Condition()
+        self.engine_lock = threading.Lock()      # held while a step (or a stats call) runs
         self.stopped = False
         self.tokens_generated = 0
         self.thread = threading.Thread(target=self._loop, name="step3-edge-scheduler",
@@ -150,7 +151,8 @@ class Scheduler:
                         return
                     self._admit()
                 try:
-                    self._step()
+                    with self.engine_lock:
+                        self._step()
                 except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving
                     for r in list(self.running):
                         self._retire(r, e)
@@ -208,8 +210,7 @@ class Scheduler:
             parts.append(attn.embed_tokens([r.token_ids[-1] for r in decode]))
         parts += [r.embeds[r.prefilled:r.prefilled + n] for r, n in prefill]
         segs = [(r.kv, 1) for r in decode] + [(r.kv, n) for r, n in prefill]
-        batch = plan_step(attn.kv, segs)
-        logits = self.engine.forward(batch, torch.cat(parts) if len(parts) > 1 else parts[0])
+        logits = self.engine.run(segs, torch.cat(parts) if len(parts) > 1 else parts[0])
         for r, n in prefill:
             r.prefilled += n
         live = decode + [r for r, _ in prefill]

@@ -77,3 +77,15 @@ def reference_tokens(model, ids: list[int], stop_ids: list[int], images=None,
 @pytest.fixture(scope="session")
 def reference(ref_model, prompts, rt) -> list[list[int]]:
     return [reference_tokens(ref_model, p, rt.processor.stop_token_ids) for p in prompts]
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(text_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint exported with its ONNX subgraphs (fp32 graphs; the export tests
+    validate them, so validation is skipped here to keep the fixture quick)."""
+    pytest.importorskip("onnxruntime")
+    from step3_edge.export.bundle import export_bundle
+
+    return export_bundle(text_ckpt, "cpu", 1, tmp_path_factory.mktemp("rt") / "onnx-bundle",
+                         scheme="bf16", kv_tokens=65536, cpu_mem_bytes=8 << 30, onnx=True,
+                         validate=False, trt=False, progress=False)

@@ -33,6 +33,8 @@ def test_cpu_linear_matches_dequantized_weight(scheme: str, kernel: str,
     w = _weight()
     parts = sch.quantize(w)
     lin = be.linear(sch, parts, tuple(w.shape))
+    if scheme == "bf16" and dtype == torch.bfloat16 and be.caps.get("mkldnn_bf16_packed"):
+        kernel = "oneDNN prepacked bf16"
     assert kernel in lin.kernel
     x = torch.randn(5, 3, w.shape[1])                               # [..., in]
     want = x @ sch.dequantize(parts, tuple(w.shape)).t()            # [..., out] fp32
@@ -53,6 +55,18 @@ def test_bf16_weights_stay_bf16_under_bf16_compute() -> None:
     assert lin.weight.data_ptr() == parts[""].data_ptr()            # no copy, as stored
     lin32 = TorchBackend("cpu", torch.float32).linear("bf16", parts, (96, 256))
     assert lin32.weight.dtype == torch.float32                      # upcast once at load
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_prepacked_bf16_is_bit_identical_to_f_linear(m: int) -> None:
+    be = TorchBackend("cpu", torch.bfloat16)
+    if not be.caps.get("mkldnn_bf16_packed"):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    for out, inp in ((256, 512), (1536, 512), (512, 1536), (48, 512), (96, 256)):
+        parts = get_scheme("bf16").quantize(_weight(out, inp, seed=out))
+        lin = be.linear("bf16", parts, (out, inp))
+        x = torch.randn(m, inp).to(torch.bfloat16)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, parts[""]))
 
 
 def test_make_backend_choices() -> None:

@@ -136,7 +136,7 @@ def test_load_errors(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown runtime option"):
         Step3Runtime.load(bundle, devcie="cpu")
     with pytest.raises(ConfigError, match="not implemented"):
-        Step3Runtime.load(bundle, backend="onnxruntime", device="cpu")
+        Step3Runtime.load(bundle, backend="tensorrt", device="cpu")
     with pytest.raises(ConfigError, match="resident"):
         Step3Runtime.load(bundle, device="cpu", resident=10**6, bandwidths=FIXED_BW)
     from step3_edge.errors import BundleError
@@ -163,3 +163,24 @@ def test_cancel_ends_a_request_early(rt, prompts) -> None:
     assert g.finish_reason == "cancelled" and len(g.token_ids) < 400
     assert first + rest == g.text
     assert rt.generate(prompts[3], max_new_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_bf16_logits_bit_identical_to_reference(bundle: Path, text_ckpt: Path) -> None:
+    """bf16 compute with bf16 KV: the fast paths (oneDNN prepacked linears, gate+up as one
+    GEMM, experts sorted into one gather and one index_add_) give the reference's exact bits."""
+    from step3_edge.model import KVCache, Step3ForConditionalGeneration
+
+    ref = Step3ForConditionalGeneration.from_pretrained(text_ckpt, dtype=torch.bfloat16)
+    ids = torch.randint(3, 250, (1, 19), generator=torch.Generator().manual_seed(5))
+    with Step3Runtime.load(bundle, dtype="bfloat16", device="cpu", bandwidths=FIXED_BW,
+                           kv_dtype="bfloat16", vision=False) as rt, torch.inference_mode(), \
+            rt.scheduler.engine_lock:
+        eng = rt.engine
+        seq = eng.attn.kv.allocate(32)
+        cache = KVCache(ref.config.text_config, 1, 32, dtype=torch.bfloat16)
+        got = eng.run([(seq, 19)], eng.attn.embed_tokens(ids[0].tolist()))     # [1, vocab]
+        assert torch.equal(got, ref(ids, cache=cache)[:, -1].float())
+        nxt = got.argmax(-1)
+        got = eng.run([(seq, 1)], eng.attn.embed_tokens(nxt.tolist()))
+        assert torch.equal(got, ref(nxt[None], cache=cache)[:, -1].float())
+        eng.attn.kv.release(seq)

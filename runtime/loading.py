@@ -1,0 +1,174 @@
+"""Building the two sides of the runtime from a bundle and the load options, shared by the
+single-process runtime (`Step3Runtime.load`) and the AFD FFN ranks (`afd_ffn.serve`), so that a
+worker in another process builds exactly what the one-process engine would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from step3_edge.checkpoint import INDEX_NAME, CheckpointReader
+from step3_edge.config import Step3Config
+from step3_edge.errors import BundleError, ConfigError
+from step3_edge.manifest import Manifest, load_manifest
+from step3_edge.model import Step3MoE
+from step3_edge.runtime.backends import TorchBackend
+from step3_edge.runtime.engine import AttentionWorker, FFNWorker, Shard
+from step3_edge.runtime.expert_store import Bandwidths, ExpertStore, Router, read_linear
+from step3_edge.runtime.planner import Plan, expert_order
+
+MAX_DEFAULT_KV_TOKENS = 1 << 18   # cap when the plan leaves a whole CPU's memory to KV
+RESERVE_BYTES = 2 << 30           # CUDA: left free for activations when capping residents
+
+
+def open_bundle(bundle: str | Path, verify: bool = False
+                ) -> tuple[Manifest, Plan, Step3Config, CheckpointReader]:
+    """Manifest, plan, config and a checked weight reader of `bundle` (only files the manifest
+    names are read)."""
+    bundle = Path(bundle)
+    manifest = load_manifest(bundle, verify=verify)
+    plan = Plan.from_dict(manifest.plan)
+    manifest.path("config.json")
+    index = manifest.path(INDEX_NAME)
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        manifest.path(shard)                         # only files the manifest names
+    cfg = Step3Config.from_pretrained(bundle)
+    t = cfg.text_config
+    if tuple(plan.moe_layers) != tuple(t.moe_layers) or plan.num_experts != t.moe_num_experts:
+        raise BundleError("the bundle's plan does not match its config.json (MoE layers "
+                          "or experts differ)", "re-export the bundle")
+    reader = CheckpointReader(bundle, cfg)
+    reader.check()
+    return manifest, plan, cfg, reader
+
+
+def choose_backend(o: dict[str, Any], manifest: Manifest) -> str:
+    """`backend` as asked, or for "auto" (the default): ONNX Runtime when the bundle has ONNX
+    subgraphs, no GPU is used and float32 compute is asked for (the CPU graphs compute in
+    float32, where ORT's fused graphs beat torch ~2x); torch otherwise (bf16 compute reads
+    the stored bf16 weights, half the bytes, and is as fast or faster: runtime/README.md)."""
+    name = o.get("backend") or "auto"
+    if name != "auto":
+        return name
+    dev = str(o.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = str(o.get("dtype") or "bfloat16").removeprefix("torch.")
+    if manifest.subgraphs and dev.startswith("cpu") and dtype == "float32":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "onnxruntime"
+    return "torch"
+
+
+def kv_settings(o: dict[str, Any], dtype: torch.dtype, plan: Plan, cfg: Step3Config
+                ) -> tuple[torch.dtype, int]:
+    """KV element type and pool size in tokens from the options and the plan."""
+    t = cfg.text_config
+    kv_dtype = o.get("kv_dtype") or (dtype if dtype == torch.float32 else
+                                     torch.float8_e4m3fn if plan.kv_bytes_per_elem == 1
+                                     else torch.bfloat16)
+    if isinstance(kv_dtype, str):
+        if kv_dtype not in ("float32", "bfloat16", "float16", "float8_e4m3fn"):
+            raise ConfigError(f"kv_dtype={kv_dtype!r}", "use float32, bfloat16, float16 "
+                              "or float8_e4m3fn")
+        kv_dtype = getattr(torch, kv_dtype)
+    per_token = 2 * t.num_hidden_layers * t.head_dim * kv_dtype.itemsize
+    planned = sum(d.kv_bytes for d in plan.device_plans)
+    kv_tokens = int(o.get("kv_tokens") or min(planned // per_token, MAX_DEFAULT_KV_TOKENS))
+    if kv_tokens < 16:
+        raise ConfigError(f"kv_tokens={kv_tokens}", "give at least 16 KV tokens")
+    return kv_dtype, kv_tokens
+
+
+def resident_set(cfg: Step3Config, plan: Plan, resident: float | int | None,
+                 counts: dict[int, list[int]] | None) -> set[tuple[int, int]]:
+    """The routed experts to keep on the device: the plan's hot set, or `resident` (a
+    fraction or a count) chosen by the profile `counts` (else the plan's hot experts first)."""
+    t = cfg.text_config
+    keys = [(L, e) for L in t.moe_layers for e in range(t.moe_num_experts)]
+    hot = {k for k in keys if plan.expert_location(*k) != "cpu"}
+    if resident is None and counts is None:
+        return hot
+    n = len(hot) if resident is None else (
+        round(resident * len(keys)) if isinstance(resident, float) else int(resident))
+    if not 0 <= n <= len(keys):
+        raise ConfigError(f"resident={resident!r}", f"give a fraction in [0, 1] or a count in "
+                          f"0..{len(keys)}")
+    order, _ = expert_order(cfg, counts)
+    if counts is None:                    # the plan's hot experts first
+        order = sorted(order, key=lambda k: k not in hot)
+    return set(order[:n])
+
+
+def read_counts(value: Any) -> dict[int, list[int]] | None:
+    """Expert counts from a profile JSON path or a {layer: [count per expert]} dict."""
+    if value is None or isinstance(value, dict):
+        return value if value is None else {int(k): list(v) for k, v in
+                                            value.get("expert_counts", value).items()}
+    from step3_edge.runtime.plan_cli import read_counts as read_file
+
+    return read_file(str(value))
+
+
+def load_routers(cfg: Step3Config, reader: CheckpointReader, backend: TorchBackend
+                 ) -> dict[int, Router]:
+    """layer -> the reference router of each MoE layer (an FFN rank's prefetch predictor;
+    in one process the attention side's routers are shared instead)."""
+    t = cfg.text_config
+    out: dict[int, Router] = {}
+    for L in t.moe_layers:
+        with torch.device("meta"):
+            moe = Step3MoE(t)
+        moe.gate = read_linear(reader, backend, f"model.layers.{L}.moe.gate.weight")
+        out[L] = moe.route
+    return out
+
+
+def build_attention(cfg: Step3Config, reader: CheckpointReader, backend: Any,
+                    kv_tokens: int, kv_dtype: torch.dtype, vision: bool = True) -> Any:
+    """The attention side (torch modules, or the bundle's ONNX subgraphs in ONNX Runtime)."""
+    if backend.name == "onnxruntime":
+        from step3_edge.runtime.ort_backend import OrtAttentionWorker
+
+        return OrtAttentionWorker(cfg, backend, kv_tokens, vision)
+    return AttentionWorker(cfg, reader, backend, kv_tokens, kv_dtype, vision)
+
+
+def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: TorchBackend,
+              o: dict[str, Any], shard: Shard | None = None,
+              routers: dict[int, Router] | None = None) -> FFNWorker:
+    """The FFN side (all of it, or one shard) with its expert store, as the options ask."""
+    if backend.name == "onnxruntime":
+        from step3_edge.runtime.ort_backend import OrtFFNWorker
+
+        return OrtFFNWorker(cfg, backend, shard)
+    t = cfg.text_config
+    dev = backend.device
+    counts = read_counts(o.get("expert_counts"))
+    resident = resident_set(cfg, plan, o.get("resident"), counts)
+    if shard is not None:
+        resident &= shard.experts
+    if dev.type == "cuda" and o.get("resident") is None:   # one card holds what it can
+        ffn_fixed = sum(d.weight_bytes.get("mlp", 0) + d.weight_bytes.get("shared_expert", 0)
+                        for d in plan.device_plans)
+        free = torch.cuda.mem_get_info(dev)[0] - RESERVE_BYTES - ffn_fixed
+        cap = max(0, free // max(plan.expert_bytes, 1))
+        if len(resident) > cap:
+            order = [k for k in expert_order(cfg, counts)[0] if k in resident]
+            resident = set(order[:cap])
+    policy = o.get("cache", "lru")
+    bw = o.get("bandwidths")
+    if routers is None:               # prefetch, and the trace's next-layer predictions
+        routers = load_routers(cfg, reader, backend)
+    store = ExpertStore(t, reader, backend, resident, policy=policy,
+                        miss=o.get("miss", "auto"),
+                        prefetch=bool(o.get("prefetch", dev.type == "cuda" and
+                                            policy != "static")),
+                        bandwidths=Bandwidths(**bw) if isinstance(bw, dict) else bw,
+                        routers=routers,
+                        owned=None if shard is None else set(shard.experts))
+    return FFNWorker(cfg, reader, backend, store, shard)
