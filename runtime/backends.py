@@ -15,6 +15,7 @@ The ONNX Runtime backend (`ort_backend.py`) works on whole subgraphs rather than
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from typing import Any
 
@@ -38,7 +39,7 @@ KERNELS: dict[tuple[str, str], str] = {
 }
 
 
-class Linear(nn.Module):
+class Linear(nn.Module, ABC):
     """y = x W^T for one stored weight; `parts` is the stored form (kept for `to`)."""
 
     kernel = "dequantized"
@@ -67,8 +68,9 @@ class Linear(nn.Module):
         lead = x.shape[:-1]
         return self.matmul(x.reshape(-1, x.shape[-1])).view(*lead, self.shape[0])
 
+    @abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
-        raise NotImplementedError  # each kernel overrides
+        """The kernel: x [M, in] times the stored weight."""
 
 
 class DenseLinear(Linear):
