@@ -127,6 +127,16 @@ class BundleGraphs:
         """Drop a session and its bound weights (e.g. an evicted expert)."""
         self._sessions.pop((kind, layer, expert), None)
 
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def active_providers(self) -> list[str]:
+        """Providers the created sessions really use (empty before the first session)."""
+        sess = next(iter(self._sessions.values()), None)
+        return list(sess.session.get_providers()) if sess is not None else []
+
 
 @dataclass
 class OnnxKVCache:

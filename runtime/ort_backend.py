@@ -67,15 +67,14 @@ class OrtBackend:
     @property
     def providers(self) -> list[str]:
         """Providers the created sessions really use (empty before the first session)."""
-        sess = next(iter(self.graphs._sessions.values()), None)
-        return list(sess.session.get_providers()) if sess is not None else []
+        return self.graphs.active_providers
 
     def describe(self) -> dict[str, Any]:
         prov = self.providers
         subs = self.graphs.manifest.subgraphs
         return {"backend": self.name, "device": "cuda" if "CUDAExecutionProvider" in prov
                 else "cpu", "dtype": "float32", "providers": prov,
-                "sessions": len(self.graphs._sessions), "threads": self.threads,
+                "sessions": self.graphs.num_sessions, "threads": self.threads,
                 "kernels": {f"{n}: ONNX Runtime ({s.get('precision', '?')})": len(s["instances"])
                             for n, s in subs.items()}}
 
