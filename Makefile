@@ -14,7 +14,7 @@ demo: $(PY)
 	$(VENV)/bin/step3-edge generate --image examples/shapes.png "What is in this picture?"
 
 test: $(PY)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -rs
 
 bench: $(PY)
 	$(PY) bench/bench_core.py
