@@ -44,8 +44,7 @@ from step3_edge.tasks import (COLOURS, SHAPES, TRAIN_SEED, Example, cell_labels,
                               make_training_item, target_text)
 from step3_edge.tokenizer import (BOS_TOKEN, BOT_TOKEN, EOS_TOKEN, EOT_TOKEN, IM_END, IM_START,
                                   IMAGE_TOKEN, PAD_TOKEN, PATCH_END, PATCH_NEWLINE, PATCH_START,
-                                  THINK_END, THINK_START, build_synthetic_tokenizer,
-                                  write_tokenizer_files)
+                                  THINK_END, THINK_START, build_synthetic_tokenizer)
 from step3_edge.vision import project_features
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -321,8 +320,7 @@ def save(model: Step3ForConditionalGeneration, out: Path, losses: list[float], s
          args: argparse.Namespace) -> None:
     weights = {n: t.detach().to(torch.bfloat16) for n, t in model.state_dict().items()}
     write_checkpoint(model.config, out, "block-fp8", weights=weights, overwrite=True,
-                     progress=False)
-    write_tokenizer_files(out, DEFAULT_CHAT_TEMPLATE, special=COMPACT_SPECIAL)
+                     progress=False, special=COMPACT_SPECIAL)
     plot_loss(losses, out / "loss.png", title=f"step3-edge default model, seed {args.seed}")
     tail = losses[-50:]
     info = {"seed": args.seed, "steps": args.steps, "batch_scenes": args.batch,
