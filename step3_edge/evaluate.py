@@ -75,8 +75,8 @@ class RuntimeAnswerer:
             from step3_edge.runtime import Step3Runtime  # type: ignore[attr-defined]
         except ImportError as e:
             raise ConfigError(f"{bundle} is a bundle, but step3_edge.runtime.Step3Runtime is "
-                              f"not available ({e})",
-                              "evaluate the checkpoint folder instead, or install the runtime") from e
+                              f"not available ({e})", "evaluate the checkpoint folder instead, "
+                              "or install the runtime") from e
         self.runtime = Step3Runtime.load(bundle, **load_kwargs)
         self.max_new_tokens = max_new_tokens
 

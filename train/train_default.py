@@ -94,7 +94,7 @@ def model_config(vit_layers: int = 1) -> Step3Config:
     return Step3Config.from_dict(d)
 
 
-def init_weights(model: Step3ForConditionalGeneration, seed: int, vit_attn_gain: float = 1.0
+def init_weights(model: Step3ForConditionalGeneration, seed: int, vit_attn_gain: float = 0.0
                  ) -> None:
     """Deterministic init: N(0, 1) token embeddings, N(0, 0.02) vision embeddings, fan-in
     scaled normal for linears and experts, residual output projections scaled down by the
@@ -300,14 +300,14 @@ def train(args: argparse.Namespace) -> tuple[Step3ForConditionalGeneration, list
                                                detach_vision=step < args.vision_warm_steps)
         loss = per_q.mean() + args.aux_weight * aux
         for ex, lq in zip((e for it in items for e in it), per_q.tolist()):
-            by_type[ex.qtype] = lq if ex.qtype not in by_type else 0.97 * by_type[ex.qtype] + 0.03 * lq
+            by_type[ex.qtype] = 0.97 * by_type.get(ex.qtype, lq) + 0.03 * lq
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         losses.append(per_q.mean().item())
         for key, v in (("aux", aux.item()), ("cell_shape_acc", cell_acc.item())):
-            by_type[key] = v if key not in by_type else 0.97 * by_type[key] + 0.03 * v
+            by_type[key] = 0.97 * by_type.get(key, v) + 0.03 * v
         ema = losses[-1] if step == 0 else 0.95 * ema + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
         if args.log_every and (step + 1) % args.log_every == 0:
@@ -323,11 +323,13 @@ def save(model: Step3ForConditionalGeneration, out: Path, losses: list[float], s
                      progress=False, special=COMPACT_SPECIAL)
     plot_loss(losses, out / "loss.png", title=f"step3-edge default model, seed {args.seed}")
     tail = losses[-50:]
-    info = {"seed": args.seed, "steps": args.steps, "batch_scenes": args.batch,
-            "questions_per_scene": args.questions, "lr": args.lr, "bf16_autocast": args.bf16,
-            "threads": torch.get_num_threads(), "train_seconds": round(seconds, 1),
+    info = {"seed": args.seed, "steps": args.steps, "train_seconds": round(seconds, 1),
+            "seconds_per_step": round(seconds / args.steps, 3),
             "final_loss": round(sum(tail) / len(tail), 5), "last_step_loss": round(losses[-1], 5),
-            "answer_format": "</think>{answer}<|EOT|>", "command": " ".join(sys.argv)}
+            "threads": torch.get_num_threads(), "answer_format": "</think>{answer}<|EOT|>",
+            "command": " ".join(sys.argv),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "loss_every_50_steps": [round(v, 4) for v in losses[::50]]}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
