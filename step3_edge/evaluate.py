@@ -1,6 +1,8 @@
 """`step3-edge eval`: exact-match accuracy on the held-out shapes task, per question type.
 
     step3-edge eval --model CKPT|BUNDLE [--n 500] [--seed 1] [--json out.json]
+    step3-edge eval --variants [--model CKPT] [--n 500] ...   (every deployment variant:
+                                                             step3_edge/variants.py)
 
 The held-out set is `step3_edge.tasks.make_examples(seed, n)` (question types in rotation,
 default seed EVAL_SEED, which training never draws from). Each example is answered greedily
@@ -151,6 +153,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reference-model dtype (checkpoints only)")
     p.add_argument("--json", type=Path, help="also write the report (with every answer) here")
     p.add_argument("--show-errors", type=int, default=0, help="print up to N wrong answers")
+    from step3_edge import variants
+
+    variants.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,6 +163,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ConfigError(f"--n is {args.n}", "pass a positive number of examples")
+    if getattr(args, "variants", False):
+        from step3_edge import variants
+
+        return variants.run(args)
+    stray = [f"--{k.replace('_', '-')}" for k in ("only", "work", "rebuild", "runtime_dtype",
+                                                  "device") if getattr(args, k, None)]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: only used with --variants",
+                          "add --variants, or drop those options")
     folder = Path(args.model) if args.model else default_model()
     answerer = load_answerer(folder, getattr(torch, args.dtype))
     report = evaluate(answerer, make_examples(args.seed, args.n), str(folder),

@@ -34,7 +34,8 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, factor: float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """NeoX (rotate-half) RoPE tables for integer positions [B, T] -> cos, sin [B, T, dim]."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # [dim/2]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64,
+                                          device=positions.device) / dim)    # [dim/2]
     ang = (positions.to(torch.float64) / factor)[..., None] * inv_freq               # [B,T,dim/2]
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().float(), ang.sin().float()
@@ -210,8 +211,9 @@ def attention_mask(positions: torch.Tensor, key_valid: torch.Tensor, past: int) 
     """Boolean mask [B, 1, T, S]: causal over absolute slots, and padding keys hidden.
     key_valid [B, S] marks real (non-padding) key slots."""
     t, s = positions.shape[1], key_valid.shape[1]
-    q_slot = torch.arange(past, past + t)[:, None]                     # [T, 1]
-    causal = torch.arange(s)[None, :] <= q_slot                        # [T, S]
+    dev = key_valid.device
+    q_slot = torch.arange(past, past + t, device=dev)[:, None]         # [T, 1]
+    causal = torch.arange(s, device=dev)[None, :] <= q_slot            # [T, S]
     return (causal[None] & key_valid[:, None, :])[:, None]             # [B, 1, T, S]
 
 
@@ -289,7 +291,7 @@ class Step3ForConditionalGeneration(nn.Module):
         b, t = h.shape[:2]
         past = cache.length if cache is not None else 0
         if key_valid is None:
-            key_valid = torch.ones(b, past + t, dtype=torch.bool)
+            key_valid = torch.ones(b, past + t, dtype=torch.bool, device=h.device)
         if past + t > tc.max_context:
             raise PromptError(f"{past + t} tokens exceed the context of {tc.max_context}",
                               "shorten the prompt or lower max_new_tokens")

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,11 +47,13 @@ def random_weight(spec: WeightSpec, seed: int) -> torch.Tensor:
 def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed: int = 0,
                      shard_bytes: int = 64 * 2**20, overwrite: bool = False,
                      weights: dict[str, torch.Tensor] | None = None,
-                     progress: bool = True, special: dict[str, int] | None = None) -> Path:
+                     progress: bool = True, special: dict[str, int] | None = None,
+                     merges: Sequence[tuple[str, str]] = ()) -> Path:
     """Write `cfg` as a checkpoint folder: config.json, sharded safetensors + index, tokenizer.
 
     `weights` (name -> tensor) overrides the random ones, e.g. for a trained model; `special`
-    (token -> id) replaces the Step3 special-token ids, e.g. for a compact vocabulary.
+    (token -> id) replaces the Step3 special-token ids and `merges` adds BPE merges to the
+    byte-level tokenizer, e.g. for a compact vocabulary.
     """
     from step3_edge.tokenizer import SPECIAL_TOKENS, write_tokenizer_files
 
@@ -89,7 +92,7 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
                  "weight_map": {k: files[v] for k, v in weight_map.items()}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         cfg.save(tmp)
-        write_tokenizer_files(tmp, special=special or SPECIAL_TOKENS)
+        write_tokenizer_files(tmp, special=special or SPECIAL_TOKENS, merges=merges)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg.text_config.bos_token_id,
              "eos_token_id": cfg.text_config.eos_token_id}, indent=2) + "\n")

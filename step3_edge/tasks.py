@@ -100,6 +100,18 @@ def describe(shapes: tuple[Shape, ...] | list[Shape]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def task_texts() -> list[str]:
+    """Every question wording (each template with every colour and shape) and every answer
+    form of the task, with the task's word frequencies: a corpus for a tokenizer's merges."""
+    pairs = [(c, k) for c in COLOURS for k in SHAPES]
+    out = [t.format(colour=c, shape=k) for ts in _TEMPLATES.values() for t in ts for c, k in pairs]
+    out += [*COLOURS, *SHAPES, "yes", "no", *(str(n) for n in range(1, 5))] * len(pairs)
+    for n in range(1, 5):      # descriptions of n shapes
+        out += [describe([Shape(k, c, x, 0.0, 1.0) for x, (c, k) in
+                          enumerate(pairs[i:i + n * 7:7])]) for i in range(len(pairs))]
+    return out
+
+
 # ---------------------------------------------------------------------------- drawing
 def _image_size(rng: random.Random) -> tuple[int, int]:
     u = rng.random()

@@ -10,9 +10,10 @@ Any text round-trips through it; the real tokenizer.json loads through the same 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from step3_edge.errors import ConfigError
 
@@ -58,9 +59,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def build_synthetic_tokenizer(special: dict[str, int] = SPECIAL_TOKENS) -> Tokenizer:
-    """A byte-level BPE tokenizer (no merges) with the byte tokens at ids 3..258 and every
-    special token at exactly its id in `special`. Raises ConfigError if an id collides."""
+def build_synthetic_tokenizer(special: dict[str, int] = SPECIAL_TOKENS,
+                              merges: Sequence[tuple[str, str]] = ()) -> Tokenizer:
+    """A byte-level BPE tokenizer with the byte tokens at ids 3..258, every special token at
+    exactly its id in `special`, and the tokens that `merges` (byte-level symbol pairs, applied
+    in order; none by default) make at the ids that follow the highest special or byte id.
+    Raises ConfigError if an id collides."""
     byte_ids = range(BYTE_TOKEN_OFFSET, BYTE_TOKEN_OFFSET + 256)
     clash = {t: i for t, i in special.items() if i in byte_ids or i < 0}
     if clash or len(set(special.values())) != len(special):
@@ -75,7 +79,15 @@ def build_synthetic_tokenizer(special: dict[str, int] = SPECIAL_TOKENS) -> Token
     # The specials are in the model vocab too, so AddedVocabulary keeps their ids (it assigns
     # fresh, consecutive ids to added tokens the model does not know).
     vocab.update(special)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    next_id = max(vocab.values()) + 1
+    for a, b in merges:
+        if a not in vocab or b not in vocab:
+            raise ConfigError(f"merge ({a!r}, {b!r}) joins a symbol no earlier merge made",
+                              "list merges in the order BPE learned them")
+        if a + b not in vocab:
+            vocab[a + b] = next_id
+            next_id += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -102,8 +114,22 @@ def _added_token_entry(content: str) -> dict[str, object]:
             "single_word": False, "special": True}
 
 
+def learn_merges(texts: Iterable[str], n_merges: int) -> list[tuple[str, str]]:
+    """Byte-level BPE merges (at most `n_merges`, in learned order) from a corpus, with the
+    `tokenizers` BPE trainer, for `build_synthetic_tokenizer(merges=...)`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+
+
 def write_tokenizer_files(folder: str | Path, chat_template: str | None = None,
-                          special: dict[str, int] = SPECIAL_TOKENS) -> None:
+                          special: dict[str, int] = SPECIAL_TOKENS,
+                          merges: Sequence[tuple[str, str]] = ()) -> None:
     """Write tokenizer.json and tokenizer_config.json (Hugging Face layout) into `folder`."""
     if chat_template is None:
         from step3_edge.chat import DEFAULT_CHAT_TEMPLATE
@@ -111,7 +137,7 @@ def write_tokenizer_files(folder: str | Path, chat_template: str | None = None,
         chat_template = DEFAULT_CHAT_TEMPLATE
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_synthetic_tokenizer(special)
+    tok = build_synthetic_tokenizer(special, merges)
     tok.save(str(out / "tokenizer.json"))
     by_id = sorted(special.items(), key=lambda kv: kv[1])
     config = {

@@ -18,8 +18,9 @@ from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, ImageError, PromptError
 from step3_edge.processor import (CLIP_MEAN, CLIP_STD, ImagePatcher, ImageViews, Step3Processor,
                                   image_token_layout, load_image, to_pixel_values)
-from step3_edge.tokenizer import (SPECIAL_TOKENS, build_synthetic_tokenizer, load_tokenizer,
-                                  write_tokenizer_files)
+from step3_edge.tasks import COLOURS, SHAPES, task_texts
+from step3_edge.tokenizer import (SPECIAL_TOKENS, build_synthetic_tokenizer, learn_merges,
+                                  load_tokenizer, write_tokenizer_files)
 
 ID = SPECIAL_TOKENS
 IM_PATCH = ID["<im_patch>"]
@@ -101,6 +102,25 @@ def test_tokenizer_errors(tmp_path) -> None:
         build_synthetic_tokenizer({"<a>": 5})                  # inside the byte-token range
     with pytest.raises(ConfigError):
         build_synthetic_tokenizer({"<a>": 300, "<b>": 300})
+    with pytest.raises(ConfigError, match="no earlier merge"):
+        build_synthetic_tokenizer({"<a>": 300}, [("ab", "c")])
+
+
+def test_learned_merges_make_task_words_one_token() -> None:
+    special = {"<a>": 259, "<b>": 260}
+    merges = learn_merges(task_texts(), 240)
+    tok = build_synthetic_tokenizer(special, merges)
+    assert max(tok.get_vocab().values()) == 260 + len(merges)     # new ids follow the specials
+    for word in (*COLOURS, *SHAPES, "yes", "no"):
+        assert len(tok.encode(word).ids) == 1, word                # an answer is one token
+    for word in (*COLOURS, *SHAPES):
+        assert len(tok.encode(" " + word).ids) == 1, word          # ... and so is a question word
+    q = "Is there a purple cross in the image?"
+    enc = tok.encode(q + "<b>")
+    assert enc.ids[-1] == 260 and len(enc.ids) == 10
+    assert tok.decode(enc.ids, skip_special_tokens=False) == q + "<b>"
+    odd = "Zebra ünïcode 🙂 text"                                # outside the corpus: bytes
+    assert tok.decode(tok.encode(odd).ids) == odd
 
 
 # ------------------------------------------------------------------------ multi-crop

@@ -17,11 +17,13 @@ Writes a real-layout block-fp8 checkpoint with its (compact) tokenizer, `loss.pn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +43,11 @@ from step3_edge.presets import _vl
 from step3_edge.processor import ImageViews, Step3Processor, image_views
 from step3_edge.synth import write_checkpoint
 from step3_edge.tasks import (COLOURS, SHAPES, TRAIN_SEED, Example, cell_labels,
-                              make_training_item, target_text)
+                              make_training_item, target_text, task_texts)
 from step3_edge.tokenizer import (BOS_TOKEN, BOT_TOKEN, EOS_TOKEN, EOT_TOKEN, IM_END, IM_START,
                                   IMAGE_TOKEN, PAD_TOKEN, PATCH_END, PATCH_NEWLINE, PATCH_START,
-                                  THINK_END, THINK_START, build_synthetic_tokenizer)
+                                  THINK_END, THINK_START, build_synthetic_tokenizer,
+                                  learn_merges)
 from step3_edge.vision import project_features
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,19 +62,21 @@ COMPACT_SPECIAL: dict[str, int] = {
     PATCH_START: 262, PATCH_NEWLINE: 263, PATCH_END: 264, BOT_TOKEN: 265, EOT_TOKEN: 266,
     THINK_START: 267, THINK_END: 268,
 }
-VOCAB_SIZE = 384
+VOCAB_SIZE = 512              # ids 269.. hold the task words' BPE merges (136 with the defaults)
+N_MERGES = 240                # at most this many; the trainer stops when no pair repeats
 BACKGROUND = len(COLOURS)      # aux colour class of background tokens
 
 
 class AuxHead(nn.Module):
-    """Training-only probe on the vision features of the global view: the colour (or
-    background) and the shape each of the 169 tokens shows. Learning shapes through the
-    answers alone stalls; this direct signal gets the vision side going. Not shipped."""
+    """Training-only linear probe on the 169 global-view tokens in the decoder's residual
+    stream (after layer `--aux-layer`): the colour (or background) and the shape each token
+    shows. Learning shapes through the answers alone stalls; this direct signal trains the
+    ViT and the first decoder layers to make shapes linearly readable. Not shipped."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.GELU(),
-                                 nn.Linear(2 * hidden, len(COLOURS) + 1 + len(SHAPES)))
+        self.net = nn.Sequential(nn.LayerNorm(hidden),
+                                 nn.Linear(hidden, len(COLOURS) + 1 + len(SHAPES)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[..., hidden] -> colour-or-background logits [..., 7], shape logits [..., 5]."""
@@ -86,7 +91,7 @@ def model_config(vit_layers: int = 1) -> Step3Config:
              "head_dim": 64, "share_q_dim": 128, "intermediate_size": 256,
              "moe_num_experts": 8, "moe_intermediate_size": 64, "share_expert_dim": 64,
              "moe_layers_enum": "1,2"},
-            {"hidden_size": 64, "num_hidden_layers": vit_layers, "num_attention_heads": 2,
+            {"hidden_size": 64, "num_hidden_layers": vit_layers, "num_attention_heads": 1,
              "intermediate_size": 256, "output_hidden_size": 128})
     d["text_config"]["vocab_size"] = VOCAB_SIZE
     d["text_config"]["max_position_embedding"] = d["text_config"]["max_seq_len"] = 4096
@@ -121,8 +126,18 @@ def init_weights(model: Step3ForConditionalGeneration, seed: int, vit_attn_gain:
                for m in model.modules())
 
 
-def compact_processor(cfg: Step3Config) -> Step3Processor:
-    return Step3Processor(build_synthetic_tokenizer(COMPACT_SPECIAL), cfg, DEFAULT_CHAT_TEMPLATE)
+def task_merges() -> list[tuple[str, str]]:
+    """BPE merges learned from the task's questions and answers (`task_texts`), so each task
+    word ("Ġcolour", "triangle", ...) is one token: an answer is then one decision instead of
+    a spelling, which the 4-layer model otherwise learns only slowly."""
+    merges = learn_merges(task_texts(), N_MERGES)
+    assert max(COMPACT_SPECIAL.values()) + 1 + len(merges) <= VOCAB_SIZE
+    return merges
+
+
+def compact_processor(cfg: Step3Config, merges: list[tuple[str, str]]) -> Step3Processor:
+    return Step3Processor(build_synthetic_tokenizer(COMPACT_SPECIAL, merges), cfg,
+                          DEFAULT_CHAT_TEMPLATE)
 
 
 def prompt_parts(proc: Step3Processor) -> tuple[str, str]:
@@ -149,8 +164,17 @@ class Packed:
     question_of: torch.Tensor   # [L] question number of each answer token
     views: list[ImageViews]     # one per row
     n_questions: int
+    glob_at: torch.Tensor       # [B, 169] row index of each global-view image token
     aux_colour: torch.Tensor    # [B, 169] colour index of each global-view token (6 = none)
     aux_shape: torch.Tensor     # [B, 169] shape index of each global-view token (-1 = none)
+
+    def to(self, device: torch.device) -> "Packed":
+        """The batch with every tensor (image pixels included) on `device`."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in vars(self).items()}
+        moved["views"] = [dataclasses.replace(v, global_view=v.global_view.to(device),
+                                              crops=v.crops.to(device)) for v in self.views]
+        return Packed(**moved)
 
 
 def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str]) -> Packed:
@@ -160,6 +184,7 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
     rows, segs, poss, views = [], [], [], []
     label_rows: list[tuple[int, int, int, int]] = []     # (row, index, label, question)
     aux_rows: list[list[tuple[int, int]]] = []           # per row: 169 (colour, shape)
+    glob_rows: list[list[int]] = []                      # per row: 169 token indices
     q_total = 0
     for b, qs in enumerate(items):
         v = image_views(qs[0].image, proc.patcher, proc.crop_tokens, proc.global_tokens)
@@ -173,6 +198,8 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
             if j == 0:
                 row, seg, pos = ids[:p], [0] * p, list(range(p))
                 cells = cell_labels(ex.image, ex.shapes).ravel().tolist()  # [169], raster
+                slots = [i for i, t in enumerate(row) if t == proc.image_token_id]
+                glob_rows.append(slots[-len(cells):])       # the global view comes last
                 aux_rows.append([(list(COLOURS).index(ex.shapes[k].colour),
                                   SHAPES.index(ex.shapes[k].kind)) if k >= 0
                                  else (BACKGROUND, -1) for k in cells])
@@ -204,7 +231,7 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
     lr = torch.tensor(label_rows, dtype=torch.long)
     aux = torch.tensor(aux_rows, dtype=torch.long)                              # [B, 169, 2]
     return Packed(ids, positions, mask, lr[:, :2], lr[:, 2], lr[:, 3], views, q_total,
-                  aux[..., 0], aux[..., 1])
+                  torch.tensor(glob_rows, dtype=torch.long), aux[..., 0], aux[..., 1])
 
 
 def image_features(model: Step3ForConditionalGeneration, views: list[ImageViews]
@@ -227,24 +254,25 @@ def image_features(model: Step3ForConditionalGeneration, views: list[ImageViews]
 
 
 def packed_loss(model: Step3ForConditionalGeneration, aux_head: AuxHead, batch: Packed,
-                detach_vision: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                aux_layer: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each question's mean answer-token cross entropy [n_questions], the auxiliary loss on
-    the global-view tokens (colour-or-background CE on all, shape CE on shape-covered ones),
-    and the fraction of shape-covered tokens whose predicted shape is right. With
-    `detach_vision` the answers' gradient stops at the vision features."""
+    the global-view tokens after decoder layer `aux_layer` (-1: on the vision features;
+    colour-or-background CE on all tokens, shape CE on shape-covered ones), and the fraction
+    of shape-covered tokens whose predicted shape is right."""
     tc = model.config.text_config
     feats, glob = image_features(model, batch.views)
-    if detach_vision:
-        feats = feats.detach()
     x = model.model.embed_tokens(batch.ids)                                     # [B, T, h]
     slots = (batch.ids == model.config.image_token_id).nonzero(as_tuple=True)
     x = x.index_put(slots, feats.to(x.dtype))
     cos, sin = rope_cos_sin(batch.positions, tc.head_dim, tc.rope_theta, tc.rope_factor)
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         x = layer(x, cos, sin, batch.mask[:, None], None)
+        if i == aux_layer:
+            glob = x[torch.arange(x.shape[0])[:, None], batch.glob_at]         # [B, 169, h]
     h = model.model.norm(x[batch.label_at[:, 0], batch.label_at[:, 1]])        # [L, h]
     tok_loss = F.cross_entropy(model.lm_head(h).float(), batch.labels, reduction="none")
-    per_q = torch.zeros(batch.n_questions).index_add_(0, batch.question_of, tok_loss)
+    per_q = torch.zeros(batch.n_questions, device=tok_loss.device).index_add_(
+        0, batch.question_of, tok_loss)
     count = torch.bincount(batch.question_of, minlength=batch.n_questions).clamp(min=1)
     colour_logits, shape_logits = aux_head(glob.flatten(0, 1))                  # [B*169, .]
     fg = batch.aux_shape.flatten() >= 0
@@ -267,11 +295,15 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def train(args: argparse.Namespace) -> tuple[Step3ForConditionalGeneration, list[float], float]:
     torch.manual_seed(args.seed)
     cfg = model_config(args.vit_layers)
-    proc = compact_processor(cfg)
+    merges = task_merges()
+    proc = compact_processor(cfg, merges)
     parts = prompt_parts(proc)
     model = Step3ForConditionalGeneration(cfg)
     init_weights(model, args.seed, args.vit_attn_gain)
     aux_head = AuxHead(cfg.text_config.hidden_size)
+    device = torch.device(args.device)
+    model.to(device)
+    aux_head.to(device)
     model.train()
     groups = []
     named = [(f"aux.{n}", p) for n, p in aux_head.named_parameters()] + \
@@ -289,15 +321,23 @@ def train(args: argparse.Namespace) -> tuple[Step3ForConditionalGeneration, list
     bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True)
     ema = 0.0
     by_type: dict[str, float] = {}
-    for step in bar:
+    def scenes(step: int) -> tuple[list[list[Example]], Packed]:
         items = [make_training_item(args.seed, step * args.batch + i, args.questions)
                  for i in range(args.batch)]
-        batch = pack(items, proc, parts)
+        return items, pack(items, proc, parts)
+
+    # the next batch is drawn and packed in a thread while this step computes
+    pool = ThreadPoolExecutor(1)
+    ahead = pool.submit(scenes, 0)
+    for step in bar:
+        items, batch = ahead.result()
+        if step + 1 < args.steps:
+            ahead = pool.submit(scenes, step + 1)
+        batch = batch.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, group["peak"], args.warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            per_q, aux, cell_acc = packed_loss(model, aux_head, batch,
-                                               detach_vision=step < args.vision_warm_steps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            per_q, aux, cell_acc = packed_loss(model, aux_head, batch, args.aux_layer)
         loss = per_q.mean() + args.aux_weight * aux
         for ex, lq in zip((e for it in items for e in it), per_q.tolist()):
             by_type[ex.qtype] = 0.97 * by_type.get(ex.qtype, lq) + 0.03 * lq
@@ -313,14 +353,14 @@ def train(args: argparse.Namespace) -> tuple[Step3ForConditionalGeneration, list
         if args.log_every and (step + 1) % args.log_every == 0:
             tqdm.write(f"step {step + 1} loss {ema:.4f} " +
                        " ".join(f"{k}={v:.3f}" for k, v in sorted(by_type.items())))
-    return model.eval(), losses, time.perf_counter() - t0
+    return model.cpu().eval(), losses, time.perf_counter() - t0
 
 
 def save(model: Step3ForConditionalGeneration, out: Path, losses: list[float], seconds: float,
          args: argparse.Namespace) -> None:
     weights = {n: t.detach().to(torch.bfloat16) for n, t in model.state_dict().items()}
     write_checkpoint(model.config, out, "block-fp8", weights=weights, overwrite=True,
-                     progress=False, special=COMPACT_SPECIAL)
+                     progress=False, special=COMPACT_SPECIAL, merges=task_merges())
     plot_loss(losses, out / "loss.png", title=f"step3-edge default model, seed {args.seed}")
     tail = losses[-50:]
     info = {"seed": args.seed, "steps": args.steps, "train_seconds": round(seconds, 1),
@@ -347,13 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu",
+                   help="torch device to train on (the shipped model is trained on the CPU)")
     p.add_argument("--vit-layers", type=int, default=1)
     p.add_argument("--vit-attn-gain", type=float, default=0.0,
                    help="initial weight of the ViT post-attention LayerNorm")
     p.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of the per-image-token shape loss (0 = off)")
-    p.add_argument("--vision-warm-steps", type=int, default=600,
-                   help="first N steps: the vision side learns from the aux loss only")
+    p.add_argument("--aux-layer", type=int, default=1,
+                   help="decoder layer after which the aux probe reads (-1: vision features)")
     p.add_argument("--log-every", type=int, default=100, help="print per-type losses every N")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
