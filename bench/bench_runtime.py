@@ -15,6 +15,7 @@
 
     python bench/bench_runtime.py [--work DIR] [--new-tokens 32] [--only decode,afd,backends]
                                   [--out bench/results/runtime.json]
+    python bench/bench_runtime.py --device cuda ...   (the GPU benchmark: bench_runtime_cuda.py)
 """
 
 from __future__ import annotations
@@ -276,7 +277,13 @@ def backends_section(args: argparse.Namespace, ckpt: Path, res: dict) -> None:
 
 
 def main() -> int:
+    if "--device" in sys.argv[1:-1] and sys.argv[sys.argv.index("--device") + 1] != "cpu":
+        from bench_runtime_cuda import main as cuda_main     # GPU: its own sections and file
+
+        return cuda_main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu (this file) or cuda "
+                    "(bench_runtime_cuda.py)")
     ap.add_argument("--work", default="/tmp/step3-edge-bench-runtime")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="best of N (the machine is shared)")

@@ -54,14 +54,26 @@ class Linear(nn.Module, ABC):
         """Bytes of the stored form (what a copy to another device moves)."""
         return sum(t.numel() * t.element_size() for t in self.parts.values())
 
+    @property
+    def compute_nbytes(self) -> int:
+        """Bytes the kernel reads per call: the stored form, or the weight dequantized at load
+        where one was made (fp8 on the CPU: twice the stored bytes)."""
+        return self.nbytes
+
     def remake(self, backend: TorchBackend, non_blocking: bool = False) -> Linear:
         """The same weight, re-made by `backend` (copying the stored parts to its device)."""
         parts = {k: v.to(backend.device, non_blocking=non_blocking) for k, v in self.parts.items()}
         return backend.linear(self.scheme, parts, self.shape)
 
     def pin(self) -> Linear:
-        """Page-lock the stored parts (CPU copies that will be copied to a GPU)."""
-        self.parts = {k: v.pin_memory() for k, v in self.parts.items()}
+        """Page-lock the stored parts (CPU copies that will be copied to a GPU). Attributes
+        that held a part itself (a bf16 `weight`, an int8 `q`) move to the pinned copy, so
+        the pageable one is freed rather than kept beside it."""
+        old, self.parts = self.parts, {k: v.pin_memory() for k, v in self.parts.items()}
+        moved = {id(v): self.parts[k] for k, v in old.items()}
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor) and id(value) in moved:
+                setattr(self, name, moved[id(value)])
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -91,6 +103,10 @@ class DenseLinear(Linear):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
             self.kernel = kernel.replace("F.linear", "oneDNN prepacked bf16 linear")
 
+    @property
+    def compute_nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None,
@@ -105,7 +121,8 @@ class Int8WeightOnly(Linear):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.q = self.parts[""]                                         # int8 [out, in]
+        self.q = _aligned(self.parts[""])                               # int8 [out, in]
+        self.parts = {**self.parts, "": self.q}
         self.scale = self.parts["_scale"].reshape(-1)                   # [out]
         self._scales: dict[torch.dtype, torch.Tensor] = {}
 
@@ -116,7 +133,7 @@ class Int8WeightOnly(Linear):
         return s
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale_as(x.dtype))
+        return torch._weight_int8pack_mm(_aligned(x), self.q, self.scale_as(x.dtype))
 
 
 class Int8Dynamic(Int8WeightOnly):
@@ -253,6 +270,14 @@ class TorchBackend:
         return {"backend": self.name, "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "capabilities": self.caps,
                 "kernels": dict(self.used)}
+
+
+def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:
+    """`t` contiguous and starting on an `align`-byte boundary. torch's CPU
+    `_weight_int8pack_mm` crashes (SIGSEGV, torch 2.13) when its input or weight does not
+    start on one, and tensors read from safetensors files can sit at 8-byte offsets."""
+    t = t.contiguous()
+    return t if t.data_ptr() % align == 0 else t.clone()
 
 
 def _try(fn: Any) -> bool:

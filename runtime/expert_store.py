@@ -43,6 +43,11 @@ class Bandwidths:
     host_flops: float       # a CPU GEMM in the compute dtype
     device_flops: float     # the same on the device
     measured: bool = True
+    # fixed host seconds per missed expert besides bytes and FLOPs (launches, Python, making
+    # the device copy's modules): measured on an H100 machine's host for mini's 0.8 MB expert
+    # (bench/results/runtime_cuda.json: CPU 0.13 ms, copy 0.5 ms at 1 token); not probed
+    cpu_overhead: float = 1e-4
+    copy_overhead: float = 5e-4
 
 
 def _timed(fn: Callable[[], object], sync: Callable[[], None], reps: int = 3) -> float:
@@ -64,8 +69,10 @@ def measure_bandwidths(device: torch.device, dtype: torch.dtype, nbytes: int = 3
     a.fill_(1)
     b = torch.empty_like(a)
     host = 2 * nbytes / _timed(lambda: b.copy_(a), lambda: None)
-    x, w = torch.randn(64, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    host_flops = 2 * 64 * 1024 * 1024 / _timed(lambda: x @ w, lambda: None)
+    # 64 tokens through a 4096 x 4096 weight: a 1024 x 1024 one under-measured an AMX CPU 4x
+    # (0.83 vs 3.4 TFLOP/s on an expert-sized GEMM, bench/results/runtime_cuda.json)
+    x, w = torch.full((64, 4096), 0.01, dtype=dtype), torch.full((4096, 4096), 0.01, dtype=dtype)
+    host_flops = 2 * 64 * 4096 * 4096 / _timed(lambda: x @ w, lambda: None)
     if not cuda:
         return Bandwidths(host / 2, host, host, host_flops, host_flops)
     pinned = a.pin_memory()
@@ -81,26 +88,35 @@ def measure_bandwidths(device: torch.device, dtype: torch.dtype, nbytes: int = 3
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds to serve one missed expert for `n` tokens, on the CPU or by a copy."""
+    """Seconds to serve one missed expert for `n` tokens, on the CPU or by a copy. Memory
+    terms read the weight at half a large copy's (read + write) rate; `host_bytes` is what the
+    CPU's kernels read (a weight dequantized at load there, fp8 on the CPU, reads twice its
+    stored `nbytes`; default `nbytes`)."""
 
     bw: Bandwidths
     hidden: int
     act_bytes: int        # bytes per activation element
     same_memory: bool     # CPU-only: no activation transfer for CPU compute
 
-    def cpu_seconds(self, n: int, nbytes: int, flops: float) -> float:
+    def cpu_seconds(self, n: int, nbytes: int, flops: float, host_bytes: int | None = None
+                    ) -> float:
         move = 0.0 if self.same_memory else 2 * n * self.hidden * self.act_bytes / \
             self.bw.host_to_device
-        return move + max(nbytes / self.bw.host_memory, flops / self.bw.host_flops)
+        read = host_bytes if host_bytes is not None else nbytes
+        return self.bw.cpu_overhead + move + max(2 * read / self.bw.host_memory,
+                                                 flops / self.bw.host_flops)
 
     def copy_seconds(self, n: int, nbytes: int, flops: float) -> float:
-        return nbytes / self.bw.host_to_device + max(nbytes / self.bw.device_memory,
-                                                     flops / self.bw.device_flops)
+        return self.bw.copy_overhead + nbytes / self.bw.host_to_device + max(
+            2 * nbytes / self.bw.device_memory, flops / self.bw.device_flops)
 
-    def choose(self, n: int, nbytes: int, flops: float) -> str:
-        """"cpu" or "copy", whichever the model says is faster."""
-        return "copy" if self.copy_seconds(n, nbytes, flops) < self.cpu_seconds(n, nbytes, flops) \
-            else "cpu"
+    def choose(self, n: int, nbytes: int, flops: float, host_bytes: int | None = None) -> str:
+        """"cpu" or "copy", whichever the model says is faster (always "cpu" when the device
+        is the CPU: a copy only adds a memcpy)."""
+        if self.same_memory:
+            return "cpu"
+        copy = self.copy_seconds(n, nbytes, flops)
+        return "copy" if copy < self.cpu_seconds(n, nbytes, flops, host_bytes) else "cpu"
 
 
 @dataclass
@@ -211,6 +227,9 @@ class ExpertStore:
         one = next(iter({**self.on_host, **self.on_device}.values()), None)
         self.expert_bytes = 0 if one is None else \
             sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
+        home = next(iter(self.on_host.values()), None)    # what CPU compute of a miss reads
+        self.host_expert_bytes = self.expert_bytes if home is None else \
+            sum(m.compute_nbytes for m in (home.gate_proj, home.up_proj, home.down_proj))
         self.stats = StoreStats()
         self.counts = {L: torch.zeros(cfg.moe_num_experts, dtype=torch.long)
                        for L in cfg.moe_layers}
@@ -231,6 +250,7 @@ class ExpertStore:
         out = self.stats.to_dict()
         out.update(resident=len(self.resident), policy=self.cache.policy, miss=self.miss,
                    prefetch=self.prefetch_on, expert_bytes=self.expert_bytes,
+                   host_expert_bytes=self.host_expert_bytes,
                    bandwidths=vars(self.bw))
         return out
 
@@ -362,7 +382,7 @@ class ExpertStore:
                 kinds[e] = "device"
                 continue
             choice = self.miss if self.miss != "auto" else self.cost.choose(
-                per[e], self.expert_bytes, self._flops(per[e]))
+                per[e], self.expert_bytes, self._flops(per[e]), self.host_expert_bytes)
             self.stats.miss_choices[choice] += 1
             kinds[e] = "copy" if choice == "copy" else "cpu"
         out = torch.zeros_like(x, dtype=torch.float32)                   # [N, h]

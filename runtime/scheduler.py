@@ -218,7 +218,10 @@ class Scheduler:
             if r.prefilled < len(r.prompt_ids):
                 continue                                # mid-prompt chunk: no token yet
             r.embeds = None
-            tok = int(sample_next(logits[i:i + 1], r.sampling, r.generator)[0])
+            row = logits[i:i + 1]
+            if r.generator is not None and row.device != r.generator.device:
+                row = row.cpu()                 # a seeded request samples with its CPU
+            tok = int(sample_next(row, r.sampling, r.generator)[0])    # generator anywhere
             self.tokens_generated += 1
             self._advance(r, tok)
 

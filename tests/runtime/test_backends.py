@@ -69,6 +69,32 @@ def test_prepacked_bf16_is_bit_identical_to_f_linear(m: int) -> None:
         assert torch.equal(lin(x), torch.nn.functional.linear(x, parts[""]))
 
 
+def _misaligned(t: torch.Tensor, offset: int = 8) -> torch.Tensor:
+    """A copy of t whose data starts `offset` bytes past a 64-byte boundary (as tensors read
+    from a safetensors file can)."""
+    n = t.numel() * t.element_size()
+    buf = torch.zeros(n + 128, dtype=torch.uint8)
+    start = (-buf.data_ptr()) % 64 + offset
+    out = buf[start:start + n].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 64 == offset
+    return out
+
+
+def test_int8_kernel_takes_misaligned_weights_and_inputs() -> None:
+    """torch's CPU _weight_int8pack_mm crashes on data that is not 64-byte aligned: the
+    backend hands it aligned copies."""
+    be = TorchBackend("cpu", torch.bfloat16)
+    sch = get_scheme("int8_per_channel")
+    parts = {k: _misaligned(v) for k, v in sch.quantize(_weight(64, 128)).items()}
+    lin = be.linear(sch, parts, (64, 128))
+    assert "_weight_int8pack_mm" in lin.kernel
+    x = torch.randn(16, 128).to(torch.bfloat16)
+    want = x.float() @ sch.dequantize(parts, (64, 128)).t()
+    for inp in (x, _misaligned(x)):
+        assert (lin(inp).float() - want).abs().max() <= 3e-2 * want.abs().max()
+
+
 def test_make_backend_choices() -> None:
     assert make_backend("torch", "cpu", "float32").dtype == torch.float32
     with pytest.raises(ConfigError, match="not implemented"):
@@ -107,6 +133,7 @@ def test_cuda_copy_from_pinned_host() -> None:
     sch = get_scheme("int8_per_channel")
     lin = host.linear(sch, sch.quantize(_weight(256, 512)), (256, 512)).pin()
     assert all(t.is_pinned() for t in lin.parts.values())
+    assert lin.q is lin.parts[""]                      # the kernel reads the pinned copy
     on_dev = lin.remake(dev, non_blocking=True)
     torch.cuda.synchronize()
     x = torch.randn(3, 512, dtype=torch.bfloat16)
