@@ -1,15 +1,18 @@
-"""AFD across processes: the attention side in this process (rank 0), the FFN side in one or
-more FFN ranks, exchanging per layer the FFN input and top-k ids / weights, and the FFN output,
-over `torch.distributed` point-to-point (gloo on CPU, NCCL between GPUs) with the batch split
-into micro-batches, so that micro-batch i's attention overlaps micro-batch j's FFN (the Step3
-paper's pipeline, 3 micro-batches by default).
+"""AFD across processes: A attention ranks (rank 0 is this process, the scheduler's) and F FFN
+ranks, exchanging per layer the FFN input and top-k ids / weights, and the FFN output, over
+`torch.distributed` point-to-point (gloo on CPU, NCCL between GPUs) with each attention rank's
+share of the batch split into micro-batches, so that micro-batch i's attention overlaps
+micro-batch j's FFN (the Step3 paper's pipeline, 3 micro-batches by default). Attention is
+data-parallel: each attention rank holds the attention weights and the KV cache of its own
+sequences (`afd_attn` describes the step); the FFN ranks serve all of them.
 
-Launch: `Step3Runtime.load(bundle, afd=True)` spawns the FFN ranks with torch.multiprocessing;
-under torchrun every rank runs this module:
+Launch: `Step3Runtime.load(bundle, afd=True, attention_ranks=A, ffn_ranks=F)` spawns ranks
+1..A+F-1 with torch.multiprocessing; under torchrun every rank runs this module:
 
-    torchrun --nproc-per-node 2 -m step3_edge.runtime.afd --bundle B "prompt" ...
+    torchrun --nproc-per-node 3 -m step3_edge.runtime.afd --bundle B --attention-ranks 2 "p" ..
 
-rank 0 loads the runtime (`afd="env"`) and answers the prompts; the other ranks serve FFN.
+rank 0 loads the runtime (`afd="env"`) and answers the prompts; ranks 1..A-1 serve attention,
+the others FFN (each learns its role from rank 0's handshake).
 """
 
 from __future__ import annotations
@@ -30,40 +33,67 @@ import torch.multiprocessing as mp
 from step3_edge.errors import ConfigError
 from step3_edge.runtime import afd_ffn
 from step3_edge.runtime.afd_engine import AFDEngine, split_segments
-from step3_edge.runtime.afd_protocol import (MAX_MICRO_BATCHES, PROTOCOL, AFDWorkerError, Wire,
-                                             make_groups, partition)
+from step3_edge.runtime.afd_protocol import (MAX_MICRO_BATCHES, PROTOCOL, STEP_SLOTS,
+                                             AFDWorkerError, Wire, make_groups, partition,
+                                             peer_name)
 from step3_edge.runtime.engine import AttentionWorker
 from step3_edge.runtime.planner import Plan
 
-__all__ = ["AFDEngine", "split_segments", "start_afd", "main"]
+__all__ = ["AFDEngine", "split_segments", "start_afd", "attention_rank_count", "main"]
 DEFAULT_TIMEOUT = 300.0
 FFN_OPTIONS = ("backend", "resident", "cache", "miss", "prefetch", "expert_counts", "bandwidths",
                "verify", "ort_threads")     # the load options an FFN rank needs
 
 
 # ---------------------------------------------------------------------------- launching
-def _ffn_devices(attn_dev: torch.device, n: int, given: list[str] | None) -> list[str]:
-    if given is not None:
-        if len(given) != n:
-            raise ConfigError(f"ffn_devices={given!r} for {n} FFN rank(s)",
-                              "give one device per FFN rank")
-        return [str(d) for d in given]
-    if attn_dev.type == "cuda" and torch.cuda.device_count() >= n + 1:
-        free = [i for i in range(torch.cuda.device_count()) if i != attn_dev.index]
-        return [f"cuda:{i}" for i in free[:n]]
-    return [str(attn_dev)] * n
+def attention_rank_count(plan: Plan, o: dict[str, Any]) -> int:
+    """Attention ranks of an AFD load: `attention_ranks`, else the plan's attention devices
+    (at least 1; under torchrun at most world size - 1)."""
+    m = o.get("attention_ranks")
+    if m is None:
+        m = max(1, sum(d.role == "attention" for d in plan.device_plans))
+        if o.get("afd") == "env":
+            world = dist.get_world_size() if dist.is_initialized() else \
+                int(os.environ.get("WORLD_SIZE", 2))
+            m = max(1, min(m, world - 1))
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise ConfigError(f"attention_ranks={m!r}", "give a whole number of attention ranks "
+                          ">= 1 (rank 0 is one of them)")
+    return m
+
+
+def _worker_devices(dev: torch.device, m: int, n: int, o: dict[str, Any]) -> list[str]:
+    """Devices of spawned ranks 1..m+n-1: attention ranks 1..m-1, then the n FFN ranks."""
+    given = {"attention_devices": (o.get("attention_devices"), m - 1),
+             "ffn_devices": (o.get("ffn_devices"), n)}
+    for name, (lst, want) in given.items():
+        if lst is not None and len(lst) != want:
+            who = "FFN rank" if name == "ffn_devices" else "attention rank after rank 0"
+            raise ConfigError(f"{name}={lst!r} for {want} rank(s)", f"give one device per {who}")
+    if dev.type == "cuda" and torch.cuda.device_count() >= m + n:
+        free = [f"cuda:{i}" for i in range(torch.cuda.device_count()) if i != dev.index]
+    else:
+        free = [str(dev)] * (m + n - 1)
+    att = [str(d) for d in given["attention_devices"][0] or free[:m - 1]]
+    ffn = [str(d) for d in given["ffn_devices"][0] or free[m - 1:m - 1 + n]]
+    return att + ffn
 
 
 def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]) -> AFDEngine:
-    """Start (afd=True) or join (afd="env") the FFN ranks, hand each its shard and the load
-    options, and return the attention rank's engine once every FFN rank has loaded."""
+    """Start (afd=True) or join (afd="env") the other ranks (attention ranks 1..A-1, then the
+    FFN ranks), hand each its role, shard and load options, and return rank 0's engine once
+    every rank has loaded."""
     mode = o.get("afd")
     if mode not in (True, "spawn", "env"):
-        raise ConfigError(f"afd={mode!r}", "use False, True (spawn FFN workers) or 'env' "
+        raise ConfigError(f"afd={mode!r}", "use False, True (spawn worker processes) or 'env' "
                           "(this process is rank 0 of a torchrun / env:// group)")
     micro = int(o.get("micro_batches", 3))
     if not 1 <= micro <= MAX_MICRO_BATCHES:
         raise ConfigError(f"micro_batches={micro}", f"use 1..{MAX_MICRO_BATCHES}")
+    m = attention_rank_count(plan, o)
+    if m * micro > STEP_SLOTS:
+        raise ConfigError(f"{m} attention ranks x {micro} micro-batches",
+                          f"keep attention_ranks x micro_batches <= {STEP_SLOTS}")
     timeout = float(o.get("afd_timeout", DEFAULT_TIMEOUT))
     dev = attn.backend.device
     procs: list[Any] = []
@@ -78,44 +108,61 @@ def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]
                 torch.cuda.set_device(dev)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
         backend = dist.get_backend()
-        if dist.get_rank() != 0 or dist.get_world_size() < 2:
-            raise ConfigError(f"rank {dist.get_rank()} of {dist.get_world_size()} loaded the "
-                              "AFD runtime", "only rank 0 loads it; the other ranks (at least "
-                              "one) run `python -m step3_edge.runtime.afd` and serve FFN")
-        devices: list[str | None] = [None] * (dist.get_world_size() - 1)
+        world = dist.get_world_size()
+        if dist.get_rank() != 0 or world < m + 1:
+            if owns:
+                dist.destroy_process_group()
+            raise ConfigError(f"rank {dist.get_rank()} of {world} loaded the AFD runtime with "
+                              f"{m} attention rank(s)", "only rank 0 loads it; the other ranks "
+                              "run `python -m step3_edge.runtime.afd`, and at least one of "
+                              "them serves FFN (world size > attention ranks)")
+        devices: list[str | None] = [None] * (world - 1)
     else:
         n = int(o.get("ffn_ranks") or max(1, len(plan.ffn_devices) if
                                           any(d.role == "ffn" for d in plan.device_plans)
                                           else 1))
-        devices = list(_ffn_devices(dev, n, o.get("ffn_devices")))
+        devices = list(_worker_devices(dev, m, n, o))
         cuda = [torch.device(d) for d in devices] + [dev]
         distinct = len({(d.type, d.index) for d in cuda}) == len(cuda)
         backend = o.get("afd_backend") or ("nccl" if all(d.type == "cuda" for d in cuda)
                                            and distinct else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(dev)
-        procs = _spawn(backend, timeout, o.get("afd_threads"), devices)
+        procs = _spawn(backend, timeout, o.get("afd_threads"), devices, m)
         owns = True
     try:
         groups = make_groups(backend)
         wire_dev = dev if backend == "nccl" else torch.device("cpu")
-        alive = (lambda: _dead(procs)) if procs else (lambda: None)
-        wire = Wire(0, groups, backend, wire_dev, timeout, alive)
-        shards = partition(plan, attn.cfg, len(devices))
+        alive = (lambda: _dead(procs, m)) if procs else (lambda: None)
+        wire = Wire(0, groups, backend, wire_dev, timeout, alive, attention_ranks=m)
+        ffn_ranks = list(range(m, len(devices) + 1))
+        shards = partition(plan, attn.cfg, len(ffn_ranks))
         options = {k: o[k] for k in FFN_OPTIONS if o.get(k) is not None}
         if hasattr(options.get("bandwidths"), "__dataclass_fields__"):
             options["bandwidths"] = vars(options["bandwidths"])
-        for r, (shard, d) in enumerate(zip(shards, devices), start=1):
-            wire.send_json(r, {"protocol": PROTOCOL, "bundle": str(Path(bundle).resolve()),
-                               "options": options, "shard": shard.to_dict(), "device": d,
-                               "dtype": str(attn.backend.dtype).removeprefix("torch.")},
+        common = {"protocol": PROTOCOL, "bundle": str(Path(bundle).resolve()),
+                  "options": options, "attention_ranks": m,
+                  "dtype": str(attn.backend.dtype).removeprefix("torch.")}
+        serving = [[r for r, s in zip(ffn_ranks, shards) if L in s.layers]
+                   for L in range(attn.cfg.text_config.num_hidden_layers)]
+        for r in range(1, m):
+            wire.send_json(r, {**common, "role": "attention", "device": devices[r - 1],
+                               "kv_tokens": attn.kv.capacity_tokens, "serving": serving,
+                               "kv_dtype": str(attn.kv.dtype).removeprefix("torch.")},
                            "receiving the handshake")
+        for r, shard in zip(ffn_ranks, shards):
+            wire.send_json(r, {**common, "role": "ffn", "shard": shard.to_dict(),
+                               "device": devices[r - 1]}, "receiving the handshake")
         workers = []
         for r in range(1, len(devices) + 1):
-            hello = wire.recv_json(r, "loading its FFN shard")
+            hello = wire.recv_json(r, "loading its share" if r < m else "loading its FFN shard")
             if not hello.get("ok"):
-                raise AFDWorkerError(f"FFN rank {r} could not load: {hello.get('error')}",
+                raise AFDWorkerError(f"{peer_name(r, m)} could not load: {hello.get('error')}",
                                      "see that worker's log for the traceback")
+            if r < m and hello.get("kv_blocks") != attn.kv.num_blocks:
+                raise AFDWorkerError(f"attention rank {r} has {hello.get('kv_blocks')} KV "
+                                     f"blocks, rank 0 {attn.kv.num_blocks}",
+                                     "run the same step3-edge version on every rank")
             workers.append({k: hello.get(k) for k in ("pid", "host", "device")})
     except BaseException:
         if owns and dist.is_initialized():
@@ -123,12 +170,13 @@ def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]
         for p in procs:
             p.terminate()
         raise
-    return AFDEngine(attn, wire, shards, micro, procs, owns, workers)
+    return AFDEngine(attn, wire, shards, micro, procs, owns, workers[m - 1:], m, workers[:m - 1])
 
 
-def _spawn(backend: str, timeout: float, threads: int | None, devices: list[str]
+def _spawn(backend: str, timeout: float, threads: int | None, devices: list[str], m: int
            ) -> list[Any]:
-    """Start one FFN worker process per device and join the process group as rank 0."""
+    """Start one worker process per device (attention ranks 1..m-1, then FFN ranks) and join
+    the process group as rank 0."""
     world = len(devices) + 1
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout))
@@ -137,17 +185,18 @@ def _spawn(backend: str, timeout: float, threads: int | None, devices: list[str]
     procs = [ctx.Process(target=afd_ffn.spawned_main, daemon=True,
                          args=(r, world, "127.0.0.1", store.port, backend, timeout, threads,
                                devices[r - 1]),
-                         name=f"step3-edge-ffn-{r}") for r in range(1, world)]
+                         name=f"step3-edge-{'attn' if r < m else 'ffn'}-{r}")
+             for r in range(1, world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
     keys = [f"step3-afd-up-{r}" for r in range(1, world)]
     while not store.check(keys):                 # started workers check in, dead ones fail
-        dead = _dead(procs)
+        dead = _dead(procs, m)
         if dead or time.monotonic() > deadline:
             for p in procs:
                 p.terminate()
-            raise AFDWorkerError(f"an FFN worker did not start: {dead or 'timed out'}",
+            raise AFDWorkerError(f"a worker did not start: {dead or 'timed out'}",
                                  "see the worker's stderr for its error")
         time.sleep(0.02)
     dist.init_process_group(backend, store=store, rank=0, world_size=world,
@@ -155,8 +204,8 @@ def _spawn(backend: str, timeout: float, threads: int | None, devices: list[str]
     return procs
 
 
-def _dead(procs: list[Any]) -> str | None:
-    gone = [f"FFN rank {i} (pid {p.pid}) exited with code {p.exitcode}"
+def _dead(procs: list[Any], m: int = 1) -> str | None:
+    gone = [f"{peer_name(i, m)} (pid {p.pid}) exited with code {p.exitcode}"
             for i, p in enumerate(procs, start=1) if not p.is_alive()]
     return "; ".join(gone) or None
 
@@ -164,7 +213,8 @@ def _dead(procs: list[Any]) -> str | None:
 # ---------------------------------------------------------------------------- torchrun entry
 def main(argv: list[str] | None = None) -> int:
     """`torchrun --nproc-per-node N -m step3_edge.runtime.afd --bundle B PROMPT...`: rank 0
-    answers the prompts through the AFD runtime; ranks 1..N-1 serve the FFN side."""
+    answers the prompts through the AFD runtime; ranks 1..A-1 serve attention (data-parallel,
+    `--attention-ranks A`, default 1 or the plan's attention devices), the rest the FFN side."""
     ap = argparse.ArgumentParser(prog="python -m step3_edge.runtime.afd",
                                  description=main.__doc__)
     ap.add_argument("--bundle", required=True)
@@ -173,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--micro-batches", type=int, default=3)
+    ap.add_argument("--attention-ranks", type=int, default=None,
+                    help="attention ranks (rank 0 and the next A-1); the rest serve FFN")
     ap.add_argument("--afd-backend", default=None, choices=("gloo", "nccl"))
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -187,13 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     backend = args.afd_backend or ("nccl" if cuda else "gloo")
     if int(os.environ["RANK"]) != 0:
-        afd_ffn.serve_env(backend, args.timeout)
+        afd_ffn.serve_env(backend, args.timeout)     # attention or FFN, as rank 0 says
         return 0
     from step3_edge.runtime.api import Step3Runtime
 
     device = args.device or ("cuda:" + os.environ.get("LOCAL_RANK", "0") if cuda else "cpu")
     with Step3Runtime.load(args.bundle, afd="env", afd_backend=backend, device=device,
                            dtype=args.dtype, micro_batches=args.micro_batches,
+                           attention_ranks=args.attention_ranks,
                            afd_timeout=args.timeout) as rt:
         outs = rt.generate(list(args.prompts), max_new_tokens=args.max_new_tokens)
         for p, g in zip(args.prompts, outs):

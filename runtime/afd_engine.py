@@ -1,17 +1,20 @@
-"""The attention rank's side of the AFD pipeline (`AFDEngine`): the same interface as
-`engine.Engine`, with the FFN side in other ranks reached over `afd_protocol.Wire`, and the
-batch split into micro-batches so that one micro-batch's attention overlaps another's FFN."""
+"""Rank 0's side of the AFD pipeline (`AFDEngine`): the same interface as `engine.Engine`,
+with the FFN side in other ranks reached over `afd_protocol.Wire`, the attention of other
+attention ranks' sequences on those ranks (data-parallel attention; `afd_attn`), and each
+rank's share split into micro-batches so that one micro-batch's attention overlaps another's
+FFN."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from step3_edge.runtime.afd_attn import (AttentionSide, BlockPool, FrontAttention, ShardedKV,
+                                         last_rows)
 from step3_edge.runtime.afd_protocol import (OP_RESET, OP_SHUTDOWN, OP_STATS, OP_STEP, OP_TRACE,
-                                             AFDWorkerError, Wire, pack)
+                                             AFDWorkerError, REMEDY, Wire)
 from step3_edge.runtime.engine import AttentionWorker, Shard
 from step3_edge.runtime.kv import SeqKV, plan_step
 
@@ -35,95 +38,131 @@ def split_segments(segments: list[tuple[SeqKV, int]], parts: int
 
 
 class AFDEngine:
-    """The attention rank's engine: same interface as `engine.Engine`, FFN in other ranks."""
+    """Rank 0's engine: same interface as `engine.Engine`; attention of its own sequences here,
+    of the others' on attention ranks 1..A-1, FFN on ranks A..A+F-1 (afd_attn's docstring)."""
 
     def __init__(self, attn: AttentionWorker, wire: Wire, shards: list[Shard],
                  micro_batches: int, procs: list[Any], owns_group: bool,
-                 workers: list[dict[str, Any]]) -> None:
+                 workers: list[dict[str, Any]], attention_ranks: int = 1,
+                 attention_workers: list[dict[str, Any]] | None = None) -> None:
         t = attn.cfg.text_config
-        self.attn, self.wire, self.shards = attn, wire, shards
+        a = attention_ranks
+        self.local, self.wire, self.shards = attn, wire, shards
         self.micro_batches, self.procs, self.owns_group = micro_batches, procs, owns_group
-        self.workers = workers
-        self.ranks = list(range(1, len(shards) + 1))
+        self.workers, self.attention_workers = workers, attention_workers or []
+        self.attention_ranks = a
+        self.remote = list(range(1, a))                       # attention ranks 1..A-1
+        self.ranks = list(range(a, a + len(shards)))          # FFN ranks
         self.serving = [[r for r, s in zip(self.ranks, shards) if L in s.layers]
                         for L in range(t.num_hidden_layers)]
-        self.attn_seconds = [0.0] * t.num_hidden_layers
-        self.wait_seconds = 0.0
-        self.steps = 0
+        self.side = AttentionSide(attn, wire, self.serving)
+        pools = [attn.kv] + [BlockPool(t, attn.kv.capacity_tokens, attn.kv.dtype)
+                             for _ in self.remote]
+        self.kv = ShardedKV(pools)
+        self.attn = FrontAttention(attn, self.kv)             # what the scheduler uses
         self.broken: AFDWorkerError | None = None
         self.closed = False
+
+    @property
+    def steps(self) -> int:
+        return self.side.steps
 
     # ------------------------------------------------------------------ the pipeline
     def run(self, segments: list[tuple[SeqKV, int]], h: torch.Tensor) -> torch.Tensor:
         """One step over `segments` with embedded rows h [N, h] -> float32 logits
         [len(segments), vocab], micro-batched across the attention and FFN ranks."""
         self._usable()
+        dead = self.wire.alive()                  # spawned workers: a dead one fails at once
+        if dead:
+            self.broken = AFDWorkerError(f"a worker process is gone: {dead}", REMEDY)
+            raise self.broken
         try:
             return self._run(segments, h)
         except AFDWorkerError as e:
             self.broken = e
             raise
-        except Exception as e:            # the FFN ranks are mid-step now: out of sync
-            self.broken = AFDWorkerError(f"a step failed on the attention rank ({e!r}), so "
-                                         "the FFN ranks are out of step",
-                                         "load the runtime again")
+        except Exception as e:
+            dead = self.wire.alive() if isinstance(e, RuntimeError) else None
+            if dead:                      # e.g. gloo's "connection closed" from a dead peer
+                self.broken = AFDWorkerError(f"a worker process died during a step ({dead}): "
+                                             f"{str(e).strip()[:200]}", REMEDY)
+                raise self.broken from e
+            # the other ranks are mid-step now: out of sync
+            self.broken = AFDWorkerError(f"a step failed on rank 0 ({e!r}), so the other "
+                                         "ranks are out of step", "load the runtime again")
             raise
 
     def _run(self, segments: list[tuple[SeqKV, int]], h: torch.Tensor) -> torch.Tensor:
-        attn, wire, t = self.attn, self.wire, self.attn.cfg.text_config
-        mbs = split_segments(segments, self.micro_batches)
-        batches = [plan_step(attn.kv, segs) for segs in mbs]
-        hs, row = [], 0
-        for b in batches:                                       # [n_m, h] per micro-batch
-            hs.append(h[row:row + b.rows])
-            row += b.rows
-        heads = [wire.send_header(r, OP_STEP, len(batches), *[b.rows for b in batches])
-                 for r in self.ranks]
-        pending: list[list[tuple[Any, torch.Tensor, int]]] = [[] for _ in batches]
+        wire, kv, t = self.wire, self.kv, self.local.cfg.text_config
+        own: list[list[tuple[int, SeqKV, int, int]]] = [[] for _ in range(self.attention_ranks)]
+        row = 0
+        for i, (seq, n) in enumerate(segments):       # (segment index, seq, new tokens, row)
+            own[kv.rank_of(seq)[0]].append((i, seq, n, row))
+            row += n
+        mbs = [split_segments([(s, n) for _, s, n, _ in o], self.micro_batches) if o else []
+               for o in own]
+        m_max = max(len(x) for x in mbs)
+        rows = [[sum(n for _, n in mb) for mb in x] + [0] * (m_max - len(x)) for x in mbs]
+        posted: list[tuple[Any, torch.Tensor, int]] = [
+            (*wire.send_header(r, OP_STEP, m_max, *[n for x in rows for n in x]), r)
+            for r in self.ranks]
+        finals: dict[int, torch.Tensor] = {}                      # rank -> last rows [S_a, h]
+        waiting = []
+        for a in self.remote:                        # remote ranks first: they start at once
+            if own[a]:
+                posted += self._command(a, mbs[a], h, own[a])
+                waiting.append((a, *wire.irecv_bytes(a, len(own[a]) * t.hidden_size
+                                                     * self.local.backend.dtype.itemsize)))
         sends: list[tuple[Any, torch.Tensor, int]] = []
-        clock = time.perf_counter
-        for L in range(t.num_hidden_layers):
-            for m, b in enumerate(batches):
-                if pending[m]:
-                    hs[m] = hs[m] + self._collect(pending[m], L - 1, m)
-                t0 = clock()
-                hs[m], x, ids, w = attn.layer(L, hs[m], b)
-                msg = pack(x, ids, w).to(wire.device)
-                for r in self.serving[L]:
-                    buf = wire.empty(x.numel() * x.element_size())
-                    sends.append((wire.isend(msg, r), msg, r))
-                    pending[m].append((wire.irecv(buf, r), buf, r))
-                self.attn_seconds[L] += clock() - t0
-        last, finals = t.num_hidden_layers - 1, []
-        for m, b in enumerate(batches):
-            if pending[m]:
-                hs[m] = hs[m] + self._collect(pending[m], last, m)
-            b.commit()
-            finals.append(hs[m].index_select(0, torch.tensor(b.last_rows, device=hs[m].device)))
-        # one lm_head over every micro-batch's last rows: per micro-batch it would overlap the
-        # FFN's last layer but stream the whole [vocab, h] matrix once per micro-batch
-        logits = attn.logits(finals[0] if len(finals) == 1 else torch.cat(finals))
-        for work, _, r in sends:
-            wire.wait(work, r, "receiving FFN inputs")
-        for (work, _), r in zip(heads, self.ranks):
-            wire.wait(work, r, "receiving a step header", ctrl=True)
-        self.steps += 1
+        if own[0]:
+            batches = [plan_step(self.local.kv, segs) for segs in mbs[0]]
+            h0, hs, r0 = _rows(h, own[0]), [], 0
+            for b in batches:                                   # [n_m, h] per micro-batch
+                hs.append(h0[r0:r0 + b.rows])
+                r0 += b.rows
+            outs, sends = self.side.run(batches, hs)
+            for b in batches:
+                b.commit()
+            last = [last_rows(b, o) for b, o in zip(batches, outs)]
+            finals[0] = last[0] if len(last) == 1 else torch.cat(last)
+        dtype, dev = self.local.backend.dtype, self.local.backend.device
+        for a, work, raw in waiting:
+            wire.wait(work, a, "computing its attention share of the step", ctrl=True)
+            finals[a] = raw.view(dtype).view(-1, t.hidden_size).to(dev)
+            for _, seq, n, _ in own[a]:
+                seq.length += n
+        if len(finals) == 1 and 0 in finals:
+            final = finals[0]                                     # every sequence is local
+        else:
+            final = torch.empty(len(segments), t.hidden_size, dtype=dtype, device=dev)
+            for a, rows_a in finals.items():
+                final[torch.tensor([i for i, _, _, _ in own[a]], device=dev)] = rows_a
+        # one lm_head over every rank's and micro-batch's last rows: the [vocab, h] matrix is
+        # streamed once per step
+        logits = self.local.logits(final)
+        self.side.finish(sends)
+        for work, _, r in posted:
+            wire.wait(work, r, "receiving a step", ctrl=True)
         return logits
 
-    def _collect(self, pending: list[tuple[Any, torch.Tensor, int]], L: int, m: int
-                 ) -> torch.Tensor:
-        """Wait for layer L's FFN outputs of micro-batch m and sum the ranks' parts [n, h]."""
-        t0 = time.perf_counter()
-        total = None
-        dtype, dev = self.attn.backend.dtype, self.attn.backend.device
-        for work, buf, r in pending:
-            self.wire.wait(work, r, f"computing layer {L} micro-batch {m}")
-            y = buf.view(dtype).view(-1, self.attn.cfg.text_config.hidden_size).to(dev)
-            total = y if total is None else total + y
-        pending.clear()
-        self.wait_seconds += time.perf_counter() - t0
-        assert total is not None
-        return total
+    def _command(self, a: int, mbs: list[list[tuple[SeqKV, int]]], h: torch.Tensor,
+                 own: list[tuple[int, SeqKV, int, int]]) -> list[tuple[Any, torch.Tensor, int]]:
+        """Post attention rank a's share of the step: its sequences (new block tables, released
+        ids) and embedded rows."""
+        kv, new, seqs = self.kv, [], []
+        for mb in mbs:
+            seqs.append([])
+            for seq, n in mb:
+                sid = kv.rank_of(seq)[1]
+                if sid not in kv.announced[a]:
+                    kv.announced[a].add(sid)
+                    new.append([sid, list(seq.blocks), seq.reserved])
+                seqs[-1].append([sid, seq.length, n])
+        drop, kv.drops[a] = kv.drops[a], []
+        out = [self.wire.send_header(a, OP_STEP)]
+        out += self.wire.post_json(a, {"mbs": seqs, "new": new, "drop": drop})
+        out.append(self.wire.post_bytes(a, _rows(h, own)))
+        return [(work, buf, a) for work, buf in out]
 
     # ------------------------------------------------------------------ control
     def _usable(self) -> None:
@@ -133,13 +172,13 @@ class AFDEngine:
         if self.closed:
             raise RuntimeError("the runtime is closed")
 
-    def _ask(self, op: int, *args: int) -> list[Any]:
+    def _ask(self, op: int, ranks: list[int], *args: int) -> list[Any]:
+        """Send `op` to `ranks` and return each one's JSON answer."""
         self._usable()
         try:
-            heads = [self.wire.send_header(r, op, *args) for r in self.ranks]
-            out = [self.wire.recv_json(r, "answering a statistics request")
-                   for r in self.ranks]
-            for (work, _), r in zip(heads, self.ranks):
+            heads = [self.wire.send_header(r, op, *args) for r in ranks]
+            out = [self.wire.recv_json(r, "answering a statistics request") for r in ranks]
+            for (work, _), r in zip(heads, ranks):
                 self.wire.wait(work, r, "receiving a request", ctrl=True)
             return out
         except AFDWorkerError as e:
@@ -147,8 +186,10 @@ class AFDEngine:
             raise
 
     def snapshot(self) -> dict[str, Any]:
-        """Backend, expert statistics (summed over FFN ranks) and time per layer side."""
-        rep = self._ask(OP_STATS)
+        """Backend, expert statistics (summed over FFN ranks) and time per layer side (summed
+        over attention ranks and over FFN ranks; per rank in `attention_ranks`, `ffn_*`)."""
+        rep = self._ask(OP_STATS, self.ranks)
+        att = self._ask(OP_STATS, self.remote)
         exp: dict[str, Any] = {}
         for r in rep:
             for k, v in r["experts"].items():
@@ -161,17 +202,32 @@ class AFDEngine:
         acc = exp.get("accesses", 0)
         exp["hit_rate"] = exp.get("hits", 0) / acc if acc else 1.0
         exp["ranks"] = [r["experts"] for r in rep]
-        ffn_s = [sum(r["ffn_s"][L] for r in rep) for L in range(len(self.attn_seconds))]
+        layers = range(len(self.side.attn_seconds))
+        ffn_s = [sum(r["ffn_s"][L] for r in rep) for L in layers]
+        side = self.side
+        mine = {"attention_s": sum(side.attn_seconds), "wait_s": side.wait_seconds,
+                "steps": side.steps, "sequences_placed": self.kv.placed[0]}
+        ranks = [mine] + [{"attention_s": sum(r["attention_s"]), "wait_s": r["wait_s"],
+                           "steps": r["steps"], "cpu_s": r["cpu_s"],
+                           "sequences_placed": self.kv.placed[a]}
+                          for a, r in zip(self.remote, att)]
         return {"backend": self.describe(), "experts": exp,
-                "time": {"steps": self.steps, "attention_s": list(self.attn_seconds),
-                         "ffn_s": ffn_s, "attention_wait_s": self.wait_seconds,
+                "time": {"steps": self.steps,
+                         "attention_s": [side.attn_seconds[L] + sum(r["attention_s"][L]
+                                                                    for r in att)
+                                         for L in layers],
+                         "ffn_s": ffn_s,
+                         "attention_wait_s": sum(r["wait_s"] for r in ranks),
+                         "attention_ranks": ranks,
                          "ffn_wait_s": [r["wait_s"] for r in rep],
                          "ffn_cpu_s": [r["cpu_s"] for r in rep]}}
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": f"AFD: 1 attention rank + {len(self.ranks)} FFN rank(s) over "
-                        f"{self.wire.backend}, {self.micro_batches} micro-batches",
-                **self.attn.backend.describe(), "ffn_workers": self.workers}
+        a = self.attention_ranks
+        return {"mode": f"AFD: {a} attention rank{'s' * (a > 1)} + {len(self.ranks)} FFN "
+                        f"rank(s) over {self.wire.backend}, {self.micro_batches} micro-batches",
+                **self.local.backend.describe(), "ffn_workers": self.workers,
+                "attention_workers": self.attention_workers}
 
     def expert_stats(self) -> dict[str, Any]:
         return self.snapshot()["experts"]
@@ -181,7 +237,7 @@ class AFDEngine:
 
     def expert_counts(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
-        for r in self._ask(OP_STATS):
+        for r in self._ask(OP_STATS, self.ranks):
             for L, c in r["counts"].items():
                 prev = out.get(int(L))
                 out[int(L)] = c if prev is None else [a + b for a, b in zip(prev, c)]
@@ -189,15 +245,15 @@ class AFDEngine:
 
     def reset_stats(self) -> None:
         self._usable()
-        heads = [self.wire.send_header(r, OP_RESET) for r in self.ranks]
-        for (work, _), r in zip(heads, self.ranks):
+        ranks = self.remote + self.ranks
+        heads = [self.wire.send_header(r, OP_RESET) for r in ranks]
+        for (work, _), r in zip(heads, ranks):
             self.wire.wait(work, r, "resetting statistics", ctrl=True)
-        self.attn_seconds = [0.0] * len(self.attn_seconds)
-        self.wait_seconds, self.steps = 0.0, 0
+        self.side.reset()
 
     def record_trace(self, on: bool) -> list | None:
         """Per step, the routing records of every FFN rank (each for its own experts)."""
-        traces = self._ask(OP_TRACE, int(on))
+        traces = self._ask(OP_TRACE, self.ranks, int(on))
         if all(tr is None for tr in traces):
             return None
         steps = max(len(tr or []) for tr in traces)
@@ -205,14 +261,15 @@ class AFDEngine:
                 for i in range(steps)]
 
     def close(self) -> None:
-        """Tell the FFN ranks to stop, leave the process group, reap spawned workers."""
+        """Tell the other ranks to stop, leave the process group, reap spawned workers."""
         if self.closed:
             return
         self.closed = True
         if self.broken is None:
+            ranks = self.remote + self.ranks
             try:
-                heads = [self.wire.send_header(r, OP_SHUTDOWN) for r in self.ranks]
-                for (work, _), r in zip(heads, self.ranks):
+                heads = [self.wire.send_header(r, OP_SHUTDOWN) for r in ranks]
+                for (work, _), r in zip(heads, ranks):
                     self.wire.wait(work, r, "shutting down", timeout=30, ctrl=True)
                     self.wire.recv_json(r, "shutting down", timeout=30)
             except AFDWorkerError:
@@ -224,3 +281,11 @@ class AFDEngine:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+
+
+def _rows(h: torch.Tensor, own: list[tuple[int, SeqKV, int, int]]) -> torch.Tensor:
+    """The rows of h [N, h] of `own`'s segments (index, seq, new tokens, first row), in order."""
+    if own[0][3] == 0 and sum(n for _, _, n, _ in own) == h.shape[0]:
+        return h                                            # every row, already in order
+    idx = torch.cat([torch.arange(r, r + n) for _, _, n, r in own])
+    return h.index_select(0, idx.to(h.device))

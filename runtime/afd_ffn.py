@@ -1,6 +1,9 @@
-"""An AFD FFN rank: receives its shard and the load options from the attention rank, builds
-its FFN worker (the same `build_ffn` as the one-process runtime), then serves steps, statistics
-and shutdown until told to stop or the attention rank goes away.
+"""An AFD worker rank (every rank but 0). Its handshake from rank 0 makes it an attention rank
+(`afd_attn.AttentionRank`) or an FFN rank: an FFN rank builds its FFN worker for its shard (the
+same `build_ffn` as the one-process runtime), then serves steps, statistics and shutdown until
+told to stop or rank 0 goes away. Each step it takes every (layer, micro-batch) from all the
+attention ranks with rows in it, runs the FFN once on their concatenation and returns each
+attention rank its rows (see afd_attn's docstring for the order and why it cannot deadlock).
 
 Entered by `afd.start_afd` through `torch.multiprocessing` (`spawned_main`) or by
 `python -m step3_edge.runtime.afd` under torchrun (`serve_env`)."""
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from step3_edge.runtime.afd_protocol import (IDLE, OP_RESET, OP_SHUTDOWN, OP_STATS, OP_STEP,
-                                             OP_TRACE, PROTOCOL, AFDWorkerError, Wire,
+                                             OP_TRACE, AFDWorkerError, Wire, open_worker_bundle,
                                              make_groups, message_bytes, unpack)
 from step3_edge.runtime.engine import Shard
 
@@ -53,10 +56,19 @@ def _serve_and_exit(backend: str, timeout: float) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
         else torch.device("cpu")
     wire = Wire(rank, groups, backend, device, timeout)
+    role = "FFN"
     try:
-        FFNRank(wire).serve()
-    except AFDWorkerError as e:       # the attention rank went away: nothing left to serve
-        print(f"step3-edge AFD FFN rank {rank}: stopping: {e.problem}", file=sys.stderr)
+        hello = wire.recv_json(0, "sending the handshake", IDLE.total_seconds())
+        wire.attention_ranks = int(hello.get("attention_ranks", 1))
+        if hello.get("role") == "attention":
+            from step3_edge.runtime.afd_attn import serve_attention
+
+            role = "attention"
+            serve_attention(wire, hello)
+        else:
+            FFNRank(wire).serve(hello)
+    except AFDWorkerError as e:       # a peer went away: nothing left to serve
+        print(f"step3-edge AFD {role} rank {rank}: stopping: {e.problem}", file=sys.stderr)
     finally:
         dist.destroy_process_group()
 
@@ -71,8 +83,7 @@ class FFNRank:
         self.steps = 0
         self.wait_s, self.cpu0 = 0.0, time.process_time()
 
-    def serve(self) -> None:
-        hello = self.wire.recv_json(0, "sending the handshake", IDLE.total_seconds())
+    def serve(self, hello: dict[str, Any]) -> None:
         try:
             self._load(hello)
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller
@@ -89,7 +100,8 @@ class FFNRank:
                 head = self.wire.recv_header(0, "waiting for a request", IDLE.total_seconds())
                 op = head[0]
                 if op == OP_STEP:
-                    self._step(head[2:2 + head[1]])
+                    a, m = self.wire.attention_ranks, head[1]
+                    self._step([head[2 + i * m:2 + (i + 1) * m] for i in range(a)])
                 elif op == OP_STATS:
                     self.wire.send_json(0, {"experts": self.ffn.expert_stats(),
                                             "counts": self.ffn.expert_counts(),
@@ -108,20 +120,11 @@ class FFNRank:
                     return
 
     def _load(self, hello: dict[str, Any]) -> None:
-        from step3_edge.runtime.backends import make_backend
-        from step3_edge.runtime.loading import build_ffn, open_bundle
+        from step3_edge.runtime.loading import build_ffn
 
-        if hello.get("protocol") != PROTOCOL:
-            raise AFDWorkerError(f"AFD protocol {hello.get('protocol')} from the attention "
-                                 f"rank, this worker speaks {PROTOCOL}",
-                                 "run the same step3-edge version on every rank")
+        _, plan, cfg, reader, self.ffn_backend = open_worker_bundle(hello, self.wire)
+        self.device = self.ffn_backend.device
         o = dict(hello["options"])
-        manifest, plan, cfg, reader = open_bundle(hello["bundle"], bool(o.get("verify")))
-        dev = hello.get("device") or (str(self.wire.device) if self.wire.backend == "nccl"
-                                      else "cpu")
-        self.device = torch.device(dev)
-        self.ffn_backend = make_backend(o.get("backend", "torch"), dev, hello["dtype"],
-                                        manifest=manifest, threads=o.get("ort_threads"))
         self.dtype = self.ffn_backend.dtype
         self.shard = Shard.from_dict(hello["shard"])
         self.ffn = build_ffn(cfg, reader, plan, self.ffn_backend, o, self.shard)
@@ -130,28 +133,50 @@ class FFNRank:
         self.layers = sorted(self.shard.layers)
         self.seconds = [0.0] * t.num_hidden_layers
 
-    def _step(self, rows: list[int]) -> None:
-        """One forward step: for each served layer, each micro-batch's message in order."""
+    def _step(self, rows: list[list[int]]) -> None:
+        """One forward step; rows[a][m] = attention rank a's rows in micro-batch m. For each
+        served layer and micro-batch in order: every attention rank's message, one FFN call
+        on their concatenation, each rank's rows back."""
         t, wire = self.cfg, self.wire
         self.ffn.begin_step()
-        items = [(L, m) for L in self.layers for m in range(len(rows))]
-        bufs = [wire.empty(message_bytes(rows[m], t.hidden_size, self.dtype.itemsize,
-                                         t.moe_top_k, t.is_moe(L))) for L, m in items]
-        recvs = [wire.irecv(b, 0) for b in bufs]              # all posted up front
+        mbs = len(rows[0]) if rows else 0
+        items = [(L, m) for L in self.layers for m in range(mbs) if any(r[m] for r in rows)]
+        posted = []                                           # all receives posted up front
+        for L, m in items:
+            parts = []
+            for a, r in enumerate(rows):
+                if r[m]:
+                    buf = wire.empty(message_bytes(r[m], t.hidden_size, self.dtype.itemsize,
+                                                   t.moe_top_k, t.is_moe(L)))
+                    parts.append((a, buf, wire.irecv(buf, a)))
+            posted.append(parts)
         sends = []
         clock = time.perf_counter
-        for (L, m), buf, work in zip(items, bufs, recvs):
+        for (L, m), parts in zip(items, posted):
             t0 = clock()
-            wire.wait(work, 0, f"sending layer {L} micro-batch {m}")
+            for a, _, work in parts:
+                wire.wait(work, a, f"sending layer {L} micro-batch {m}")
             self.wait_s += clock() - t0
             t0 = clock()
-            x, ids, w = unpack(buf, rows[m], t.hidden_size, self.dtype, t.moe_top_k,
-                               t.is_moe(L))
+            got = [unpack(buf, rows[a][m], t.hidden_size, self.dtype, t.moe_top_k,
+                          t.is_moe(L)) for a, buf, _ in parts]
+            x, ids, w = got[0] if len(got) == 1 else _concat(got)        # [sum n_a, .]
             y = self.ffn.layer(L, x.to(self.device), None if ids is None else
                                ids.to(self.device), None if w is None else w.to(self.device))
-            out = y.contiguous().view(torch.uint8).reshape(-1).to(wire.device)
-            sends.append((wire.isend(out, 0), out))
+            ys = [y] if len(parts) == 1 else y.split([rows[a][m] for a, _, _ in parts])
+            for (a, _, _), part in zip(parts, ys):
+                out = part.contiguous().view(torch.uint8).reshape(-1).to(wire.device)
+                sends.append((wire.isend(out, a), out, a))
             self.seconds[L] += clock() - t0
-        for work, _ in sends:
-            wire.wait(work, 0, "receiving FFN outputs")
+        for work, _, a in sends:
+            wire.wait(work, a, "receiving FFN outputs")
         self.steps += 1
+
+
+def _concat(parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The attention ranks' (x, ids, w) of one micro-batch, rows one rank after another."""
+    x = torch.cat([p[0] for p in parts])
+    if parts[0][1] is None:
+        return x, None, None
+    return x, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])

@@ -1,5 +1,7 @@
-"""The AFD wire: what the attention rank (rank 0) and the FFN ranks (1..F) say to each other
-over `torch.distributed` point-to-point, and how the FFN side is split across FFN ranks.
+"""The AFD wire: what the attention ranks (0..A-1) and the FFN ranks (A..A+F-1) say to each
+other over `torch.distributed` point-to-point, and how the FFN side is split across FFN ranks.
+Rank 0 is the front (the scheduler's process): it sends every control message; attention ranks
+1..A-1 and the FFN ranks exchange data with each other directly.
 
 Three process groups over the same ranks: *a2f* and *f2a* carry the per-layer tensors one way
 each (gloo on CPU, NCCL when every rank has its own GPU; two groups, so that with NCCL the
@@ -8,10 +10,12 @@ CPU tensors) carries the step headers and the JSON messages (handshake, statisti
 shutdown). Messages between a pair of ranks in one group are matched in the order they were
 posted, which both sides follow (runtime/README.md, "AFD protocol", has the full sequence).
 
-Per layer L and micro-batch m of n_m rows, to every FFN rank that serves layer L:
-  A -> F  uint8 [n_m*h*s + (MoE: n_m*k*4 + n_m*k*4)] = x [n_m, h] (compute dtype, s bytes)
-          | top-k ids [n_m, k] int32 | top-k weights [n_m, k] float32
-  F -> A  uint8 [n_m*h*s] = this rank's FFN output [n_m, h] (its partial sum; A adds them)
+Per layer L and micro-batch m, from every attention rank a with n_am > 0 rows in it, to every
+FFN rank that serves layer L:
+  a -> F  uint8 [n_am*h*s + (MoE: n_am*k*4 + n_am*k*4)] = x [n_am, h] (compute dtype, s bytes)
+          | top-k ids [n_am, k] int32 | top-k weights [n_am, k] float32
+  F -> a  uint8 [n_am*h*s] = this rank's FFN output for a's rows [n_am, h] (its partial sum;
+          a adds the FFN ranks' parts)
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ from step3_edge.errors import Step3EdgeError
 from step3_edge.runtime.engine import Shard
 from step3_edge.runtime.planner import Plan
 
-PROTOCOL = 1
+PROTOCOL = 2
 OP_SHUTDOWN, OP_STEP, OP_STATS, OP_RESET, OP_TRACE = 0, 1, 2, 3, 4
-HEADER = 16                          # int64 control header: [op, args...]
-MAX_MICRO_BATCHES = HEADER - 2       # [OP_STEP, M, n_0 .. n_{M-1}]
-IDLE = datetime.timedelta(days=365)  # an FFN rank may wait this long for the next request
+HEADER = 64                          # int64 control header: [op, args...]
+STEP_SLOTS = HEADER - 2              # [OP_STEP, M, n_00 .. n_0(M-1), n_10 ..]: A*M <= this
+MAX_MICRO_BATCHES = 14               # per attention rank
+IDLE = datetime.timedelta(days=365)  # a worker rank may wait this long for the next request
+REMEDY = ("see that worker's log (stderr) for its error; check its memory and device, raise "
+          "afd_timeout if it is only slow, then load the runtime again")
 
 
 class AFDWorkerError(Step3EdgeError):
@@ -73,6 +80,23 @@ def partition(plan: Plan, cfg: Step3Config, ranks: int) -> list[Shard]:
             for x, d, s in zip(experts, dense, shared)]
 
 
+def open_worker_bundle(hello: dict[str, Any], wire: "Wire") -> tuple[Any, Any, Any, Any, Any]:
+    """A spawned or torchrun rank's start: check rank 0's protocol, open the bundle it names and
+    make the backend on this rank's device -> (manifest, plan, cfg, reader, backend)."""
+    from step3_edge.runtime.backends import make_backend
+    from step3_edge.runtime.loading import open_bundle
+
+    if hello.get("protocol") != PROTOCOL:
+        raise AFDWorkerError(f"AFD protocol {hello.get('protocol')} from rank 0, this worker "
+                             f"speaks {PROTOCOL}", "run the same step3-edge version on every rank")
+    o = hello["options"]
+    manifest, plan, cfg, reader = open_bundle(hello["bundle"], bool(o.get("verify")))
+    dev = hello.get("device") or (str(wire.device) if wire.backend == "nccl" else "cpu")
+    backend = make_backend(o.get("backend", "torch"), dev, hello["dtype"], manifest=manifest,
+                           threads=o.get("ort_threads"))
+    return manifest, plan, cfg, reader, backend
+
+
 def message_bytes(rows: int, hidden: int, elem: int, top_k: int, moe: bool) -> int:
     """Bytes of one A -> F message (x, and on MoE layers the top-k ids and weights)."""
     return rows * hidden * elem + (rows * top_k * 8 if moe else 0)
@@ -107,19 +131,35 @@ def make_groups(backend: str) -> tuple[Any, Any, Any]:
     return a2f, f2a, dist.new_group(backend="gloo", timeout=IDLE)
 
 
+def peer_name(peer: int, attention_ranks: int) -> str:
+    """How errors name a rank."""
+    if peer < attention_ranks:
+        return "the attention rank (0)" if attention_ranks == 1 else f"attention rank {peer}"
+    return f"FFN rank {peer}"
+
+
 class Wire:
     """Point-to-point messages of one rank: data tensors sent on `tx` and received on `rx`
-    (on `device`: the CPU for gloo, this rank's GPU for NCCL), headers and JSON on the gloo
-    group `ctrl`. Every wait has a deadline; a failure or a timeout raises `AFDWorkerError`
-    naming the peer."""
+    (on `device`: the CPU for gloo, this rank's GPU for NCCL), headers, JSON and the front's
+    per-step rows on the gloo group `ctrl`. Ranks below `attention_ranks` are attention ranks
+    (a worker learns the count from its handshake). Every wait has a deadline; a failure or a
+    timeout raises `AFDWorkerError` naming the peer."""
 
     def __init__(self, rank: int, groups: tuple[Any, Any, Any], backend: str,
                  device: torch.device, timeout: float,
-                 alive: Callable[[], str | None] = lambda: None) -> None:
-        a2f, f2a, self.ctrl = groups
-        self.tx, self.rx = (a2f, f2a) if rank == 0 else (f2a, a2f)
-        self.rank, self.backend = rank, backend
+                 alive: Callable[[], str | None] = lambda: None,
+                 attention_ranks: int = 1) -> None:
+        self.a2f, self.f2a, self.ctrl = groups
+        self.rank, self.backend, self.attention_ranks = rank, backend, attention_ranks
         self.device, self.timeout, self.alive = device, timeout, alive
+
+    @property
+    def tx(self) -> Any:
+        return self.a2f if self.rank < self.attention_ranks else self.f2a
+
+    @property
+    def rx(self) -> Any:
+        return self.f2a if self.rank < self.attention_ranks else self.a2f
 
     # ------------------------------------------------------------------ waiting
     def wait(self, work: Any, peer: int, what: str, timeout: float | None = None,
@@ -142,16 +182,14 @@ class Wire:
             raise self.error(peer, what, e) from e
 
     def error(self, peer: int, what: str, cause: BaseException | str) -> AFDWorkerError:
-        who = "the attention rank (0)" if peer == 0 else f"FFN rank {peer}"
+        who = peer_name(peer, self.attention_ranks)
         dead = self.alive()
-        if dead is None and peer != 0:
+        if dead is None and self.rank == 0:
             time.sleep(0.25)                   # a killed worker may not be reaped yet
             dead = self.alive()
         text = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
         return AFDWorkerError(
-            f"{who} failed while {what}: {text}" + (f" ({dead})" if dead else ""),
-            "see that worker's log (stderr) for its error; check its memory and device, "
-            "raise afd_timeout if it is only slow, then load the runtime again")
+            f"{who} failed while {what}: {text}" + (f" ({dead})" if dead else ""), REMEDY)
 
     # ------------------------------------------------------------------ data
     def isend(self, t: torch.Tensor, dst: int) -> Any:
@@ -177,11 +215,25 @@ class Wire:
         self.wait(dist.irecv(head, src, group=self.ctrl), src, what, timeout, ctrl=True)
         return head.tolist()
 
-    def send_json(self, dst: int, obj: Any, what: str) -> None:
+    def post_json(self, dst: int, obj: Any) -> list[tuple[Any, torch.Tensor]]:
+        """Post a JSON message on ctrl; returns [(work, buffer)]: keep them until waited."""
         raw = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
         size = torch.tensor([raw.numel()], dtype=torch.int64)
-        for t in (size, raw):
-            self.wait(dist.isend(t, dst, group=self.ctrl), dst, what, ctrl=True)
+        return [(dist.isend(t, dst, group=self.ctrl), t) for t in (size, raw)]
+
+    def send_json(self, dst: int, obj: Any, what: str) -> None:
+        for work, _ in self.post_json(dst, obj):
+            self.wait(work, dst, what, ctrl=True)
+
+    def post_bytes(self, dst: int, t: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Post a tensor's bytes on ctrl (copied to the CPU); returns (work, buffer)."""
+        raw = t.detach().contiguous().cpu().view(torch.uint8).reshape(-1)
+        return dist.isend(raw, dst, group=self.ctrl), raw
+
+    def irecv_bytes(self, src: int, nbytes: int) -> tuple[Any, torch.Tensor]:
+        """Post the receive of `nbytes` on ctrl; returns (work, CPU uint8 buffer)."""
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        return dist.irecv(raw, src, group=self.ctrl), raw
 
     def recv_json(self, src: int, what: str, timeout: float | None = None) -> Any:
         size = torch.empty(1, dtype=torch.int64)

@@ -32,7 +32,8 @@ OVERRIDES: dict[str, str] = {
     "prefetch": "copy the next layer's predicted experts ahead (default: on CUDA with a "
                 "dynamic cache)",
     "expert_counts": "profile JSON path or {layer: [count per expert]} to pick the resident set",
-    "kv_tokens": "KV pool size in tokens (default: the plan's KV bytes at kv_dtype)",
+    "kv_tokens": "KV pool size in tokens, per attention rank under AFD (default: the plan's "
+                 "KV bytes at kv_dtype, split evenly over the attention ranks)",
     "kv_dtype": "KV element type (default: float32 under float32 compute, else the plan's: "
                 "fp8 -> float8_e4m3fn, 2 bytes -> bfloat16)",
     "max_batch": "sequences decoded together (default 32)",
@@ -46,9 +47,16 @@ OVERRIDES: dict[str, str] = {
            "torchrun / env:// group whose other ranks run `python -m step3_edge.runtime.afd`)",
     "ffn_ranks": "FFN worker processes to spawn with afd=True (default: the plan's FFN "
                  "devices, at least 1); experts are split across them",
-    "micro_batches": "AFD micro-batches per step (default 3, as the Step3 paper)",
-    "afd_threads": "intra-op threads of each spawned FFN worker (default: cores / processes)",
-    "afd_timeout": "seconds to wait for an FFN worker before failing (default 300)",
+    "attention_ranks": "AFD attention ranks, data-parallel: each holds the attention weights "
+                       "and the KV cache of its own sequences; this process is the first, "
+                       "afd=True spawns the others (default: the plan's attention devices, "
+                       "at least 1); requests go to the least-loaded one",
+    "attention_devices": "devices of the spawned attention ranks after this one, e.g. "
+                         "['cuda:1'] (default: like ffn_devices)",
+    "micro_batches": "AFD micro-batches per step and attention rank (default 3, as the "
+                     "Step3 paper)",
+    "afd_threads": "intra-op threads of each spawned worker (default: cores / processes)",
+    "afd_timeout": "seconds to wait for an AFD worker before failing (default 300)",
     "afd_backend": "torch.distributed backend: 'gloo' or 'nccl' (default: nccl when every rank "
                    "has its own GPU, else gloo)",
     "ffn_devices": "devices of the spawned FFN workers, e.g. ['cuda:1'] (default: one GPU "
@@ -81,9 +89,18 @@ class Step3Runtime:
         backend = make_backend(o["backend"], o.get("device"), o.get("dtype"),
                                manifest=manifest, threads=o.get("ort_threads"))
         kv_dtype, kv_tokens = kv_settings(o, backend.dtype, plan, cfg)
+        afd = o.get("afd", False)
+        if afd:
+            from step3_edge.runtime.afd import attention_rank_count
+
+            ranks = attention_rank_count(plan, o)
+            if not o.get("kv_tokens"):                    # the plan's KV, split over ranks
+                kv_tokens = max(16, kv_tokens // ranks)
+        elif o.get("attention_ranks") not in (None, 1):
+            raise ConfigError(f"attention_ranks={o['attention_ranks']!r} without afd",
+                              "load with afd=True (or 'env') for several attention ranks")
         attn = build_attention(cfg, reader, backend, kv_tokens, kv_dtype,
                                bool(o.get("vision", True)))
-        afd = o.get("afd", False)
         if afd:
             from step3_edge.runtime.afd import start_afd
 
