@@ -47,7 +47,8 @@ import torch
 
 from step3_edge.config import Step3TextConfig
 from step3_edge.runtime.afd_protocol import (IDLE, OP_RESET, OP_SHUTDOWN, OP_STATS, OP_STEP,
-                                             AFDWorkerError, Wire, open_worker_bundle,
+                                             AFDWorkerError, Wire, answer_handshake,
+                                             open_worker_bundle,
                                              pack)
 from step3_edge.runtime.kv import BLOCK, KVPool, SeqKV, StepBatch, plan_step
 
@@ -220,19 +221,8 @@ class AttentionRank:
         self.cpu0 = time.process_time()
 
     def serve(self, hello: dict[str, Any]) -> None:
-        try:
-            self._load(hello)
-        except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller
-            traceback.print_exc()
-            self.wire.send_json(0, {"ok": False, "error": f"{type(e).__name__}: {e}"},
-                                "answering the handshake")
+        if not answer_handshake(self.wire, lambda: self._load(hello)):
             return
-        import socket
-
-        self.wire.send_json(0, {"ok": True, "pid": os.getpid(), "host": socket.gethostname(),
-                                "device": str(self.attn.backend.device),
-                                "kv_blocks": self.attn.kv.num_blocks},
-                            "answering the handshake")
         with torch.inference_mode():
             while True:
                 op = self.wire.recv_header(0, "waiting for a request", IDLE.total_seconds())[0]
@@ -255,13 +245,14 @@ class AttentionRank:
                     raise AFDWorkerError(f"attention rank {self.wire.rank} got op {op}",
                                          "run the same step3-edge version on every rank")
 
-    def _load(self, hello: dict[str, Any]) -> None:
+    def _load(self, hello: dict[str, Any]) -> dict[str, Any]:
         from step3_edge.runtime.loading import build_attention
 
         _, _, cfg, reader, backend = open_worker_bundle(hello, self.wire)
         self.attn = build_attention(cfg, reader, backend, int(hello["kv_tokens"]),
                                     getattr(torch, hello["kv_dtype"]), vision=False)
         self.side = AttentionSide(self.attn, self.wire, hello["serving"])
+        return {"device": str(self.attn.backend.device), "kv_blocks": self.attn.kv.num_blocks}
 
     def _step(self) -> None:
         wire, attn = self.wire, self.attn

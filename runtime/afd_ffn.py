@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import time
-import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from step3_edge.runtime.afd_protocol import (IDLE, OP_RESET, OP_SHUTDOWN, OP_STATS, OP_STEP,
-                                             OP_TRACE, AFDWorkerError, Wire, open_worker_bundle,
+                                             OP_TRACE, AFDWorkerError, Wire, answer_handshake,
+                                             open_worker_bundle,
                                              make_groups, message_bytes, unpack)
 from step3_edge.runtime.engine import Shard
 
@@ -84,17 +83,8 @@ class FFNRank:
         self.wait_s, self.cpu0 = 0.0, time.process_time()
 
     def serve(self, hello: dict[str, Any]) -> None:
-        try:
-            self._load(hello)
-        except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller
-            traceback.print_exc()
-            self.wire.send_json(0, {"ok": False, "error": f"{type(e).__name__}: {e}"},
-                                "answering the handshake")
+        if not answer_handshake(self.wire, lambda: self._load(hello)):
             return
-        self.wire.send_json(0, {"ok": True, "pid": os.getpid(), "host": socket.gethostname(),
-                                "device": str(self.device),
-                                "backend": self.ffn_backend.describe()},
-                            "answering the handshake")
         with torch.inference_mode():
             while True:
                 head = self.wire.recv_header(0, "waiting for a request", IDLE.total_seconds())
@@ -119,7 +109,7 @@ class FFNRank:
                     self.wire.send_json(0, {"ok": True}, "acknowledging shutdown")
                     return
 
-    def _load(self, hello: dict[str, Any]) -> None:
+    def _load(self, hello: dict[str, Any]) -> dict[str, Any]:
         from step3_edge.runtime.loading import build_ffn
 
         _, plan, cfg, reader, self.ffn_backend = open_worker_bundle(hello, self.wire)
@@ -132,6 +122,7 @@ class FFNRank:
         self.cfg = t
         self.layers = sorted(self.shard.layers)
         self.seconds = [0.0] * t.num_hidden_layers
+        return {"device": str(self.device), "backend": self.ffn_backend.describe()}
 
     def _step(self, rows: list[list[int]]) -> None:
         """One forward step; rows[a][m] = attention rank a's rows in micro-batch m. For each

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import socket
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +98,21 @@ def open_worker_bundle(hello: dict[str, Any], wire: "Wire") -> tuple[Any, Any, A
     backend = make_backend(o.get("backend", "torch"), dev, hello["dtype"], manifest=manifest,
                            threads=o.get("ort_threads"))
     return manifest, plan, cfg, reader, backend
+
+
+def answer_handshake(wire: "Wire", load: Callable[[], dict[str, Any]]) -> bool:
+    """Run a worker's `load` and answer rank 0's handshake: ok with this process's pid, host
+    and what `load` returns, or the load error (then False: the worker gives up)."""
+    try:
+        info = load()
+    except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller
+        traceback.print_exc()
+        wire.send_json(0, {"ok": False, "error": f"{type(e).__name__}: {e}"},
+                       "answering the handshake")
+        return False
+    wire.send_json(0, {"ok": True, "pid": os.getpid(), "host": socket.gethostname(), **info},
+                   "answering the handshake")
+    return True
 
 
 def message_bytes(rows: int, hidden: int, elem: int, top_k: int, moe: bool) -> int:
