@@ -184,6 +184,19 @@ class AttentionSide:
         self.steps += 1
         return hs, sends
 
+    def step(self, micro_batches: list[list[tuple[SeqKV, int]]], h: torch.Tensor
+             ) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor, int]]]:
+        """One step of this rank's sequences: micro_batches[m] = (sequence, new rows) in the
+        order of the embedded rows h [N, h] -> (each sequence's last residual row [S, h], the
+        posted sends to `finish`). KV slots are planned here and committed after the run."""
+        batches = [plan_step(self.attn.kv, segs) for segs in micro_batches]
+        hs = list(torch.split(h, [b.rows for b in batches]))    # [n_m, h] per micro-batch
+        outs, sends = self.run(batches, hs)
+        for b in batches:
+            b.commit()
+        last = [last_rows(b, o) for b, o in zip(batches, outs)]
+        return (last[0] if len(last) == 1 else torch.cat(last)), sends
+
     def finish(self, sends: list[tuple[Any, torch.Tensor, int]]) -> None:
         for work, _, r in sends:
             self.wire.wait(work, r, "receiving FFN inputs")
@@ -267,22 +280,16 @@ class AttentionRank:
         work, raw = wire.irecv_bytes(0, rows * t.hidden_size * dtype.itemsize)
         wire.wait(work, 0, "sending a step's rows", ctrl=True)
         h = raw.view(dtype).view(rows, t.hidden_size).to(attn.backend.device)
-        batches, hs, row = [], [], 0
+        micro_batches = []
         for mb in meta["mbs"]:
             segs = []
             for sid, length, n in mb:
                 seq = self.seqs[sid]
                 seq.length = length
                 segs.append((seq, n))
-            b = plan_step(attn.kv, segs)
-            batches.append(b)
-            hs.append(h[row:row + b.rows])
-            row += b.rows
-        outs, sends = self.side.run(batches, hs)
-        for b in batches:
-            b.commit()
-        finals = [last_rows(b, o) for b, o in zip(batches, outs)]
-        out_work, out = wire.post_bytes(0, torch.cat(finals) if len(finals) > 1 else finals[0])
+            micro_batches.append(segs)
+        final, sends = self.side.step(micro_batches, h)
+        out_work, out = wire.post_bytes(0, final)
         self.side.finish(sends)
         wire.wait(out_work, 0, "receiving a step's final rows", ctrl=True)
         del out

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from step3_edge.runtime.afd_attn import (AttentionSide, BlockPool, FrontAttention, ShardedKV,
-                                         last_rows)
+from step3_edge.runtime.afd_attn import AttentionSide, BlockPool, FrontAttention, ShardedKV
 from step3_edge.runtime.afd_protocol import (OP_RESET, OP_SHUTDOWN, OP_STATS, OP_STEP, OP_TRACE,
                                              AFDWorkerError, REMEDY, Wire)
 from step3_edge.runtime.engine import AttentionWorker, Shard
-from step3_edge.runtime.kv import SeqKV, plan_step
+from step3_edge.runtime.kv import SeqKV
 
 
 def split_segments(segments: list[tuple[SeqKV, int]], parts: int
@@ -115,16 +114,7 @@ class AFDEngine:
                                                      * self.local.backend.dtype.itemsize)))
         sends: list[tuple[Any, torch.Tensor, int]] = []
         if own[0]:
-            batches = [plan_step(self.local.kv, segs) for segs in mbs[0]]
-            h0, hs, r0 = _rows(h, own[0]), [], 0
-            for b in batches:                                   # [n_m, h] per micro-batch
-                hs.append(h0[r0:r0 + b.rows])
-                r0 += b.rows
-            outs, sends = self.side.run(batches, hs)
-            for b in batches:
-                b.commit()
-            last = [last_rows(b, o) for b, o in zip(batches, outs)]
-            finals[0] = last[0] if len(last) == 1 else torch.cat(last)
+            finals[0], sends = self.side.step(mbs[0], _rows(h, own[0]))
         dtype, dev = self.local.backend.dtype, self.local.backend.device
         for a, work, raw in waiting:
             wire.wait(work, a, "computing its attention share of the step", ctrl=True)

@@ -69,9 +69,10 @@ BACKGROUND = len(COLOURS)      # aux colour class of background tokens
 
 class AuxHead(nn.Module):
     """Training-only linear probe on the 169 global-view tokens in the decoder's residual
-    stream (after layer `--aux-layer`): the colour (or background) and the shape each token
-    shows. Learning shapes through the answers alone stalls; this direct signal trains the
-    ViT and the first decoder layers to make shapes linearly readable. Not shipped."""
+    stream (after layer `--aux-layer`): the colour (or background) each token shows and the
+    shape of each object (from the mean of its tokens' shape logits, `packed_loss`). Learning
+    shapes through the answers alone stalls; this direct signal trains the ViT and the first
+    decoder layers to make shapes linearly readable. Not shipped."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -308,10 +309,10 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train(args: argparse.Namespace) -> tuple[Step3ForConditionalGeneration, list[float], float]:
+def train(args: argparse.Namespace, merges: list[tuple[str, str]]
+          ) -> tuple[Step3ForConditionalGeneration, list[float], float]:
     torch.manual_seed(args.seed)
     cfg = model_config(args.vit_layers)
-    merges = task_merges()
     proc = compact_processor(cfg, merges)
     parts = prompt_parts(proc)
     model = Step3ForConditionalGeneration(cfg)
@@ -372,11 +373,11 @@ def train(args: argparse.Namespace) -> tuple[Step3ForConditionalGeneration, list
     return model.cpu().eval(), losses, time.perf_counter() - t0
 
 
-def save(model: Step3ForConditionalGeneration, out: Path, losses: list[float], seconds: float,
-         args: argparse.Namespace) -> None:
+def save(model: Step3ForConditionalGeneration, merges: list[tuple[str, str]], out: Path,
+         losses: list[float], seconds: float, args: argparse.Namespace) -> None:
     weights = {n: t.detach().to(torch.bfloat16) for n, t in model.state_dict().items()}
     write_checkpoint(model.config, out, "block-fp8", weights=weights, overwrite=True,
-                     progress=False, special=COMPACT_SPECIAL, merges=task_merges())
+                     progress=False, special=COMPACT_SPECIAL, merges=merges)
     plot_loss(losses, out / "loss.png", title=f"step3-edge default model, seed {args.seed}")
     tail = losses[-50:]
     info = {"seed": args.seed, "steps": args.steps, "train_seconds": round(seconds, 1),
@@ -415,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=100, help="print per-type losses every N")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, losses, seconds = train(args)
-    save(model, args.out, losses, seconds, args)
+    merges = task_merges()
+    model, losses, seconds = train(args, merges)
+    save(model, merges, args.out, losses, seconds, args)
     print(f"trained {args.steps} steps in {seconds / 60:.1f} min, final loss "
           f"{sum(losses[-50:]) / len(losses[-50:]):.4f}; wrote {args.out}")
     return 0
