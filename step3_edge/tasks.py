@@ -218,8 +218,11 @@ def cell_labels(image: Image.Image, shapes: tuple[Shape, ...], grid: int = 13,
 
 
 # ---------------------------------------------------------------------------- questions
-def _question(rng: random.Random, qtype: str, shapes: tuple[Shape, ...]) -> tuple[str, str]:
-    pick = rng.choice(shapes)
+def _question(rng: random.Random, qtype: str, shapes: tuple[Shape, ...],
+              pick: Shape | None = None) -> tuple[str, str]:
+    """A question of `qtype` about the scene and its exact answer; colour, shape and existence
+    questions are about `pick` (drawn from the scene when None)."""
+    pick = rng.choice(shapes) if pick is None else pick
     if qtype == "colour":
         return rng.choice(_TEMPLATES["colour"]).format(shape=pick.kind), pick.colour
     if qtype == "shape":
@@ -292,9 +295,11 @@ def make_examples(seed: int, n: int, start: int = 0, balanced: bool = True) -> l
             for i in range(start, start + n)]
 
 
-def make_training_item(seed: int, index: int, n_questions: int = len(QUESTION_TYPES)
-                       ) -> list[Example]:
-    """Several questions (distinct types, random order) about one scene, for training.
+def make_training_item(seed: int, index: int, n_questions: int = len(QUESTION_TYPES),
+                       every_shape: bool = False) -> list[Example]:
+    """Several questions (distinct types, random order) about one scene, for training;
+    `every_shape` asks the colour and shape questions once about every shape in the scene
+    instead of once about a random one (more signal on the questions that need binding).
 
     Training draws these under a namespace of its own, so a training item never repeats an
     evaluation example even for the same seed and index."""
@@ -303,6 +308,9 @@ def make_training_item(seed: int, index: int, n_questions: int = len(QUESTION_TY
     types = rng.sample(scene.valid_types(), min(n_questions, len(scene.valid_types())))
     out = []
     for qtype in types:
-        question, answer = _question(rng, qtype, scene.shapes)
-        out.append(Example(seed, index, scene.image, scene.shapes, qtype, question, answer))
+        picks: tuple[Shape | None, ...] = (
+            scene.shapes if every_shape and qtype in ("colour", "shape") else (None,))
+        for pick in picks:
+            question, answer = _question(rng, qtype, scene.shapes, pick)
+            out.append(Example(seed, index, scene.image, scene.shapes, qtype, question, answer))
     return out

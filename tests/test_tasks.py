@@ -108,3 +108,18 @@ def test_answer_format_and_normalization():
     assert describe(ex.shapes) == ex.answer
     assert all(part.startswith(("a ", "an ")) for part in ex.answer.replace(" and ", ", ")
                .split(", "))
+
+
+def test_training_items_can_ask_about_every_shape():
+    for i in range(6):
+        one = make_training_item(2, i)
+        every = make_training_item(2, i, every_shape=True)
+        assert one[0].image.tobytes() == every[0].image.tobytes()
+        shapes = every[0].shapes
+        colour = {e.question: e.answer for e in every if e.qtype == "colour"}
+        shape = {e.question: e.answer for e in every if e.qtype == "shape"}
+        assert sorted(colour.values()) == sorted(s.colour for s in shapes)
+        assert sorted(shape.values()) == sorted(s.kind for s in shapes)
+        assert all(s.kind in q for q, s in zip(colour, shapes))
+        assert all(s.colour in q for q, s in zip(shape, shapes))
+        assert len(every) == len(one) + 2 * (len(shapes) - 1)

@@ -42,8 +42,8 @@ from step3_edge.model import Step3ForConditionalGeneration, StackedExperts, rope
 from step3_edge.presets import _vl
 from step3_edge.processor import ImageViews, Step3Processor, image_views
 from step3_edge.synth import write_checkpoint
-from step3_edge.tasks import (COLOURS, SHAPES, TRAIN_SEED, Example, cell_labels,
-                              make_training_item, target_text, task_texts)
+from step3_edge.tasks import (COLOURS, EVAL_SEED, SHAPES, TRAIN_SEED, Example, cell_labels,
+                              make_examples, make_training_item, target_text, task_texts)
 from step3_edge.tokenizer import (BOS_TOKEN, BOT_TOKEN, EOS_TOKEN, EOT_TOKEN, IM_END, IM_START,
                                   IMAGE_TOKEN, PAD_TOKEN, PATCH_END, PATCH_NEWLINE, PATCH_START,
                                   THINK_END, THINK_START, build_synthetic_tokenizer,
@@ -169,6 +169,8 @@ class Packed:
     aux_colour: torch.Tensor    # [B, 169] colour index of each global-view token (6 = none)
     aux_shape: torch.Tensor     # [B, 169] shape index of each global-view token (-1 = none)
     aux_object: torch.Tensor    # [B, 169] which of the scene's shapes each token shows (-1)
+    asked_at: torch.Tensor      # [Q, 2] (row, index) of each question's last prompt token
+    asked: torch.Tensor         # [Q, 2] the (colour, shape) a question names (-1: none)
 
     def to(self, device: torch.device) -> "Packed":
         """The batch with every tensor (image pixels included) on `device`."""
@@ -188,6 +190,7 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
     aux_rows: list[list[tuple[int, int, int]]] = []      # per row: 169 (colour, shape, object)
     glob_rows: list[list[int]] = []                      # per row: 169 token indices
     q_total = 0
+    asked: list[tuple[int, int, int, int]] = []          # per question: row, index, colour, shape
     for b, qs in enumerate(items):
         v = image_views(qs[0].image, proc.patcher, proc.crop_tokens, proc.global_tokens)
         views.append(v)
@@ -214,6 +217,7 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
             first = start + len(ids) - p - 1                 # predicts target[0]
             for k, tok in enumerate(target):
                 label_rows.append((b, first + k, tok, q_total))
+            asked.append((b, first, *named_in_question(ex)))
             q_total += 1
         rows.append(row)
         segs.append(seg)
@@ -232,9 +236,24 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
     mask[:, :, 0] |= sq[..., 0] < 0                          # padding queries see slot 0
     lr = torch.tensor(label_rows, dtype=torch.long)
     aux = torch.tensor(aux_rows, dtype=torch.long)                              # [B, 169, 3]
+    q = torch.tensor(asked, dtype=torch.long)                                   # [Q, 4]
     return Packed(ids, positions, mask, lr[:, :2], lr[:, 2], lr[:, 3], views, q_total,
                   torch.tensor(glob_rows, dtype=torch.long), aux[..., 0], aux[..., 1],
-                  aux[..., 2])
+                  aux[..., 2], q[:, :2], q[:, 2:])
+
+
+def named_in_question(ex: Example) -> tuple[int, int]:
+    """(colour, shape) indices of what a colour / shape / existence question names (-1 when it
+    names none): the object the answer must be looked up on."""
+    if ex.qtype == "colour":
+        return -1, SHAPES.index(next(s.kind for s in ex.shapes if s.colour == ex.answer))
+    if ex.qtype == "shape":
+        return list(COLOURS).index(next(s.colour for s in ex.shapes if s.kind == ex.answer)), -1
+    if ex.qtype == "existence":
+        words = ex.question.rstrip("?").split()
+        return (next(i for i, c in enumerate(COLOURS) if c in words),
+                next(i for i, k in enumerate(SHAPES) if k in words))
+    return -1, -1
 
 
 def image_features(model: Step3ForConditionalGeneration, views: list[ImageViews]
@@ -256,31 +275,60 @@ def image_features(model: Step3ForConditionalGeneration, views: list[ImageViews]
     return torch.cat(feats), g                                                  # [N, h]
 
 
+def forward_packed(model: Step3ForConditionalGeneration, batch: Packed,
+                   vision_grad: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits at every answer-label position [L, vocab] and the residual stream [B, T, h]
+    with the image features in it and after each decoder layer (layer `i` at index `i + 1`;
+    the global-view tokens of index 0 are the vision side's features). `vision_grad=False`
+    runs the vision side without autograd (frozen)."""
+    tc = model.config.text_config
+    with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
+        feats, _ = image_features(model, batch.views)
+    x = model.model.embed_tokens(batch.ids)                                     # [B, T, h]
+    slots = (batch.ids == model.config.image_token_id).nonzero(as_tuple=True)
+    x = x.index_put(slots, feats.to(x.dtype))
+    cos, sin = rope_cos_sin(batch.positions, tc.head_dim, tc.rope_theta, tc.rope_factor)
+    states = [x]
+    for layer in model.model.layers:
+        x = layer(x, cos, sin, batch.mask[:, None], None)
+        states.append(x)
+    h = model.model.norm(x[batch.label_at[:, 0], batch.label_at[:, 1]])        # [L, h]
+    return model.lm_head(h).float(), states
+
+
 def packed_loss(model: Step3ForConditionalGeneration, aux_head: AuxHead, batch: Packed,
-                aux_layer: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                aux_layer: int = 0, vision_grad: bool = True,
+                token_head: tuple[int, AuxHead] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each question's mean answer-token cross entropy [n_questions], the auxiliary loss on
     the global-view tokens after decoder layer `aux_layer` (-1: on the vision features), and
     the fraction of objects whose shape the probe gets right. The auxiliary loss is the
     colour-or-background CE on every token plus the shape CE of each object on the mean of
     its tokens' shape logits: a token inside a shape sees uniform colour, so per-token shape
-    labels are ambiguous and learn far more slowly (train/README.md)."""
-    tc = model.config.text_config
-    feats, glob = image_features(model, batch.views)
-    x = model.model.embed_tokens(batch.ids)                                     # [B, T, h]
-    slots = (batch.ids == model.config.image_token_id).nonzero(as_tuple=True)
-    x = x.index_put(slots, feats.to(x.dtype))
-    cos, sin = rope_cos_sin(batch.positions, tc.head_dim, tc.rope_theta, tc.rope_factor)
-    for i, layer in enumerate(model.model.layers):
-        x = layer(x, cos, sin, batch.mask[:, None], None)
-        if i == aux_layer:
-            glob = x[torch.arange(x.shape[0])[:, None], batch.glob_at]         # [B, 169, h]
-    h = model.model.norm(x[batch.label_at[:, 0], batch.label_at[:, 1]])        # [L, h]
-    tok_loss = F.cross_entropy(model.lm_head(h).float(), batch.labels, reduction="none")
+    labels are ambiguous and learn far more slowly (train/README.md). `token_head` = (layer,
+    head) adds a per-token shape loss (each token labelled with its object's shape) after that
+    decoder layer, where attention may have spread an object's shape over its tokens."""
+    logits, states = forward_packed(model, batch, vision_grad)
+    rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)[:, None]
+    glob = states[aux_layer + 1][rows, batch.glob_at]                           # [B, 169, h]
+    tok_loss = F.cross_entropy(logits, batch.labels, reduction="none")
     per_q = torch.zeros(batch.n_questions, device=tok_loss.device).index_add_(
         0, batch.question_of, tok_loss)
     count = torch.bincount(batch.question_of, minlength=batch.n_questions).clamp(min=1)
     colour_logits, shape_logits = aux_head(glob.flatten(0, 1))                  # [B*169, .]
     aux = F.cross_entropy(colour_logits.float(), batch.aux_colour.flatten())
+    if token_head is not None:
+        # the per-token probe reads the image tokens and, in the same space, what each
+        # question names at its last prompt token: the lookup's query and keys then align
+        level, head = token_head
+        state = states[level + 1]
+        _, token_shape = head(state[rows, batch.glob_at].flatten(0, 1))
+        aux = aux + F.cross_entropy(token_shape.float(), batch.aux_shape.flatten(),
+                                    ignore_index=-1)
+        q_colour, q_shape = head(state[batch.asked_at[:, 0], batch.asked_at[:, 1]])
+        for logit, label in ((q_colour, batch.asked[:, 0]), (q_shape, batch.asked[:, 1])):
+            if bool((label >= 0).any()):
+                aux = aux + 0.5 * F.cross_entropy(logit.float(), label, ignore_index=-1)
     obj = batch.aux_object.flatten()                                            # [B*169]
     fg = obj >= 0
     if not bool(fg.any()):
@@ -301,6 +349,32 @@ def packed_loss(model: Step3ForConditionalGeneration, aux_head: AuxHead, batch: 
     return per_q / count, aux, hit
 
 
+@torch.no_grad()
+def heldout_accuracy(model: Step3ForConditionalGeneration, proc: Step3Processor,
+                     parts: tuple[str, str], n: int, batch: int = 8) -> dict[str, float]:
+    """Exact-match accuracy per question type on the first `n` held-out examples (EVAL_SEED),
+    teacher-forced: a question counts when the argmax at every answer position is the answer
+    token, which is exactly when greedy decoding writes the answer. A cheap in-training
+    check; `step3-edge eval` is the real measure."""
+    was = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    examples = make_examples(EVAL_SEED, n)
+    for i in range(0, n, batch):
+        chunk = examples[i:i + batch]
+        packed = pack([[ex] for ex in chunk], proc, parts).to(next(model.parameters()).device)
+        logits, _ = forward_packed(model, packed)
+        right = (logits.argmax(-1) == packed.labels).float()
+        wrong = torch.zeros(len(chunk)).index_add_(0, packed.question_of.cpu(),
+                                                   1 - right.cpu())
+        for ex, w in zip(chunk, wrong.tolist()):
+            hits.setdefault(ex.qtype, []).append(w == 0)
+    model.train(was)
+    acc = {k: sum(v) / len(v) for k, v in hits.items()}
+    acc["all"] = sum(sum(v) for v in hits.values()) / n
+    return acc
+
+
 # ---------------------------------------------------------------------------- training
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
@@ -309,68 +383,132 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+class Trainer:
+    """The training state and one optimisation step. Two stages: until `--freeze-vision-at`
+    everything trains (answers + the aux probe); from then on the vision side (ViT,
+    downsamplers, projector) is frozen and runs without gradients, every scene is asked the
+    colour and shape of each of its shapes, and the LR schedule restarts. The language model
+    learns to bind question words to image tokens only once the image features hold still
+    (train/README.md); frozen vision also makes a step about three times cheaper."""
+
+    def __init__(self, args: argparse.Namespace, merges: list[tuple[str, str]]) -> None:
+        torch.manual_seed(args.seed)
+        self.args = args
+        cfg = model_config(args.vit_layers)
+        self.proc = compact_processor(cfg, merges)
+        self.parts = prompt_parts(self.proc)
+        self.model = Step3ForConditionalGeneration(cfg)
+        init_weights(self.model, args.seed, args.vit_attn_gain)
+        self.aux_head = AuxHead(cfg.text_config.hidden_size)
+        self.device = torch.device(args.device)
+        self.model.to(self.device).train()
+        self.aux_head.to(self.device)
+        self.named = [(f"aux.{n}", p) for n, p in self.aux_head.named_parameters()] + \
+            list(self.model.named_parameters())
+        groups = []
+        for vision in (False, True):
+            for decay in (True, False):
+                params = [p for n, p in self.named
+                          if n.startswith(("vision_model", "vit_", "aux.")) == vision
+                          and (p.ndim >= 2 and "embed" not in n) == decay]
+                groups.append({"params": params, "peak": args.vision_lr if vision else args.lr,
+                               "weight_decay": args.weight_decay if decay else 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+        self.token_head: tuple[int, AuxHead] | None = None
+        self.frozen = False
+        self.by_type: dict[str, float] = {}
+
+    def add_token_head(self, layer: int) -> None:
+        """The per-token shape probe after decoder `layer` (see `packed_loss`), initialised
+        from the seed."""
+        torch.manual_seed(self.args.seed + 1)
+        head = AuxHead(self.model.config.text_config.hidden_size).to(self.device)
+        self.token_head = (layer, head)
+        self.named += [(f"aux_token.{n}", p) for n, p in head.named_parameters()]
+        self.opt.add_param_group({"params": list(head.parameters()), "peak": self.args.lr,
+                                  "weight_decay": 0.0})
+
+    def stage(self, step: int) -> tuple[int, int, bool]:
+        """(first step, steps, frozen vision) of the stage `step` is in."""
+        f = self.args.freeze_vision_at
+        if 0 < f < self.args.steps:
+            return (f, self.args.steps - f, True) if step >= f else (0, f, False)
+        return 0, self.args.steps, False
+
+    def scenes(self, step: int) -> tuple[list[list[Example]], Packed]:
+        """Training scenes of `step` (deterministic in seed and step), packed."""
+        every = self.stage(step)[2]
+        items = [make_training_item(self.args.seed, step * self.args.batch + i,
+                                    self.args.questions, every_shape=every)
+                 for i in range(self.args.batch)]
+        return items, pack(items, self.proc, self.parts)
+
+    def freeze_vision(self) -> None:
+        """Start stage 2: the vision side stops training (and the per-token probe starts)."""
+        for name, p in self.model.named_parameters():
+            if name.startswith(("vision_model", "vit_")):
+                p.requires_grad_(False)
+                p.grad = None
+        if self.args.token_shape_layer >= -1:
+            self.add_token_head(self.args.token_shape_layer)
+        self.frozen = True
+
+    def step(self, step: int, items: list[list[Example]], batch: Packed) -> float:
+        """One optimisation step on `batch`; returns the mean answer loss."""
+        args = self.args
+        start, length, frozen = self.stage(step)
+        if frozen and not self.frozen:
+            self.freeze_vision()
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step - start, length, group["peak"], args.warmup)
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            per_q, aux, obj_acc = packed_loss(self.model, self.aux_head, batch, args.aux_layer,
+                                              not frozen, self.token_head)
+        loss = per_q.mean() + args.aux_weight * aux
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in self.named if p.requires_grad], 1.0)
+        self.opt.step()
+        for ex, lq in zip((e for it in items for e in it), per_q.tolist()):
+            self.by_type[ex.qtype] = 0.97 * self.by_type.get(ex.qtype, lq) + 0.03 * lq
+        for key, v in (("aux", aux.item()), ("object_shape_acc", obj_acc.item())):
+            self.by_type[key] = 0.97 * self.by_type.get(key, v) + 0.03 * v
+        return per_q.mean().item()
+
+    def run(self, first: int = 0, last: int | None = None) -> tuple[list[float], float]:
+        """Steps `first`..`last` (default: to the end), with a progress bar; the next batch is
+        drawn and packed in a thread while a step computes. Returns the losses and seconds."""
+        last = self.args.steps if last is None else last
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        bar = tqdm(range(first, last), desc="train", unit="step", dynamic_ncols=True)
+        ema = 0.0
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(self.scenes, first)
+            for step in bar:
+                items, batch = ahead.result()
+                if step + 1 < last:
+                    ahead = pool.submit(self.scenes, step + 1)
+                losses.append(self.step(step, items, batch))
+                ema = losses[-1] if step == first else 0.95 * ema + 0.05 * losses[-1]
+                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}",
+                                stage=2 if self.frozen else 1)
+                if self.args.log_every and (step + 1) % self.args.log_every == 0:
+                    tqdm.write(f"step {step + 1} loss {ema:.4f} " + " ".join(
+                        f"{k}={v:.3f}" for k, v in sorted(self.by_type.items())))
+                if self.args.eval_every and (step + 1) % self.args.eval_every == 0:
+                    acc = heldout_accuracy(self.model, self.proc, self.parts, self.args.eval_n)
+                    tqdm.write(f"step {step + 1} held-out accuracy " + " ".join(
+                        f"{k}={v:.2f}" for k, v in sorted(acc.items())))
+        return losses, time.perf_counter() - t0
+
+
 def train(args: argparse.Namespace, merges: list[tuple[str, str]]
           ) -> tuple[Step3ForConditionalGeneration, list[float], float]:
-    torch.manual_seed(args.seed)
-    cfg = model_config(args.vit_layers)
-    proc = compact_processor(cfg, merges)
-    parts = prompt_parts(proc)
-    model = Step3ForConditionalGeneration(cfg)
-    init_weights(model, args.seed, args.vit_attn_gain)
-    aux_head = AuxHead(cfg.text_config.hidden_size)
-    device = torch.device(args.device)
-    model.to(device)
-    aux_head.to(device)
-    model.train()
-    groups = []
-    named = [(f"aux.{n}", p) for n, p in aux_head.named_parameters()] + \
-        list(model.named_parameters())
-    for vision in (False, True):
-        for decay in (True, False):
-            params = [p for n, p in named
-                      if n.startswith(("vision_model", "vit_", "aux.")) == vision
-                      and (p.ndim >= 2 and "embed" not in n) == decay]
-            groups.append({"params": params, "peak": args.vision_lr if vision else args.lr,
-                           "weight_decay": args.weight_decay if decay else 0.0})
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True)
-    ema = 0.0
-    by_type: dict[str, float] = {}
-    def scenes(step: int) -> tuple[list[list[Example]], Packed]:
-        items = [make_training_item(args.seed, step * args.batch + i, args.questions)
-                 for i in range(args.batch)]
-        return items, pack(items, proc, parts)
-
-    # the next batch is drawn and packed in a thread while this step computes
-    pool = ThreadPoolExecutor(1)
-    ahead = pool.submit(scenes, 0)
-    for step in bar:
-        items, batch = ahead.result()
-        if step + 1 < args.steps:
-            ahead = pool.submit(scenes, step + 1)
-        batch = batch.to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, group["peak"], args.warmup)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            per_q, aux, obj_acc = packed_loss(model, aux_head, batch, args.aux_layer)
-        loss = per_q.mean() + args.aux_weight * aux
-        for ex, lq in zip((e for it in items for e in it), per_q.tolist()):
-            by_type[ex.qtype] = 0.97 * by_type.get(ex.qtype, lq) + 0.03 * lq
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        opt.step()
-        losses.append(per_q.mean().item())
-        for key, v in (("aux", aux.item()), ("object_shape_acc", obj_acc.item())):
-            by_type[key] = 0.97 * by_type.get(key, v) + 0.03 * v
-        ema = losses[-1] if step == 0 else 0.95 * ema + 0.05 * losses[-1]
-        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        if args.log_every and (step + 1) % args.log_every == 0:
-            tqdm.write(f"step {step + 1} loss {ema:.4f} " +
-                       " ".join(f"{k}={v:.3f}" for k, v in sorted(by_type.items())))
-    return model.cpu().eval(), losses, time.perf_counter() - t0
+    trainer = Trainer(args, merges)
+    losses, seconds = trainer.run()
+    return trainer.model.cpu().eval(), losses, seconds
 
 
 def save(model: Step3ForConditionalGeneration, merges: list[tuple[str, str]], out: Path,
@@ -411,8 +549,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="initial weight of the ViT post-attention LayerNorm")
     p.add_argument("--aux-weight", type=float, default=3.0,
                    help="weight of the image-token colour / object-shape loss (0 = off)")
-    p.add_argument("--aux-layer", type=int, default=1,
+    p.add_argument("--aux-layer", type=int, default=0,
                    help="decoder layer after which the aux probe reads (-1: vision features)")
+    p.add_argument("--token-shape-layer", type=int, default=1,
+                   help="stage 2: a per-token shape probe (and what each question names) after "
+                        "this decoder layer (-2 = off)")
+    p.add_argument("--freeze-vision-at", type=int, default=1400,
+                   help="step from which the vision side is frozen and the answers train at a "
+                        "restarted LR (0 = never)")
+    p.add_argument("--eval-every", type=int, default=500,
+                   help="print teacher-forced held-out accuracy every N steps (0 = never)")
+    p.add_argument("--eval-n", type=int, default=60, help="held-out examples for --eval-every")
     p.add_argument("--log-every", type=int, default=100, help="print per-type losses every N")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
