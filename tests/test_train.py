@@ -51,12 +51,14 @@ def test_packed_rows_equal_separate_reference_forwards(setup):
 
 
 def test_two_stage_schedule_freezes_vision_and_asks_about_every_shape(setup):
+    """Stage 1 trains the vision side; stage 2 leaves it bit-identical, trains the language
+    model and the per-token probe, and asks the colour and shape of every shape."""
     _, _, _, merges = setup
     args = argparse.Namespace(
         seed=0, steps=4, batch=1, questions=6, lr=2e-3, vision_lr=1e-3, warmup=1,
         weight_decay=0.01, bf16=False, threads=2, device="cpu", vit_layers=1,
         vit_attn_gain=1.0, aux_weight=3.0, aux_layer=0, freeze_vision_at=2, eval_every=0,
-        eval_n=0, log_every=0, token_shape_layer=-2)
+        eval_n=0, log_every=0, token_shape_layer=0, probe_questions=True)
     tr = T.Trainer(args, merges)
 
     def snapshot(prefix: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -80,3 +82,23 @@ def test_two_stage_schedule_freezes_vision_and_asks_about_every_shape(setup):
     assert any(not torch.equal(lm1[n], lm2[n]) for n in lm1)
     assert tr.frozen and all(not p.requires_grad for n, p in tr.model.named_parameters()
                              if n.startswith(vision))
+    assert tr.token_head is not None and tr.token_head[0] == 0    # stage 2's per-token probe
+    assert all(p.grad is not None for p in tr.token_head[1].parameters())
+
+
+def test_questions_name_the_object_to_look_up(setup):
+    """The probe's query labels: what a colour / shape / existence question names."""
+    from step3_edge.tasks import COLOURS, SHAPES, make_example
+
+    for i in range(30):
+        ex = make_example(9, i)
+        colour, shape = T.named_in_question(ex)
+        if ex.qtype == "colour":
+            assert colour == -1 and SHAPES[shape] in ex.question
+            assert any(s.kind == SHAPES[shape] and s.colour == ex.answer for s in ex.shapes)
+        elif ex.qtype == "shape":
+            assert shape == -1 and list(COLOURS)[colour] in ex.question
+        elif ex.qtype == "existence":
+            assert f"{list(COLOURS)[colour]} {SHAPES[shape]}" in ex.question
+        else:
+            assert (colour, shape) == (-1, -1)

@@ -298,7 +298,7 @@ def forward_packed(model: Step3ForConditionalGeneration, batch: Packed,
 
 def packed_loss(model: Step3ForConditionalGeneration, aux_head: AuxHead, batch: Packed,
                 aux_layer: int = 0, vision_grad: bool = True,
-                token_head: tuple[int, AuxHead] | None = None
+                token_head: tuple[int, AuxHead] | None = None, probe_questions: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each question's mean answer-token cross entropy [n_questions], the auxiliary loss on
     the global-view tokens after decoder layer `aux_layer` (-1: on the vision features), and
@@ -307,7 +307,9 @@ def packed_loss(model: Step3ForConditionalGeneration, aux_head: AuxHead, batch: 
     its tokens' shape logits: a token inside a shape sees uniform colour, so per-token shape
     labels are ambiguous and learn far more slowly (train/README.md). `token_head` = (layer,
     head) adds a per-token shape loss (each token labelled with its object's shape) after that
-    decoder layer, where attention may have spread an object's shape over its tokens."""
+    decoder layer, where attention may have spread an object's shape over its tokens; with
+    `probe_questions` the same head also reads, at each question's last prompt token, the
+    colour / shape the question names (so the lookup's query and keys share one space)."""
     logits, states = forward_packed(model, batch, vision_grad)
     rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)[:, None]
     glob = states[aux_layer + 1][rows, batch.glob_at]                           # [B, 169, h]
@@ -318,13 +320,12 @@ def packed_loss(model: Step3ForConditionalGeneration, aux_head: AuxHead, batch: 
     colour_logits, shape_logits = aux_head(glob.flatten(0, 1))                  # [B*169, .]
     aux = F.cross_entropy(colour_logits.float(), batch.aux_colour.flatten())
     if token_head is not None:
-        # the per-token probe reads the image tokens and, in the same space, what each
-        # question names at its last prompt token: the lookup's query and keys then align
         level, head = token_head
         state = states[level + 1]
         _, token_shape = head(state[rows, batch.glob_at].flatten(0, 1))
         aux = aux + F.cross_entropy(token_shape.float(), batch.aux_shape.flatten(),
                                     ignore_index=-1)
+    if token_head is not None and probe_questions:
         q_colour, q_shape = head(state[batch.asked_at[:, 0], batch.asked_at[:, 1]])
         for logit, label in ((q_colour, batch.asked[:, 0]), (q_shape, batch.asked[:, 1])):
             if bool((label >= 0).any()):
@@ -464,7 +465,8 @@ class Trainer:
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             per_q, aux, obj_acc = packed_loss(self.model, self.aux_head, batch, args.aux_layer,
-                                              not frozen, self.token_head)
+                                              not frozen, self.token_head,
+                                              args.probe_questions)
         loss = per_q.mean() + args.aux_weight * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -554,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-shape-layer", type=int, default=1,
                    help="stage 2: a per-token shape probe (and what each question names) after "
                         "this decoder layer (-2 = off)")
+    p.add_argument("--probe-questions", action="store_true",
+                   help="stage 2: the per-token probe also reads what each question names")
     p.add_argument("--freeze-vision-at", type=int, default=1400,
                    help="step from which the vision side is frozen and the answers train at a "
                         "restarted LR (0 = never)")
