@@ -257,10 +257,9 @@ def named_in_question(ex: Example) -> tuple[int, int]:
 
 
 def image_features(model: Step3ForConditionalGeneration, views: list[ImageViews]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vision features of a batch in token order (per image: crops then global view) [N, h],
-    and the global views' alone [B, 169, h]. Global views and crops each go through the ViT
-    as one batch."""
+                   ) -> torch.Tensor:
+    """Vision features of a batch in token order (per image: crops then global view) [N, h].
+    Global views and crops each go through the ViT as one batch."""
     heads = (model.vit_downsampler, model.vit_downsampler2, model.vit_large_projector)
     g = project_features(model.vision_model(torch.stack([v.global_view for v in views])),
                          *heads)                                                 # [B,169,h]
@@ -272,7 +271,7 @@ def image_features(model: Step3ForConditionalGeneration, views: list[ImageViews]
             feats.append(c[k:k + v.num_crops].reshape(-1, g.shape[-1]))        # [n*81, h]
             k += v.num_crops
         feats.append(g[i])
-    return torch.cat(feats), g                                                  # [N, h]
+    return torch.cat(feats)                                                     # [N, h]
 
 
 def forward_packed(model: Step3ForConditionalGeneration, batch: Packed,
@@ -283,7 +282,7 @@ def forward_packed(model: Step3ForConditionalGeneration, batch: Packed,
     runs the vision side without autograd (frozen)."""
     tc = model.config.text_config
     with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
-        feats, _ = image_features(model, batch.views)
+        feats = image_features(model, batch.views)
     x = model.model.embed_tokens(batch.ids)                                     # [B, T, h]
     slots = (batch.ids == model.config.image_token_id).nonzero(as_tuple=True)
     x = x.index_put(slots, feats.to(x.dtype))
