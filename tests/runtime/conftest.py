@@ -4,6 +4,9 @@ its greedy answers. Session-scoped: built once."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,16 @@ def onnx_bundle(text_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export_bundle(text_ckpt, "cpu", 1, tmp_path_factory.mktemp("rt") / "onnx-bundle",
                          scheme="bf16", kv_tokens=65536, cpu_mem_bytes=8 << 30, onnx=True,
                          validate=False, trt=False, progress=False)
+
+
+def torchrun_tokens(bundle: Path, nproc: int, prompts: list[str], *extra: str,
+                    timeout: float = 180) -> list[list[int]]:
+    """Greedy token ids of `prompts` from `torchrun -m step3_edge.runtime.afd` with `nproc`
+    processes (fp32, 6 new tokens, `extra` flags), asserting a clean exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), "-m", "step3_edge.runtime.afd", "--bundle", str(bundle), "--dtype",
+           "float32", *extra, "--max-new-tokens", "6", "--json", *prompts]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line)["token_ids"] for line in out.stdout.splitlines()
+            if line.startswith("{")]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXED_BW, MAX_NEW
+from conftest import FIXED_BW, MAX_NEW, torchrun_tokens
 
 from step3_edge.config import Step3Config
 from step3_edge.errors import Step3EdgeError
@@ -109,16 +109,6 @@ def _covers_once(shards: list[Shard], t) -> None:
 def test_torchrun_launch_matches_one_process(bundle: Path, rt) -> None:
     """`torchrun --nproc-per-node 2 -m step3_edge.runtime.afd` (env:// rendezvous): rank 0
     answers through the AFD runtime, rank 1 serves FFN; same tokens as one process."""
-    import json
-    import subprocess
-    import sys
-
     prompts = ["Count to three.", "hi"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "step3_edge.runtime.afd", "--bundle", str(bundle), "--dtype", "float32",
-           "--max-new-tokens", "6", "--json", *prompts]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = [json.loads(line)["token_ids"] for line in out.stdout.splitlines()
-           if line.startswith("{")]
+    got = torchrun_tokens(bundle, 2, prompts)
     assert got == [g.token_ids for g in rt.generate(prompts, max_new_tokens=6)]

@@ -6,19 +6,16 @@ clear error."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXED_BW, MAX_NEW, reference_tokens
+from conftest import FIXED_BW, MAX_NEW, reference_tokens, torchrun_tokens
 from PIL import Image
 
 from step3_edge.config import Step3Config
@@ -167,12 +164,6 @@ def test_torchrun_two_attention_ranks_match_one_process(bundle: Path, rt) -> Non
     """`torchrun --nproc-per-node 3 -m step3_edge.runtime.afd --attention-ranks 2`: ranks 0
     and 1 serve attention (each its own prompt), rank 2 the FFN; same tokens as one process."""
     prompts = ["Count to three.", "hi", "Name a colour"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "3", "-m", "step3_edge.runtime.afd", "--bundle", str(bundle), "--dtype", "float32",
-           "--attention-ranks", "2", "--micro-batches", "2", "--threads", "1",
-           "--max-new-tokens", "6", "--json", *prompts]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = [json.loads(line)["token_ids"] for line in out.stdout.splitlines()
-           if line.startswith("{")]
+    got = torchrun_tokens(bundle, 3, prompts, "--attention-ranks", "2", "--micro-batches", "2",
+                          "--threads", "1", timeout=240)
     assert got == [g.token_ids for g in rt.generate(prompts, max_new_tokens=6)]
