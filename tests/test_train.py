@@ -56,7 +56,7 @@ def test_two_stage_schedule_freezes_vision_and_asks_about_every_shape(setup):
     _, _, _, merges = setup
     args = argparse.Namespace(
         seed=0, steps=4, batch=1, questions=6, lr=2e-3, vision_lr=1e-3, warmup=1,
-        weight_decay=0.01, bf16=False, threads=2, device="cpu", vit_layers=1,
+        weight_decay=0.01, bf16=False, threads=2, device="cpu", vit_layers=1, layers=4,
         vit_attn_gain=1.0, aux_weight=3.0, aux_layer=0, freeze_vision_at=2, eval_every=0,
         eval_n=0, log_every=0, token_shape_layer=0, probe_questions=True)
     tr = T.Trainer(args, merges)

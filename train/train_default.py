@@ -85,13 +85,14 @@ class AuxHead(nn.Module):
         return out[..., :len(COLOURS) + 1], out[..., len(COLOURS) + 1:]
 
 
-def model_config(vit_layers: int = 2) -> Step3Config:
-    """Step3 structure at small widths: 4 layers (0 and 3 dense, 1-2 MoE with 8 experts top-3
-    and a shared expert), MFA with one K/V head; ViT 728 px / patch 14 with both downsamplers."""
-    d = _vl({"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+def model_config(vit_layers: int = 2, layers: int = 4) -> Step3Config:
+    """Step3 structure at small widths: `layers` decoder layers (the first and last dense, the
+    others MoE with 8 experts top-3 and a shared expert), MFA with one K/V head; ViT 728 px /
+    patch 14 with both downsamplers."""
+    d = _vl({"hidden_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
              "head_dim": 64, "share_q_dim": 128, "intermediate_size": 256,
              "moe_num_experts": 8, "moe_intermediate_size": 64, "share_expert_dim": 64,
-             "moe_layers_enum": "1,2"},
+             "moe_layers_enum": ",".join(str(i) for i in range(1, layers - 1))},
             {"hidden_size": 64, "num_hidden_layers": vit_layers, "num_attention_heads": 1,
              "intermediate_size": 256, "output_hidden_size": 128})
     d["text_config"]["vocab_size"] = VOCAB_SIZE
@@ -394,7 +395,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, merges: list[tuple[str, str]]) -> None:
         torch.manual_seed(args.seed)
         self.args = args
-        cfg = model_config(args.vit_layers)
+        cfg = model_config(args.vit_layers, args.layers)
         self.proc = compact_processor(cfg, merges)
         self.parts = prompt_parts(self.proc)
         self.model = Step3ForConditionalGeneration(cfg)
@@ -546,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu",
                    help="torch device to train on (the shipped model is trained on the CPU)")
     p.add_argument("--vit-layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (>= 3)")
     p.add_argument("--vit-attn-gain", type=float, default=0.0,
                    help="initial weight of the ViT post-attention LayerNorm")
     p.add_argument("--aux-weight", type=float, default=3.0,
