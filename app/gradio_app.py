@@ -18,10 +18,12 @@ from typing import Any
 
 from step3_edge.app.engine import add_runtime_arguments
 from step3_edge.errors import Step3EdgeError
+from step3_edge.tokenizer import THINK_END
 
 log = logging.getLogger("step3_edge.app")
 
 ERROR_PREFIX = "⚠️ "
+THINK_SHOWN = f"`{THINK_END}`"    # the reasoning / answer boundary as the chat shows it
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLES = (  # (image file in examples/, question)
     ("shapes.png", "What colour is the circle?"),
@@ -79,6 +81,7 @@ def history_to_messages(history: list[dict[str, Any]],
             if text.startswith(ERROR_PREFIX):
                 pending = []
                 continue
+            text = text.rpartition(THINK_SHOWN)[2]     # earlier turns keep their answers only
             if pending:
                 turns.append({"role": "user", "content": pending})
                 pending = []
@@ -133,6 +136,12 @@ def _pct(v: float | None) -> str:
 
 
 # ------------------------------------------------------------------ the app
+def shown(text: str) -> str:
+    """A streamed answer as the chat shows it: the model's reasoning, `</think>` as code (a
+    bare tag would vanish in the Markdown), then the answer; each update extends the last."""
+    return text.replace(THINK_END, THINK_SHOWN)
+
+
 def make_respond(engine: Any) -> Any:
     """The chat function: yields (answer so far, side-panel markdown) while streaming."""
 
@@ -151,7 +160,7 @@ def make_respond(engine: Any) -> Any:
                                    top_p=float(top_p))
             for piece in answer:
                 text += piece
-                yield text, stats_markdown(engine, answer)
+                yield shown(text), stats_markdown(engine, answer)
         except Step3EdgeError as e:
             yield (ERROR_PREFIX + _user_error(e, text),
                    stats_markdown(engine, answer or engine.last_answer))
@@ -167,7 +176,7 @@ def make_respond(engine: Any) -> Any:
         if not text.strip():
             n = answer.stats.completion_tokens if answer.stats else 0
             text = f"_(the model produced {n} tokens with no printable text)_"
-        yield text, stats_markdown(engine, answer)
+        yield shown(text), stats_markdown(engine, answer)
 
     return respond
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from step3_edge.chat import split_reasoning
 from step3_edge.runtime.engine import Engine
 from step3_edge.runtime.kv import SeqKV
 from step3_edge.sampling import SamplingParams, sample_next
@@ -35,6 +36,16 @@ class Generation:
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str
+
+    @property
+    def reasoning(self) -> str:
+        """What the model wrote before `</think>` (`step3_edge.chat.split_reasoning`)."""
+        return split_reasoning(self.text)[0]
+
+    @property
+    def answer(self) -> str:
+        """The text after `</think>` (all of it when the model wrote none)."""
+        return split_reasoning(self.text)[1]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from jinja2 import TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from step3_edge.errors import ConfigError, PromptError
-from step3_edge.tokenizer import (BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN,
+from step3_edge.tokenizer import (BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, THINK_END,
                                   read_tokenizer_config)
 
 ROLES = ("system", "user", "assistant")
@@ -50,6 +50,14 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 Message = dict[str, Any]
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a generated text: the prompt opens `<think>`, the model thinks,
+    writes `</think>` (kept by `Step3Processor.decode`) and answers. Text without `</think>`
+    is all answer (a model that does not think, or one stopped early)."""
+    reasoning, sep, answer = text.rpartition(THINK_END)
+    return (reasoning.strip(), answer) if sep else ("", text)
 
 
 def _raise_exception(message: str) -> None:

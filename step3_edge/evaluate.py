@@ -6,7 +6,8 @@
 
 The held-out set is `step3_edge.tasks.make_examples(seed, n)` (question types in rotation,
 default seed EVAL_SEED, which training never draws from). Each example is answered greedily
-and compared after `normalize_answer` (case, outer spaces, a final dot, a leading `</think>`).
+and compared after `normalize_answer`: the answer after `</think>` (the model thinks first),
+without case, outer spaces or a final dot.
 
 Anything with `answer(image, question) -> str` can be evaluated (`Answerer`). A checkpoint
 folder (config.json) is answered by the reference model (`ReferenceAnswerer`); a bundle folder

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from step3_edge.chat import split_reasoning
 from step3_edge.sampling import SamplingParams
 
 
@@ -71,13 +72,17 @@ def run(args: argparse.Namespace) -> int:
     if new and new[-1] in proc.stop_token_ids:
         new = new[:-1]
     text = proc.decode(new)
+    reasoning, answer = split_reasoning(text)
     if args.json:
         print(json.dumps({"model": str(folder), "prompt_token_ids": ids,
-                          "generated_token_ids": new, "text": text,
+                          "generated_token_ids": new, "text": text, "reasoning": reasoning,
+                          "answer": answer,
                           "load_seconds": round(load_s, 3),
                           "generate_seconds": round(gen_s, 3)}))
     else:
-        print(text)
+        if reasoning:
+            print(f"(thinking: {reasoning})")
+        print(answer)
         if not text.strip():
             print(f"(no printable text; generated token ids: {new})", file=sys.stderr)
     return 0

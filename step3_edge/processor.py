@@ -29,7 +29,8 @@ from step3_edge.chat import load_chat_template, render_chat
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, ImageError, PromptError
 from step3_edge.tokenizer import (EOS_TOKEN, EOT_TOKEN, IM_END, IM_START, IMAGE_TOKEN,
-                                  PATCH_END, PATCH_NEWLINE, PATCH_START, load_tokenizer)
+                                  PATCH_END, PATCH_NEWLINE, PATCH_START, THINK_END,
+                                  load_tokenizer)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -357,10 +358,16 @@ class Step3Processor:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
-        """Text of `ids` (a list or 1-D tensor); ids outside the vocabulary are skipped."""
+        """Text of `ids` (a list or 1-D tensor); ids outside the vocabulary are skipped.
+        Skipping special tokens keeps `</think>`: it separates the model's reasoning from its
+        answer (`step3_edge.chat.split_reasoning`)."""
         ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids
-        return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < 2**32],
-                                     skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids if 0 <= int(i) < 2**32]
+        end = self.tokenizer.token_to_id(THINK_END)
+        if skip_special_tokens and end in ids:
+            k = len(ids) - 1 - ids[::-1].index(end)
+            return self.decode(ids[:k]) + THINK_END + self.decode(ids[k + 1:])
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ images
     def num_image_tokens(self, width: int, height: int) -> int:

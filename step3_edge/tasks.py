@@ -8,8 +8,10 @@ take the single 728 px global view, wide/tall and large ones also go through the
 
 Answers are short and exact: a colour ("red"), a shape ("star"), a digit ("3"), "yes"/"no",
 or a left-to-right description ("a red circle and a blue square"). In the Step3 chat format the
-model writes `</think>` + answer + `<|EOT|>` after the `<think>\\n` that ends the prompt
-(`target_text`); decoding without special tokens gives the bare answer.
+prompt ends with `<think>\\n`; the model thinks, writes `</think>`, the answer and `<|EOT|>`
+(`target_text`). The thought is short: for a colour or shape question the object looked up and
+what is there ("triangle purple", `Example.thought`), empty for the other types. Exact match
+compares the answer after `</think>` (`normalize_answer`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from step3_edge.chat import split_reasoning
 from step3_edge.tokenizer import EOT_TOKEN, THINK_END
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
@@ -74,23 +77,40 @@ class Example:
     question: str
     answer: str
 
+    @property
+    def thought(self) -> str:
+        """What the model writes inside `<think>` before the answer, one lookup per word:
+        colour / shape / existence questions name the object looked up and what is there
+        ("triangle purple" for "What colour is the triangle?"; "circle" alone when an asked-for
+        circle is absent), counting lists the colours present in `COLOURS` order ("red blue");
+        empty for the other types."""
+        if self.qtype == "colour":
+            return f"{next(s.kind for s in self.shapes if s.colour == self.answer)} {self.answer}"
+        if self.qtype == "shape":
+            return f"{next(s.colour for s in self.shapes if s.kind == self.answer)} {self.answer}"
+        if self.qtype == "existence":
+            kind = next(k for k in SHAPES if k in self.question.rstrip("?").split())
+            return " ".join([kind, *(s.colour for s in self.shapes if s.kind == kind)])
+        if self.qtype == "count":
+            return " ".join(c for c in COLOURS if any(s.colour == c for s in self.shapes))
+        return ""
+
     def messages(self) -> list[dict[str, Any]]:
         """The user turn in chat-message form (image first, then the question)."""
         return [{"role": "user", "content": [{"type": "image", "image": self.image},
                                              {"type": "text", "text": self.question}]}]
 
 
-def target_text(answer: str) -> str:
-    """What the model is trained to write after the prompt: `</think>answer<|EOT|>`."""
-    return f"{THINK_END}{answer}{EOT_TOKEN}"
+def target_text(answer: str, thought: str = "") -> str:
+    """What the model is trained to write after the prompt (which ends with `<think>\\n`):
+    `thought</think>answer<|EOT|>`."""
+    return f"{thought}{THINK_END}{answer}{EOT_TOKEN}"
 
 
 def normalize_answer(text: str) -> str:
-    """Canonical form for exact match: drop a leading `</think>`, case, outer space and dots."""
-    text = text.strip()
-    if text.startswith(THINK_END):
-        text = text[len(THINK_END):]
-    return " ".join(text.strip().strip(".").lower().split())
+    """Canonical form for exact match: the answer after `</think>` (`split_reasoning`), without
+    case, outer space and dots."""
+    return " ".join(split_reasoning(text)[1].strip().strip(".").lower().split())
 
 
 def describe(shapes: tuple[Shape, ...] | list[Shape]) -> str:

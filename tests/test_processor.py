@@ -19,7 +19,7 @@ from step3_edge.errors import ConfigError, ImageError, PromptError
 from step3_edge.processor import (CLIP_MEAN, CLIP_STD, ImagePatcher, ImageViews, Step3Processor,
                                   image_token_layout, load_image, to_pixel_values)
 from step3_edge.tasks import COLOURS, SHAPES, task_texts
-from step3_edge.tokenizer import (SPECIAL_TOKENS, build_synthetic_tokenizer, learn_merges,
+from step3_edge.tokenizer import (SPECIAL_TOKENS, THINK_END, build_synthetic_tokenizer, learn_merges,
                                   load_tokenizer, write_tokenizer_files)
 
 ID = SPECIAL_TOKENS
@@ -83,7 +83,9 @@ def test_random_unicode_round_trip_and_specials_never_split(proc: Step3Processor
         mids = proc.encode(mixed)
         assert [i for i in mids if i > 258 or i < 3] == [SPECIAL_TOKENS[p] for p in picks]
         assert proc.decode(mids, skip_special_tokens=False) == mixed
-        assert proc.decode(mids, skip_special_tokens=True) == "".join(text[k::5] for k in range(5))
+        # skipping specials keeps </think>, the reasoning / answer boundary
+        assert proc.decode(mids, skip_special_tokens=True) == "".join(
+            (p if p == THINK_END else "") + text[k::5] for k, p in enumerate(picks))
 
 
 def test_decode_tolerates_unknown_ids(proc: Step3Processor) -> None:

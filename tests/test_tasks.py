@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from step3_edge.chat import split_reasoning
 from step3_edge.processor import ImagePatcher
 from step3_edge.tasks import (COLOURS, QUESTION_TYPES, SHAPES, describe, make_example,
                               make_examples, make_training_item, normalize_answer, target_text)
@@ -102,12 +103,27 @@ def test_sizes_exercise_the_multi_crop_path():
 
 def test_answer_format_and_normalization():
     assert target_text("red") == "</think>red<|EOT|>"
+    assert target_text("red", "circle red") == "circle red</think>red<|EOT|>"
     assert normalize_answer("</think> Red.") == "red"
+    assert normalize_answer("circle red</think> Red.") == "red"      # the answer, not the thought
+    assert normalize_answer("circle red") == "circle red"             # no </think>: all answer
     assert normalize_answer("a  red circle") == "a red circle"
+    assert split_reasoning("star blue </think>blue") == ("star blue", "blue")
     ex = make_example(0, 5, "describe")
     assert describe(ex.shapes) == ex.answer
     assert all(part.startswith(("a ", "an ")) for part in ex.answer.replace(" and ", ", ")
                .split(", "))
+
+
+def test_thoughts_name_the_object_looked_up_and_what_is_there():
+    for i in range(30):
+        for qtype in ("colour", "shape"):
+            ex = make_example(3, i, qtype)
+            looked_up, found = ex.thought.split()
+            assert found == ex.answer
+            assert looked_up in ex.question                 # the word the question names
+            assert any({s.kind, s.colour} == {looked_up, found} for s in ex.shapes)
+        assert make_example(3, i, "count").thought == ""
 
 
 def test_training_items_can_ask_about_every_shape():

@@ -209,7 +209,7 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
                 aux_rows.append([(list(COLOURS).index(ex.shapes[k].colour),
                                   SHAPES.index(ex.shapes[k].kind), k) if k >= 0
                                  else (BACKGROUND, -1, -1) for k in cells])
-            target = proc.encode(target_text(ex.answer))
+            target = proc.encode(target_text(ex.answer, ex.thought))
             suffix = ids[p:] + target
             start = len(row)
             row += suffix

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from step3_edge.app.gradio_app import ERROR_PREFIX, history_to_messages
+from step3_edge.app.gradio_app import ERROR_PREFIX, history_to_messages, shown
 from step3_edge.app.openai_protocol import ApiError, parse_chat_request
 
 
@@ -15,10 +15,11 @@ def _file(path: str) -> dict:
     return {"type": "file", "file": {"path": path, "mime_type": "image/png"}}
 
 
-def test_history_keeps_earlier_images_and_drops_failed_turns() -> None:
+def test_history_keeps_earlier_images_and_answers_and_drops_failed_turns() -> None:
+    """Earlier turns keep their images and their answers (not the reasoning before `</think>`)."""
     history = [
         {"role": "user", "content": [_file("/tmp/a.png"), {"type": "text", "text": "colour?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": shown("circle red</think>red")}]},
         {"role": "user", "content": [_file("/tmp/bad.png"), {"type": "text", "text": "and?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": ERROR_PREFIX + "bad image"}]},
     ]
