@@ -1,8 +1,10 @@
 """The embedded default model: what runs when no --model is given.
 
-Until a trained checkpoint ships in `step3_edge/assets/default-model`, the default is the
-synthetic `tiny` block-fp8 checkpoint (random weights, seed 0), written once into the cache
-folder (`$STEP3_EDGE_CACHE`, else `~/.cache/step3-edge`).
+The default is the small trained checkpoint shipped in `step3_edge/assets/default-model`
+(the exact Step3 structure trained on the shapes task by `train/train_default.py`; block-fp8,
+with its tokenizer). Where that folder is absent (a tree it was removed from), the default
+falls back to the synthetic `tiny` block-fp8 checkpoint (random weights, seed 0), written once
+into the cache folder (`$STEP3_EDGE_CACHE`, else `~/.cache/step3-edge`).
 """
 
 from __future__ import annotations

@@ -51,7 +51,11 @@ def test_accuracy_gate(report):
     assert acc["all"]["accuracy"] >= 0.8, report.table()
 
 
-def test_answers_are_clean_text(report):
+def test_answers_are_a_thought_then_clean_text(report):
+    from step3_edge.chat import split_reasoning
+
     for r in report.records:
-        assert "</think>" not in r["got"] and "<|EOT|>" not in r["got"]
-        assert r["got"] == r["got"].strip()
+        assert r["got"].count("</think>") == 1, r            # it thinks, then answers
+        thought, answer = split_reasoning(r["got"])
+        assert "<|" not in r["got"] and answer and answer == answer.strip(), r
+        assert bool(thought) == (r["qtype"] in ("colour", "shape", "existence", "count")), r

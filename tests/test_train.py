@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 import train_default as T  # noqa: E402
 
 from step3_edge.tasks import make_training_item  # noqa: E402
+from step3_edge.tokenizer import THINK_END  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,10 @@ def test_packed_rows_equal_separate_reference_forwards(setup):
     with torch.no_grad():
         packed, _ = T.forward_packed(model, batch)
     assert batch.n_questions == sum(len(it) for it in items) >= 4
+    assert any(ex.thought for it in items for ex in it)        # thoughts are in the targets
     for q, ex in enumerate(e for it in items for e in it):
         ids, views = proc(parts[0] + ex.question + parts[1], [ex.image])
-        target = proc.encode(T.target_text(ex.answer))
+        target = proc.encode(T.target_text(ex.answer, ex.thought))
         with torch.no_grad():
             ref = model(torch.tensor([ids + target]), views)[0]                # [T, V]
         want = ref[len(ids) - 1:len(ids) - 1 + len(target)]
@@ -71,7 +73,14 @@ def test_two_stage_schedule_freezes_vision_and_asks_about_every_shape(setup):
     v1, lm1 = snapshot(vision), snapshot(("model.",))
     assert any(not torch.equal(v0[n], v1[n]) for n in v0)        # stage 1 trains vision
     assert tr.stage(1) == (0, 2, False) and tr.stage(2) == (2, 2, True)
-    items, _ = tr.scenes(2)
+    items, packed2 = tr.scenes(2)
+    think_end = tr.proc.tokenizer.token_to_id(THINK_END)
+
+    def first_labels(b: T.Packed) -> set[int]:
+        return {int(b.labels[b.question_of == q][0]) for q in range(b.n_questions)}
+
+    assert first_labels(tr.scenes(1)[1]) == {think_end}        # stage 1 answers directly
+    assert first_labels(packed2) != {think_end}                # stage 2 thinks first
     n_shapes = len(items[0][0].shapes)
     kinds = [e.qtype for e in items[0]]
     assert kinds.count("colour") == kinds.count("shape") == n_shapes

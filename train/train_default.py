@@ -182,9 +182,11 @@ class Packed:
         return Packed(**moved)
 
 
-def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str]) -> Packed:
+def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str],
+         thoughts: bool = True) -> Packed:
     """Tokenize scenes (each with its questions) into packed rows (see module docstring);
-    `parts` is `prompt_parts(proc)`."""
+    `parts` is `prompt_parts(proc)`. The targets are `thought</think>answer<|EOT|>`, or
+    `</think>answer<|EOT|>` without `thoughts`."""
     im_end = proc.tokenizer.token_to_id(IM_END)
     rows, segs, poss, views = [], [], [], []
     label_rows: list[tuple[int, int, int, int]] = []     # (row, index, label, question)
@@ -209,7 +211,7 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
                 aux_rows.append([(list(COLOURS).index(ex.shapes[k].colour),
                                   SHAPES.index(ex.shapes[k].kind), k) if k >= 0
                                  else (BACKGROUND, -1, -1) for k in cells])
-            target = proc.encode(target_text(ex.answer, ex.thought))
+            target = proc.encode(target_text(ex.answer, ex.thought if thoughts else ""))
             suffix = ids[p:] + target
             start = len(row)
             row += suffix
@@ -352,18 +354,22 @@ def packed_loss(model: Step3ForConditionalGeneration, aux_head: AuxHead, batch: 
 
 @torch.no_grad()
 def heldout_accuracy(model: Step3ForConditionalGeneration, proc: Step3Processor,
-                     parts: tuple[str, str], n: int, batch: int = 8) -> dict[str, float]:
+                     parts: tuple[str, str], n: int, batch: int = 8, thoughts: bool = True
+                     ) -> dict[str, float]:
     """Exact-match accuracy per question type on the first `n` held-out examples (EVAL_SEED),
-    teacher-forced: a question counts when the argmax at every answer position is the answer
-    token, which is exactly when greedy decoding writes the answer. A cheap in-training
-    check; `step3-edge eval` is the real measure."""
+    teacher-forced: a question counts when the argmax at every target position (thought,
+    `</think>`, answer) is the target token, which is exactly when greedy decoding writes the
+    target (`thoughts`: as stage 2 trains; else as stage 1). A cheap in-training check;
+    `step3-edge eval` is the real measure, and counts a wrong thought with a right answer as
+    right."""
     was = model.training
     model.eval()
     hits: dict[str, list[bool]] = {}
     examples = make_examples(EVAL_SEED, n)
     for i in range(0, n, batch):
         chunk = examples[i:i + batch]
-        packed = pack([[ex] for ex in chunk], proc, parts).to(next(model.parameters()).device)
+        packed = pack([[ex] for ex in chunk], proc, parts, thoughts).to(
+            next(model.parameters()).device)
         logits, _ = forward_packed(model, packed)
         right = (logits.argmax(-1) == packed.labels).float()
         wrong = torch.zeros(len(chunk)).index_add_(0, packed.question_of.cpu(),
@@ -390,7 +396,9 @@ class Trainer:
     downsamplers, projector) is frozen and runs without gradients, every scene is asked the
     colour and shape of each of its shapes, and the LR schedule restarts. The language model
     learns to bind question words to image tokens only once the image features hold still
-    (train/README.md); frozen vision also makes a step about three times cheaper."""
+    (train/README.md); frozen vision also makes a step about three times cheaper. Stage 2
+    also trains the short thoughts before `</think>` (`Example.thought`) that turn each
+    lookup ("What colour is the triangle?") into one step of attention."""
 
     def __init__(self, args: argparse.Namespace, merges: list[tuple[str, str]]) -> None:
         torch.manual_seed(args.seed)
@@ -437,12 +445,13 @@ class Trainer:
         return 0, self.args.steps, False
 
     def scenes(self, step: int) -> tuple[list[list[Example]], Packed]:
-        """Training scenes of `step` (deterministic in seed and step), packed."""
+        """Training scenes of `step` (deterministic in seed and step), packed; stage 1 answers
+        directly, stage 2 thinks first (`Example.thought`)."""
         every = self.stage(step)[2]
         items = [make_training_item(self.args.seed, step * self.args.batch + i,
                                     self.args.questions, every_shape=every)
                  for i in range(self.args.batch)]
-        return items, pack(items, self.proc, self.parts)
+        return items, pack(items, self.proc, self.parts, thoughts=every)
 
     def freeze_vision(self) -> None:
         """Start stage 2: the vision side stops training (and the per-token probe starts)."""
@@ -500,7 +509,8 @@ class Trainer:
                     tqdm.write(f"step {step + 1} loss {ema:.4f} " + " ".join(
                         f"{k}={v:.3f}" for k, v in sorted(self.by_type.items())))
                 if self.args.eval_every and (step + 1) % self.args.eval_every == 0:
-                    acc = heldout_accuracy(self.model, self.proc, self.parts, self.args.eval_n)
+                    acc = heldout_accuracy(self.model, self.proc, self.parts, self.args.eval_n,
+                                           thoughts=self.frozen)
                     tqdm.write(f"step {step + 1} held-out accuracy " + " ".join(
                         f"{k}={v:.2f}" for k, v in sorted(acc.items())))
         return losses, time.perf_counter() - t0
@@ -513,6 +523,12 @@ def train(args: argparse.Namespace, merges: list[tuple[str, str]]
     return trainer.model.cpu().eval(), losses, seconds
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the repository when inside it (no local paths in shipped files)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def save(model: Step3ForConditionalGeneration, merges: list[tuple[str, str]], out: Path,
          losses: list[float], seconds: float, args: argparse.Namespace) -> None:
     weights = {n: t.detach().to(torch.bfloat16) for n, t in model.state_dict().items()}
@@ -523,9 +539,9 @@ def save(model: Step3ForConditionalGeneration, merges: list[tuple[str, str]], ou
     info = {"seed": args.seed, "steps": args.steps, "train_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / args.steps, 3),
             "final_loss": round(sum(tail) / len(tail), 5), "last_step_loss": round(losses[-1], 5),
-            "threads": torch.get_num_threads(), "answer_format": "</think>{answer}<|EOT|>",
+            "threads": torch.get_num_threads(), "answer_format": "{thought}</think>{answer}<|EOT|>",
             "command": " ".join(sys.argv),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "args": {k: _shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "loss_every_50_steps": [round(v, 4) for v in losses[::50]]}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
