@@ -309,9 +309,11 @@ def make_example(seed: int, index: int, qtype: str | None = None) -> Example:
     return Example(seed, index, scene.image, scene.shapes, qtype, question, answer)
 
 
-def make_examples(seed: int, n: int, start: int = 0, balanced: bool = True) -> list[Example]:
-    """`n` examples from index `start`; `balanced` cycles through QUESTION_TYPES in order."""
-    return [make_example(seed, i, QUESTION_TYPES[i % len(QUESTION_TYPES)] if balanced else None)
+def make_examples(seed: int, n: int, start: int = 0, balanced: bool = True,
+                  types: tuple[str, ...] = QUESTION_TYPES) -> list[Example]:
+    """`n` examples from index `start`; `balanced` cycles through `types` (default: every
+    type) in order, else each example draws its type."""
+    return [make_example(seed, i, types[i % len(types)] if balanced else None)
             for i in range(start, start + n)]
 
 

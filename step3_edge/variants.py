@@ -209,14 +209,16 @@ def run_variants(ckpt: str | Path, n: int, *, seed: int = EVAL_SEED,
                  only: Sequence[str] | None = None, work: str | Path | None = None,
                  rebuild: bool = False, runtime_dtype: str | None = None,
                  device: str | None = None, reference_dtype: str = "float32",
-                 max_new_tokens: int | None = None, progress: bool = True) -> VariantsReport:
+                 max_new_tokens: int | None = None, types: tuple[str, ...] = QUESTION_TYPES,
+                 progress: bool = True) -> VariantsReport:
     """Build the bundles `only` (default: all VARIANTS) need from checkpoint `ckpt` and
     evaluate every variant on the first `n` held-out examples of `seed`.
 
     `runtime_dtype` / `device` apply to the torch-runtime variants (default: the runtime's
     own, bfloat16 compute on CUDA when present, else the CPU); the ONNX Runtime variants
     always run the CPU graphs in float32; the reference runs in `reference_dtype`.
-    `max_new_tokens` caps each answer (default: evaluate.MAX_NEW_TOKENS)."""
+    `max_new_tokens` caps each answer (default: evaluate.MAX_NEW_TOKENS); `types` restricts
+    the examples to those question types (in rotation)."""
     import torch
 
     from step3_edge.evaluate import MAX_NEW_TOKENS, ReferenceAnswerer, RuntimeAnswerer, evaluate
@@ -241,7 +243,7 @@ def run_variants(ckpt: str | Path, n: int, *, seed: int = EVAL_SEED,
         names.insert(0, "reference")
     work = Path(work) if work else default_work_dir(ckpt)
     max_new = max_new_tokens or MAX_NEW_TOKENS
-    examples = make_examples(seed, n)
+    examples = make_examples(seed, n, types=tuple(types))
     report = VariantsReport(str(ckpt), seed, n, str(work))
 
     keys = list(dict.fromkeys(VARIANTS[v].bundle for v in names if VARIANTS[v].bundle))

@@ -123,7 +123,15 @@ def test_thoughts_name_the_object_looked_up_and_what_is_there():
             assert found == ex.answer
             assert looked_up in ex.question                 # the word the question names
             assert any({s.kind, s.colour} == {looked_up, found} for s in ex.shapes)
-        assert make_example(3, i, "count").thought == ""
+        count = make_example(3, i, "count")
+        listed = count.thought.split()
+        assert len(listed) == int(count.answer)                # counting lists the colours
+        assert listed == [c for c in COLOURS if c in {s.colour for s in count.shapes}]
+        ex = make_example(3, i, "existence")
+        kind, *found = ex.thought.split()
+        assert kind in ex.question and found == [s.colour for s in ex.shapes if s.kind == kind]
+        assert (ex.answer == "yes") == (bool(found) and found[0] in ex.question)
+        assert make_example(3, i, "position").thought == make_example(3, i, "describe").thought == ""
 
 
 def test_training_items_can_ask_about_every_shape():
