@@ -9,9 +9,10 @@ take the single 728 px global view, wide/tall and large ones also go through the
 Answers are short and exact: a colour ("red"), a shape ("star"), a digit ("3"), "yes"/"no",
 or a left-to-right description ("a red circle and a blue square"). In the Step3 chat format the
 prompt ends with `<think>\\n`; the model thinks, writes `</think>`, the answer and `<|EOT|>`
-(`target_text`). The thought is short: for a colour or shape question the object looked up and
-what is there ("triangle purple", `Example.thought`), empty for the other types. Exact match
-compares the answer after `</think>` (`normalize_answer`).
+(`target_text`). The thought is a few words, one lookup each (`Example.thought`): the object
+a colour / shape / existence question names and what is there ("triangle purple"), the
+colours present for counting, nothing for position and describe. Exact match compares the
+answer after `</think>` (`normalize_answer`).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from step3_edge.errors import ConfigError, ImageError, PromptError
 from step3_edge.processor import (CLIP_MEAN, CLIP_STD, ImagePatcher, ImageViews, Step3Processor,
                                   image_token_layout, load_image, to_pixel_values)
 from step3_edge.tasks import COLOURS, SHAPES, task_texts
-from step3_edge.tokenizer import (SPECIAL_TOKENS, THINK_END, build_synthetic_tokenizer, learn_merges,
-                                  load_tokenizer, write_tokenizer_files)
+from step3_edge.tokenizer import (SPECIAL_TOKENS, THINK_END, build_synthetic_tokenizer,
+                                  learn_merges, load_tokenizer, write_tokenizer_files)
 
 ID = SPECIAL_TOKENS
 IM_PATCH = ID["<im_patch>"]

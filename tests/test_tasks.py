@@ -131,7 +131,8 @@ def test_thoughts_name_the_object_looked_up_and_what_is_there():
         kind, *found = ex.thought.split()
         assert kind in ex.question and found == [s.colour for s in ex.shapes if s.kind == kind]
         assert (ex.answer == "yes") == (bool(found) and found[0] in ex.question)
-        assert make_example(3, i, "position").thought == make_example(3, i, "describe").thought == ""
+        for qtype in ("position", "describe"):
+            assert make_example(3, i, qtype).thought == ""
 
 
 def test_training_items_can_ask_about_every_shape():

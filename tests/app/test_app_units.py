@@ -19,7 +19,8 @@ def test_history_keeps_earlier_images_and_answers_and_drops_failed_turns() -> No
     """Earlier turns keep their images and their answers (not the reasoning before `</think>`)."""
     history = [
         {"role": "user", "content": [_file("/tmp/a.png"), {"type": "text", "text": "colour?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": shown("circle red</think>red")}]},
+        {"role": "assistant",
+         "content": [{"type": "text", "text": shown("circle red</think>red")}]},
         {"role": "user", "content": [_file("/tmp/bad.png"), {"type": "text", "text": "and?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": ERROR_PREFIX + "bad image"}]},
     ]
