@@ -28,6 +28,12 @@ from step3_edge.tasks import EVAL_SEED  # noqa: E402
 from step3_edge.variants import VARIANTS, parse_only, run_variants  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "default_model_variants.json"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str) -> str:
+    """`text` without this machine's paths: the repository relative, the home folder as ~."""
+    return text.replace(f"{REPO}/", "").replace(str(Path.home()), "~")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "platform": platform.platform()},
             "total_s": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    args.out.write_text(portable(json.dumps(data, indent=2)) + "\n")
     print(f"wrote {args.out}")
     return 0
 
