@@ -167,7 +167,8 @@ def test_cancel_ends_a_request_early(rt, prompts) -> None:
 
 def test_bf16_logits_bit_identical_to_reference(bundle: Path, text_ckpt: Path) -> None:
     """bf16 compute with bf16 KV: the fast paths (oneDNN prepacked linears, gate+up as one
-    GEMM, experts sorted into one gather and one accumulating index_put_) give the reference's exact bits."""
+    GEMM, experts sorted into one gather and one accumulating index_put_) give the
+    reference's exact bits."""
     from step3_edge.model import KVCache, Step3ForConditionalGeneration
 
     ref = Step3ForConditionalGeneration.from_pretrained(text_ckpt, dtype=torch.bfloat16)
