@@ -40,6 +40,18 @@ from step3_edge.synth import write_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def mini_bundle(work: Path) -> tuple[Path, Path]:
+    """The `mini` bf16 checkpoint and its cpu bf16 bundle in `work` (made once)."""
+    ckpt = work / "mini-bf16"
+    if not (ckpt / "config.json").is_file():
+        write_checkpoint(Step3Config.preset("mini"), ckpt, "bf16", seed=0, overwrite=True)
+    bundle = work / "mini-bundle"
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(ckpt, "cpu", 1, bundle, scheme="bf16", kv_tokens=1 << 16,
+                      cpu_mem_bytes=16 << 30, onnx=False, overwrite=True)
+    return ckpt, bundle
+
+
 def bandwidth(nbytes: int = 512 << 20, reps: int = 5) -> float:
     """Bytes read + written per second by a large copy (best of `reps`)."""
     a = torch.ones(nbytes, dtype=torch.uint8)
@@ -293,14 +305,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    ckpt = work / "mini-bf16"
-    if not (ckpt / "config.json").is_file():
-        write_checkpoint(Step3Config.preset("mini"), ckpt, "bf16", seed=0, overwrite=True)
-    bundle = work / "mini-bundle"
-    if not (bundle / "manifest.json").is_file():
-        export_bundle(ckpt, "cpu", 1, bundle, scheme="bf16", kv_tokens=1 << 16,
-                      cpu_mem_bytes=16 << 30, onnx=False, overwrite=True)
+    ckpt, bundle = mini_bundle(Path(args.work))
     threads = torch.get_num_threads()
     res: dict = {"threads": threads, "new_tokens": args.new_tokens}
     only = set(args.only.split(","))
