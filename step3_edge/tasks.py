@@ -85,16 +85,27 @@ class Example:
         ("triangle purple" for "What colour is the triangle?"; "circle" alone when an asked-for
         circle is absent), counting lists the colours present in `COLOURS` order ("red blue");
         empty for the other types."""
-        if self.qtype == "colour":
-            return f"{next(s.kind for s in self.shapes if s.colour == self.answer)} {self.answer}"
-        if self.qtype == "shape":
-            return f"{next(s.colour for s in self.shapes if s.kind == self.answer)} {self.answer}"
+        colour, kind = self.named
+        if self.qtype in ("colour", "shape"):
+            return f"{kind or colour} {self.answer}"
         if self.qtype == "existence":
-            kind = next(k for k in SHAPES if k in self.question.rstrip("?").split())
             return " ".join([kind, *(s.colour for s in self.shapes if s.kind == kind)])
         if self.qtype == "count":
             return " ".join(c for c in COLOURS if any(s.colour == c for s in self.shapes))
         return ""
+
+    @property
+    def named(self) -> tuple[str | None, str | None]:
+        """(colour, shape) the question names, None where it names none: the object a colour,
+        shape or existence question's answer is looked up on."""
+        if self.qtype == "colour":
+            return None, next(s.kind for s in self.shapes if s.colour == self.answer)
+        if self.qtype == "shape":
+            return next(s.colour for s in self.shapes if s.kind == self.answer), None
+        if self.qtype == "existence":
+            words = self.question.rstrip("?").split()
+            return (next(c for c in COLOURS if c in words), next(k for k in SHAPES if k in words))
+        return None, None
 
     def messages(self) -> list[dict[str, Any]]:
         """The user turn in chat-message form (image first, then the question)."""

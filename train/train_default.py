@@ -246,17 +246,10 @@ def pack(items: list[list[Example]], proc: Step3Processor, parts: tuple[str, str
 
 
 def named_in_question(ex: Example) -> tuple[int, int]:
-    """(colour, shape) indices of what a colour / shape / existence question names (-1 when it
-    names none): the object the answer must be looked up on."""
-    if ex.qtype == "colour":
-        return -1, SHAPES.index(next(s.kind for s in ex.shapes if s.colour == ex.answer))
-    if ex.qtype == "shape":
-        return list(COLOURS).index(next(s.colour for s in ex.shapes if s.kind == ex.answer)), -1
-    if ex.qtype == "existence":
-        words = ex.question.rstrip("?").split()
-        return (next(i for i, c in enumerate(COLOURS) if c in words),
-                next(i for i, k in enumerate(SHAPES) if k in words))
-    return -1, -1
+    """(colour, shape) indices of what the question names (`Example.named`; -1: none)."""
+    colour, kind = ex.named
+    return (-1 if colour is None else list(COLOURS).index(colour),
+            -1 if kind is None else SHAPES.index(kind))
 
 
 def image_features(model: Step3ForConditionalGeneration, views: list[ImageViews]
