@@ -15,6 +15,7 @@ from step3_edge.runtime.backends import make_backend
 from step3_edge.runtime.engine import Engine
 from step3_edge.runtime.loading import (build_attention, build_ffn, choose_backend,
                                         kv_settings, open_bundle)
+from step3_edge.runtime.openmp import release_openmp_team
 from step3_edge.runtime.planner import Plan
 from step3_edge.runtime.scheduler import Generation, Request, Scheduler, stats
 from step3_edge.sampling import SamplingParams
@@ -115,6 +116,7 @@ class Step3Runtime:
         except BaseException:
             engine.close()
             raise
+        release_openmp_team()       # loading made this thread a team; steps run on the scheduler's
         return cls(Path(bundle), cfg, plan, processor, engine, sched, o)
 
     # ------------------------------------------------------------------ requests

@@ -21,6 +21,7 @@ import torch
 from step3_edge.chat import split_reasoning
 from step3_edge.runtime.engine import Engine
 from step3_edge.runtime.kv import SeqKV
+from step3_edge.runtime.openmp import release_openmp_team
 from step3_edge.sampling import SamplingParams, sample_next
 
 _DONE = object()
@@ -136,6 +137,7 @@ class Scheduler:
 
     def submit(self, req: Request) -> Request:
         self.engine.attn.kv.check(len(req.prompt_ids) + req.max_new_tokens)
+        release_openmp_team()       # the caller's (image preprocessing made one): runtime/openmp.py
         with self.cond:
             if self.stopped:
                 raise RuntimeError("the runtime is closed")
@@ -154,6 +156,8 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.cond:
+                    if not self.stopped and not self.waiting and not self.running:
+                        release_openmp_team()       # idle: leave the cores to whoever works
                     while not self.stopped and not self.waiting and not self.running:
                         self.cond.wait()
                     if self.stopped:
