@@ -208,42 +208,40 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
 
 def _best_rates(configs: dict[str, tuple], batches: tuple[int, ...], reps: int, new: int
                 ) -> dict[str, dict]:
-    """Round robin over `configs` (name -> (runtime, torch threads, micro-batches or None)),
-    best tokens/s of `reps` per config and batch."""
+    """Round robin over `configs` (name -> (runtime, micro-batches or None)), best tokens/s
+    of `reps` per config and batch."""
     best: dict[str, dict] = {}
     for _ in range(reps):
         for batch in batches:
-            for name, (rt, threads, micro) in configs.items():
-                torch.set_num_threads(threads)
+            for name, (rt, micro) in configs.items():
                 if micro is not None:
                     rt.engine.micro_batches = micro
                 row = decode_rate_runtime(rt, batch, new)
                 key = f"{name}, batch {batch}"
                 if key not in best or row["tokens_per_s"] > best[key]["tokens_per_s"]:
-                    best[key] = {**row, "batch": batch, "threads": threads}
+                    best[key] = {**row, "batch": batch, "threads": rt.scheduler.threads}
     return best
 
 
 def afd_section(args: argparse.Namespace, bundle: Path, res: dict) -> None:
     """Section 5: the 2-process AFD pipeline against one worker at batch 16 on two cores."""
     common = dict(device="cpu", dtype="bfloat16", vision=False)
-    one = Step3Runtime.load(bundle, **common)
-    torch.set_num_threads(1)
-    afd = Step3Runtime.load(bundle, **common, afd=True, ffn_ranks=1, afd_threads=1)
-    for rt in (one, afd):
+    one = {t: Step3Runtime.load(bundle, **common, threads=t) for t in (2, 1)}
+    afd = Step3Runtime.load(bundle, **common, afd=True, ffn_ranks=1, afd_threads=1, threads=1)
+    for rt in (*one.values(), afd):
         rt.generate(prompts(16), max_new_tokens=2)
     load0 = os.getloadavg()[0]
-    configs = {"one worker, 2 threads": (one, 2, None), "one worker, 1 thread": (one, 1, None),
-               **{f"AFD 1A+1F, {m} micro-batch{'es' * (m > 1)}": (afd, 1, m)
-                  for m in (1, 2, 3)}}
+    configs = {"one worker, 2 threads": (one[2], None), "one worker, 1 thread": (one[1], None),
+               **{f"AFD 1A+1F, {m} micro-batch{'es' * (m > 1)}": (afd, m) for m in (1, 2, 3)}}
     best = _best_rates(configs, (16,), args.reps, args.new_tokens)
     afd.close()
-    afd2 = Step3Runtime.load(bundle, **common, afd=True, ffn_ranks=2, afd_threads=1)
+    afd2 = Step3Runtime.load(bundle, **common, afd=True, ffn_ranks=2, afd_threads=1, threads=1)
     afd2.generate(prompts(16), max_new_tokens=2)
-    best.update(_best_rates({"AFD 1A+2F (3 processes), 3 micro-batches": (afd2, 1, 3)},
+    best.update(_best_rates({"AFD 1A+2F (3 processes), 3 micro-batches": (afd2, 3)},
                             (16,), args.reps, args.new_tokens))
     afd2.close()
-    one.close()
+    for rt in one.values():
+        rt.close()
     base = {t: best[f"one worker, {t} thread{'s' * (t > 1)}, batch 16"]["tokens_per_s"]
             for t in (1, 2)}
     res["afd"] = {"cpu_count": os.cpu_count(), "loadavg_before_after": [load0,
@@ -313,7 +311,6 @@ def main() -> int:
         decode_section(args, ckpt, bundle, res)
     if "afd" in only:
         afd_section(args, bundle, res)
-        torch.set_num_threads(threads)
     if "backends" in only:
         backends_section(args, ckpt, res)
     out = Path(args.out)

@@ -37,6 +37,8 @@ OVERRIDES: dict[str, str] = {
                  "KV bytes at kv_dtype, split evenly over the attention ranks)",
     "kv_dtype": "KV element type (default: float32 under float32 compute, else the plan's: "
                 "fp8 -> float8_e4m3fn, 2 bytes -> bfloat16)",
+    "threads": "intra-op threads of the engine thread, which runs every step (with afd: "
+               "the attention side here; default: torch.get_num_threads() at load)",
     "max_batch": "sequences decoded together (default 32)",
     "max_prefill_tokens": "prompt tokens per step (default 2048; longer prompts are chunked)",
     "bandwidths": "Bandwidths or dict to skip the start-up measurement",
@@ -66,6 +68,13 @@ OVERRIDES: dict[str, str] = {
 }
 
 
+def _threads(o: dict[str, Any]) -> int | None:
+    n = o.get("threads")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"threads={n!r}", "give a positive number of intra-op threads")
+    return n
+
+
 class Step3Runtime:
     """A loaded bundle: engine, expert store, KV pool, processor and the scheduler thread."""
 
@@ -85,6 +94,7 @@ class Step3Runtime:
             raise ConfigError(f"unknown runtime option(s) {unknown}",
                               "known options: " + ", ".join(OVERRIDES))
         o = dict(overrides)
+        threads = _threads(o)
         manifest, plan, cfg, reader = open_bundle(bundle, bool(o.get("verify", False)))
         o["backend"] = choose_backend(o, manifest)
         backend = make_backend(o["backend"], o.get("device"), o.get("dtype"),
@@ -112,7 +122,7 @@ class Step3Runtime:
         try:
             processor = Step3Processor.from_pretrained(bundle, cfg)
             sched = Scheduler(engine, processor.decode, int(o.get("max_batch", 32)),
-                              int(o.get("max_prefill_tokens", 2048)))
+                              int(o.get("max_prefill_tokens", 2048)), threads)
         except BaseException:
             engine.close()
             raise

@@ -170,6 +170,21 @@ class FusedSwiGLU(Step3MLP):
         return self.down_proj(F.silu(gu[..., :self.m]) * gu[..., self.m:])
 
 
+def _sort_pairs(flat: torch.Tensor, n_exp: int) -> tuple[torch.Tensor, list[int]]:
+    """(token, slot) pairs flat [N*k] of expert ids -> their order sorted by expert (stable)
+    and the pairs per expert. Decode-sized batches sort on the host: two tensor ops
+    (argsort, bincount) cost more there than the Python."""
+    if flat.numel() > 256:
+        hist = torch.bincount(flat, minlength=n_exp).tolist()            # one sync
+        return torch.argsort(flat, stable=True), hist
+    pairs = flat.tolist()                                                # one sync
+    per = [0] * n_exp
+    for e in pairs:
+        per[e] += 1
+    order = sorted(range(len(pairs)), key=pairs.__getitem__)             # stable
+    return torch.tensor(order, device=flat.device), per
+
+
 def read_linear(reader: CheckpointReader, backend: TorchBackend, name: str,
                 expert: int | None = None) -> Linear:
     """One stored weight (or one expert of a stacked weight) as a Linear of `backend`."""
@@ -351,10 +366,8 @@ class ExpertStore:
         on its slice, and one accumulating index_put_ adds in expert order per row: the same
         sums, bit for bit, as the reference's loop of one index_add_ per expert."""
         n_exp, k = self.cfg.moe_num_experts, ids.shape[1]
-        flat = ids.reshape(-1)                                           # [N*k]
-        order = torch.argsort(flat, stable=True)                         # pairs by expert
-        hist = torch.bincount(flat, minlength=n_exp).cpu()               # [E]
-        per = hist.tolist()                                              # one sync
+        order, per = _sort_pairs(ids.reshape(-1), n_exp)                 # [N*k], [E]
+        hist = torch.tensor(per)
         if self.owned is not None:        # a shard: only its experts (ranks sum to the total)
             hist *= self._own_mask[layer]
         self.counts[layer] += hist
@@ -389,7 +402,7 @@ class ExpertStore:
         if not uniq:
             return out
         dev = x.device
-        rows = torch.div(order, k, rounding_mode="floor")                # [N*k] token rows
+        rows = order // k                                                # [N*k] token rows
         xs = x.index_select(0, rows)                                     # [N*k, h]
         # activations for the CPU experts first (waits only for the attention side), then
         # the device experts are queued, then the CPU computes while the device works

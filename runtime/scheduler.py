@@ -122,8 +122,11 @@ class Scheduler:
     """Owns the engine; one daemon thread runs forward steps while there is work."""
 
     def __init__(self, engine: Engine, decode: Callable[[list[int]], str], max_batch: int = 32,
-                 max_prefill_tokens: int = 2048) -> None:
+                 max_prefill_tokens: int = 2048, threads: int | None = None) -> None:
+        """`threads`: the engine thread's intra-op threads (default: the creating thread's;
+        torch fixes a thread's count at its first parallel op, so it is set there)."""
         self.engine, self.decode = engine, decode
+        self.threads = threads or torch.get_num_threads()
         self.max_batch, self.max_prefill = max_batch, max_prefill_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -153,6 +156,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
+        torch.get_num_threads()     # torch's once-per-thread init (takes the process-wide count)
+        torch.set_num_threads(self.threads)                  # then this thread's own count
         with torch.inference_mode():
             while True:
                 with self.cond:

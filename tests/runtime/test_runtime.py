@@ -139,6 +139,8 @@ def test_load_errors(bundle: Path, tmp_path: Path) -> None:
         Step3Runtime.load(bundle, backend="tensorrt", device="cpu")
     with pytest.raises(ConfigError, match="resident"):
         Step3Runtime.load(bundle, device="cpu", resident=10**6, bandwidths=FIXED_BW)
+    with pytest.raises(ConfigError, match="threads=0"):
+        Step3Runtime.load(bundle, device="cpu", threads=0)
     from step3_edge.errors import BundleError
 
     with pytest.raises(BundleError, match="not a bundle"):
@@ -185,3 +187,25 @@ def test_bf16_logits_bit_identical_to_reference(bundle: Path, text_ckpt: Path) -
         got = eng.run([(seq, 1)], eng.attn.embed_tokens(nxt.tolist()))
         assert torch.equal(got, ref(nxt[None], cache=cache)[:, -1].float())
         eng.attn.kv.release(seq)
+
+
+def test_engine_threads_keep_the_counts_asked_for(bundle: Path, prompts) -> None:
+    """torch sets a thread's intra-op count at its first parallel op, from the process-wide
+    count that the last `set_num_threads` anywhere left: each runtime's engine thread must
+    still run with its own."""
+    seen: dict[int, set[int]] = {2: set(), 1: set()}
+    rts = {n: Step3Runtime.load(bundle, device="cpu", bandwidths=FIXED_BW, vision=False,
+                                threads=n) for n in seen}      # the second sets the count to 1
+    try:
+        for n, rt in rts.items():
+            def spy(*args, run=rt.engine.run, n=n, **kwargs):
+                seen[n].add(torch.get_num_threads())
+                return run(*args, **kwargs)
+
+            rt.engine.run = spy
+        for rt in rts.values():
+            rt.generate(prompts[0], max_new_tokens=2)
+    finally:
+        for rt in rts.values():
+            rt.close()
+    assert seen == {2: {2}, 1: {1}}
