@@ -157,18 +157,23 @@ class ChatEngine:
 
 
 def runtime_overrides(args: Any) -> dict[str, Any]:
-    """`Step3Runtime.load` keywords from the --device / --dtype options of app and serve."""
-    return {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None)}
+    """`Step3Runtime.load` keywords from the --device / --dtype / --threads options of app
+    and serve."""
+    return {k: getattr(args, k) for k in ("device", "dtype", "threads")
+            if getattr(args, k, None)}
 
 
 def add_runtime_arguments(p: Any, port: int) -> None:
-    """The options `app` and `serve` share: bundle, device, dtype, host, port."""
+    """The options `app` and `serve` share: bundle, device, dtype, threads, host, port."""
     p.add_argument("--bundle", help="engine bundle folder (default: the embedded model, "
                    "exported into the cache folder on first use)")
     p.add_argument("--device", help="torch device for the runtime, e.g. cpu, cuda, cuda:1 "
                    "(default: CUDA when present)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
                    help="compute dtype (default: the runtime's, bfloat16)")
+    p.add_argument("--threads", type=int, help="intra-op threads of the engine (default: "
+                   "app: one fewer than torch's, leaving a core to the browser and Gradio on "
+                   "this machine; serve: torch's)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=port)

@@ -290,7 +290,12 @@ def run(args: argparse.Namespace) -> int:
     from step3_edge.app.extras import import_in_background
 
     gradio_import = import_in_background("gradio", "gradio", "the Gradio demo (step3-edge app)")
-    engine = ChatEngine.load(args.bundle, **runtime_overrides(args))
+    import torch
+
+    # the browser of a local demo (127.0.0.1 by default) and Gradio need a core while the
+    # engine thread steps: its OpenMP workers spin between ops (runtime/openmp.py)
+    overrides = {"threads": max(1, torch.get_num_threads() - 1), **runtime_overrides(args)}
+    engine = ChatEngine.load(args.bundle, **overrides)
     gradio_import.join()
     print(f"step3-edge app: {engine.name} loaded from {engine.bundle}", file=sys.stderr)
     launch(engine, host=args.host, port=args.port, share=args.share,

@@ -97,3 +97,15 @@ def test_a_missing_package_names_the_app_extra(command: str, blocked: str) -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert f"'{blocked}'" in out.stderr and "step3-edge[app]" in out.stderr
+
+
+def test_runtime_options_of_app_and_serve() -> None:
+    import argparse
+
+    from step3_edge.app.engine import add_runtime_arguments, runtime_overrides
+
+    p = argparse.ArgumentParser()
+    add_runtime_arguments(p, port=1)
+    assert runtime_overrides(p.parse_args([])) == {}
+    args = p.parse_args(["--threads", "3", "--device", "cpu"])
+    assert runtime_overrides(args) == {"threads": 3, "device": "cpu"}
