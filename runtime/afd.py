@@ -128,7 +128,10 @@ def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]
                                            and distinct else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(dev)
-        procs = _spawn(backend, timeout, o.get("afd_threads"), devices, m)
+        # resolved here so that rank 0's engine thread on a CPU takes the same share (api.py)
+        o["afd_threads"] = o.get("afd_threads") or max(1, (os.cpu_count() or 1)
+                                                        // (len(devices) + 1))
+        procs = _spawn(backend, timeout, o["afd_threads"], devices, m)
         owns = True
     try:
         groups = make_groups(backend)
@@ -173,14 +176,13 @@ def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]
     return AFDEngine(attn, wire, shards, micro, procs, owns, workers[m - 1:], m, workers[:m - 1])
 
 
-def _spawn(backend: str, timeout: float, threads: int | None, devices: list[str], m: int
+def _spawn(backend: str, timeout: float, threads: int, devices: list[str], m: int
            ) -> list[Any]:
     """Start one worker process per device (attention ranks 1..m-1, then FFN ranks) and join
     the process group as rank 0."""
     world = len(devices) + 1
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout))
-    threads = threads or max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=afd_ffn.spawned_main, daemon=True,
                          args=(r, world, "127.0.0.1", store.port, backend, timeout, threads,

@@ -38,7 +38,8 @@ OVERRIDES: dict[str, str] = {
     "kv_dtype": "KV element type (default: float32 under float32 compute, else the plan's: "
                 "fp8 -> float8_e4m3fn, 2 bytes -> bfloat16)",
     "threads": "intra-op threads of the engine thread, which runs every step (with afd: "
-               "the attention side here; default: torch.get_num_threads() at load)",
+               "the attention side here; default: torch.get_num_threads() at load, or "
+               "afd_threads with afd=True on a CPU)",
     "max_batch": "sequences decoded together (default 32)",
     "max_prefill_tokens": "prompt tokens per step (default 2048; longer prompts are chunked)",
     "bandwidths": "Bandwidths or dict to skip the start-up measurement",
@@ -58,7 +59,8 @@ OVERRIDES: dict[str, str] = {
                          "['cuda:1'] (default: like ffn_devices)",
     "micro_batches": "AFD micro-batches per step and attention rank (default 3, as the "
                      "Step3 paper)",
-    "afd_threads": "intra-op threads of each spawned worker (default: cores / processes)",
+    "afd_threads": "intra-op threads of each spawned worker, and of this process's engine "
+                   "thread on a CPU unless `threads` is given (default: cores / processes)",
     "afd_timeout": "seconds to wait for an AFD worker before failing (default 300)",
     "afd_backend": "torch.distributed backend: 'gloo' or 'nccl' (default: nccl when every rank "
                    "has its own GPU, else gloo)",
@@ -116,6 +118,8 @@ class Step3Runtime:
             from step3_edge.runtime.afd import start_afd
 
             engine: Any = start_afd(Path(bundle), plan, attn, o)
+            if threads is None and afd is True and backend.device.type == "cpu":
+                threads = o["afd_threads"]      # share the cores with the spawned workers
         else:
             ffn = build_ffn(cfg, reader, plan, backend, o, routers=attn.routers())
             engine = Engine(attn, ffn, bool(o.get("sync_timing", False)))

@@ -31,6 +31,7 @@ def test_afd_greedy_tokens_equal_reference(ranks: int, micro: int, bundle: Path,
     with Step3Runtime.load(bundle, ffn_ranks=ranks, micro_batches=micro, **AFD) as rt:
         outs = rt.generate(prompts, max_new_tokens=MAX_NEW)          # one continuous batch
         assert [o.token_ids for o in outs] == reference
+        assert rt.scheduler.threads == 1          # rank 0 takes afd_threads, like its workers
         s = rt.stats()
         assert s["backend"]["mode"].startswith(f"AFD: 1 attention rank + {ranks} FFN")
         assert len(s["experts"]["ranks"]) == ranks and s["experts"]["hit_rate"] == 1.0
