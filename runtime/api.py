@@ -39,7 +39,8 @@ OVERRIDES: dict[str, str] = {
                 "fp8 -> float8_e4m3fn, 2 bytes -> bfloat16)",
     "threads": "intra-op threads of the engine thread, which runs every step (with afd: "
                "the attention side here; default: torch.get_num_threads() at load, or "
-               "afd_threads with afd=True on a CPU)",
+               "afd_threads with afd=True on a CPU); like torch.set_num_threads, it also "
+               "becomes the count of threads that first use torch later",
     "max_batch": "sequences decoded together (default 32)",
     "max_prefill_tokens": "prompt tokens per step (default 2048; longer prompts are chunked)",
     "bandwidths": "Bandwidths or dict to skip the start-up measurement",
