@@ -156,13 +156,6 @@ class ChatEngine:
         self.runtime.close()
 
 
-def runtime_overrides(args: Any) -> dict[str, Any]:
-    """`Step3Runtime.load` keywords from the --device / --dtype / --threads options of app
-    and serve."""
-    return {k: getattr(args, k) for k in ("device", "dtype", "threads")
-            if getattr(args, k, None)}
-
-
 def add_runtime_arguments(p: Any, port: int) -> None:
     """The options `app` and `serve` share: bundle, device, dtype, threads, host, port."""
     p.add_argument("--bundle", help="engine bundle folder (default: the embedded model, "

@@ -286,8 +286,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from step3_edge.app.engine import ChatEngine, runtime_overrides
+    from step3_edge.app.engine import ChatEngine
     from step3_edge.app.extras import import_in_background
+    from step3_edge.runtime.chat_cli import runtime_overrides
 
     gradio_import = import_in_background("gradio", "gradio", "the Gradio demo (step3-edge app)")
     import torch

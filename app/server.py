@@ -197,8 +197,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from step3_edge.app.engine import ChatEngine, runtime_overrides
+    from step3_edge.app.engine import ChatEngine
     from step3_edge.app.extras import import_in_background, require
+    from step3_edge.runtime.chat_cli import runtime_overrides
 
     feature = "the HTTP server (step3-edge serve)"
     imports = [import_in_background(m, m, feature) for m in ("fastapi", "uvicorn")]

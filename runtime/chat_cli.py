@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the engine (default: torch's)")
     p.add_argument("--resident", type=float, default=None,
                    help="fraction of routed experts kept on the device (default: the plan)")
     p.add_argument("--miss", choices=["cpu", "copy", "auto"], default=None,
@@ -33,8 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def runtime_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The Step3Runtime.load keywords a CLI's --device / --dtype / --resident / --miss give."""
-    o = {k: getattr(args, k, None) for k in ("device", "dtype", "resident", "miss")}
+    """The Step3Runtime.load keywords a CLI's --device / --dtype / --threads / --resident /
+    --miss give (chat, profile, app, serve; options a command lacks are skipped)."""
+    o = {k: getattr(args, k, None) for k in ("device", "dtype", "threads", "resident", "miss")}
     return {k: v for k, v in o.items() if v is not None}
 
 

@@ -102,7 +102,8 @@ def test_a_missing_package_names_the_app_extra(command: str, blocked: str) -> No
 def test_runtime_options_of_app_and_serve() -> None:
     import argparse
 
-    from step3_edge.app.engine import add_runtime_arguments, runtime_overrides
+    from step3_edge.app.engine import add_runtime_arguments
+    from step3_edge.runtime.chat_cli import runtime_overrides
 
     p = argparse.ArgumentParser()
     add_runtime_arguments(p, port=1)
