@@ -141,7 +141,7 @@ def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]
         ffn_ranks = list(range(m, len(devices) + 1))
         shards = partition(plan, attn.cfg, len(ffn_ranks))
         options = {k: o[k] for k in FFN_OPTIONS if o.get(k) is not None}
-        if hasattr(options.get("bandwidths"), "__dataclass_fields__"):
+        if "bandwidths" in options:                       # a Bandwidths (api.py): as JSON
             options["bandwidths"] = vars(options["bandwidths"])
         common = {"protocol": PROTOCOL, "bundle": str(Path(bundle).resolve()),
                   "options": options, "attention_ranks": m,

@@ -13,8 +13,8 @@ from step3_edge.errors import ConfigError, PromptError
 from step3_edge.processor import ImageViews, Step3Processor
 from step3_edge.runtime.backends import make_backend
 from step3_edge.runtime.engine import Engine
-from step3_edge.runtime.loading import (build_attention, build_ffn, choose_backend,
-                                        kv_settings, open_bundle)
+from step3_edge.runtime.loading import (bandwidths_option, build_attention, build_ffn,
+                                        choose_backend, kv_settings, open_bundle)
 from step3_edge.runtime.openmp import release_openmp_team
 from step3_edge.runtime.planner import Plan
 from step3_edge.runtime.scheduler import Generation, Request, Scheduler, stats
@@ -98,6 +98,7 @@ class Step3Runtime:
                               "known options: " + ", ".join(OVERRIDES))
         o = dict(overrides)
         threads = _threads(o)
+        o["bandwidths"] = bandwidths_option(o.get("bandwidths"))   # checked before any weight
         manifest, plan, cfg, reader = open_bundle(bundle, bool(o.get("verify", False)))
         o["backend"] = choose_backend(o, manifest)
         backend = make_backend(o["backend"], o.get("device"), o.get("dtype"),

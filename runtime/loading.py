@@ -4,6 +4,7 @@ worker in another process builds exactly what the one-process engine would."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,21 @@ from step3_edge.runtime.planner import Plan, expert_order
 
 MAX_DEFAULT_KV_TOKENS = 1 << 18   # cap when the plan leaves a whole CPU's memory to KV
 RESERVE_BYTES = 2 << 30           # CUDA: left free for activations when capping residents
+
+
+def bandwidths_option(bw: Any) -> Bandwidths | None:
+    """The `bandwidths` option: None (measure at start-up), a `Bandwidths`, or a dict of its
+    fields (what AFD workers receive)."""
+    if bw is None or isinstance(bw, Bandwidths):
+        return bw
+    fields = dataclasses.fields(Bandwidths)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    if isinstance(bw, dict) and set(required) <= set(bw) <= {f.name for f in fields}:
+        return Bandwidths(**bw)
+    raise ConfigError(f"bandwidths={bw!r}",
+                      f"give a Bandwidths or a dict with {', '.join(required)} (bytes/s and "
+                      "FLOP/s; optional: measured, cpu_overhead, copy_overhead), or leave it "
+                      "out to measure at start-up")
 
 
 def open_bundle(bundle: str | Path, verify: bool = False
@@ -168,7 +184,7 @@ def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: T
                         miss=o.get("miss", "auto"),
                         prefetch=bool(o.get("prefetch", dev.type == "cuda" and
                                             policy != "static")),
-                        bandwidths=Bandwidths(**bw) if isinstance(bw, dict) else bw,
+                        bandwidths=bandwidths_option(bw),
                         routers=routers,
                         owned=None if shard is None else set(shard.experts))
     return FFNWorker(cfg, reader, backend, store, shard)

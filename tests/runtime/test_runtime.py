@@ -141,6 +141,8 @@ def test_load_errors(bundle: Path, tmp_path: Path) -> None:
         Step3Runtime.load(bundle, device="cpu", resident=10**6, bandwidths=FIXED_BW)
     with pytest.raises(ConfigError, match="threads=0"):
         Step3Runtime.load(bundle, device="cpu", threads=0)
+    with pytest.raises(ConfigError, match="host_to_device, host_memory"):
+        Step3Runtime.load(bundle, device="cpu", bandwidths={"h2d": 1e10})
     from step3_edge.errors import BundleError
 
     with pytest.raises(BundleError, match="not a bundle"):
