@@ -22,7 +22,8 @@ from step3_edge.sampling import SamplingParams
 
 OVERRIDES: dict[str, str] = {
     "device": "torch device: 'cpu', 'cuda', 'cuda:1' (default: CUDA when present)",
-    "dtype": "compute dtype: 'bfloat16' (default) or 'float32' (the reference's numerics)",
+    "dtype": "compute dtype: 'bfloat16' (default), 'float32' (the reference's numerics) or "
+             "'float16'",
     "backend": "'torch', 'onnxruntime' (the bundle's ONNX subgraphs; CPU provider, or CUDA "
                "with onnxruntime-gpu) or 'auto' (default: onnxruntime for float32 compute on "
                "a CPU when the bundle has ONNX subgraphs, else torch; runtime/README.md)",
@@ -71,11 +72,27 @@ OVERRIDES: dict[str, str] = {
 }
 
 
-def _threads(o: dict[str, Any]) -> int | None:
-    n = o.get("threads")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ConfigError(f"threads={n!r}", "give a positive number of intra-op threads")
-    return n
+COUNTS = ("threads", "max_batch", "max_prefill_tokens", "ffn_ranks", "afd_threads",
+          "ort_threads", "micro_batches")
+FLAGS = ("prefetch", "verify", "vision", "sync_timing")
+
+
+def _check_options(o: dict[str, Any]) -> None:
+    """Counts are whole numbers >= 1, flags are booleans, afd_backend is gloo or nccl,
+    afd_timeout is positive: checked before any weight is read (the options with their own
+    parsers check themselves)."""
+    for k in COUNTS:
+        v = o.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{k}={v!r}", f"give {k} as a whole number >= 1")
+    for k in FLAGS:
+        if k in o and not isinstance(o[k], bool):
+            raise ConfigError(f"{k}={o[k]!r}", f"give {k} as True or False")
+    if o.get("afd_backend") not in (None, "gloo", "nccl"):
+        raise ConfigError(f"afd_backend={o['afd_backend']!r}", "use 'gloo' or 'nccl'")
+    t = o.get("afd_timeout")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+        raise ConfigError(f"afd_timeout={t!r}", "give the seconds to wait as a number > 0")
 
 
 class Step3Runtime:
@@ -97,7 +114,8 @@ class Step3Runtime:
             raise ConfigError(f"unknown runtime option(s) {unknown}",
                               "known options: " + ", ".join(OVERRIDES))
         o = dict(overrides)
-        threads = _threads(o)
+        _check_options(o)
+        threads = o.get("threads")
         o["bandwidths"] = bandwidths_option(o.get("bandwidths"))   # checked before any weight
         manifest, plan, cfg, reader = open_bundle(bundle, bool(o.get("verify", False)))
         o["backend"] = choose_backend(o, manifest)

@@ -306,6 +306,10 @@ def make_backend(name: str = "torch", device: str | None = None,
             raise ConfigError(f"compute dtype {dtype!r}", "use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype.removeprefix("torch."))
     device = device or default_device()
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} ({e})", "give 'cpu', 'cuda' or 'cuda:N'") from e
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available",
                           "pass device='cpu' or run on a machine with a CUDA GPU")

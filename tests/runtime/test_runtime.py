@@ -139,8 +139,10 @@ def test_load_errors(bundle: Path, tmp_path: Path) -> None:
         Step3Runtime.load(bundle, backend="tensorrt", device="cpu")
     with pytest.raises(ConfigError, match="resident"):
         Step3Runtime.load(bundle, device="cpu", resident=10**6, bandwidths=FIXED_BW)
-    with pytest.raises(ConfigError, match="threads=0"):
-        Step3Runtime.load(bundle, device="cpu", threads=0)
+    for bad in ({"threads": 0}, {"max_batch": 0}, {"prefetch": "maybe"}, {"afd_timeout": -1},
+                {"afd_backend": "mpi"}, {"device": "gpu0"}):
+        with pytest.raises(ConfigError, match=f"{next(iter(bad.values()))!r}"):
+            Step3Runtime.load(bundle, **{"device": "cpu", **bad})
     with pytest.raises(ConfigError, match="host_to_device, host_memory"):
         Step3Runtime.load(bundle, device="cpu", bandwidths={"h2d": 1e10})
     from step3_edge.errors import BundleError
