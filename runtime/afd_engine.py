@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from step3_edge.errors import RuntimeClosedError
 from step3_edge.runtime.afd_attn import AttentionSide, BlockPool, FrontAttention, ShardedKV
 from step3_edge.runtime.afd_protocol import (OP_RESET, OP_SHUTDOWN, OP_STATS, OP_STEP, OP_TRACE,
                                              AFDWorkerError, REMEDY, Wire)
@@ -160,7 +161,7 @@ class AFDEngine:
             raise AFDWorkerError(f"the AFD pipeline is down: {self.broken.problem}",
                                  self.broken.remedy)
         if self.closed:
-            raise RuntimeError("the runtime is closed")
+            raise RuntimeClosedError()
 
     def _ask(self, op: int, ranks: list[int], *args: int) -> list[Any]:
         """Send `op` to `ranks` and return each one's JSON answer."""

@@ -95,6 +95,11 @@ def _check_options(o: dict[str, Any]) -> None:
         raise ConfigError(f"afd_timeout={t!r}", "give the seconds to wait as a number > 0")
 
 
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise PromptError(f"seed={seed!r}", "give a whole number, or None")
+
+
 class Step3Runtime:
     """A loaded bundle: engine, expert store, KV pool, processor and the scheduler thread."""
 
@@ -167,6 +172,9 @@ class Step3Runtime:
                  stop: str | Sequence[str] | None, seed: int | None) -> Request:
         if isinstance(prompt, str):
             ids, views = self.processor(prompt, list(images or []))
+        elif not isinstance(prompt, Sequence) or not all(isinstance(i, int) for i in prompt):
+            raise PromptError(f"a prompt that is neither a str nor a list of token ids: "
+                              f"{str(prompt)[:60]}", "give a str or a list of token ids")
         else:
             ids = [int(i) for i in prompt]
             views = [im if isinstance(im, ImageViews) else self.processor.preprocess(im)
@@ -183,6 +191,7 @@ class Step3Runtime:
             raise PromptError(f"{len(ids):,} prompt tokens + {max_new_tokens:,} new tokens "
                               f"exceed the context of {t.max_context:,}",
                               "shorten the prompt or lower max_new_tokens")
+        _check_seed(seed)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
             raise PromptError(f"stop strings {stops!r}", "give non-empty strings")
@@ -198,6 +207,10 @@ class Step3Runtime:
         """Generate for one prompt (a str or a list of token ids; `images` its images) or a
         batch (a list of those; `images` one list per prompt). All prompts are checked before
         any is queued; they run together with whatever else is in flight."""
+        _check_seed(seed)
+        if not isinstance(prompts, Sequence):
+            raise PromptError(f"prompts of type {type(prompts).__name__}",
+                              "give a str, a list of token ids, or a list of those")
         single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
                                               and all(isinstance(i, int) for i in prompts))
         batch = [prompts] if single else list(prompts)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from step3_edge.chat import split_reasoning
+from step3_edge.errors import RuntimeClosedError
 from step3_edge.runtime.engine import Engine
 from step3_edge.runtime.kv import SeqKV
 from step3_edge.runtime.openmp import release_openmp_team
@@ -143,7 +144,7 @@ class Scheduler:
         release_openmp_team()       # the caller's (image preprocessing made one): runtime/openmp.py
         with self.cond:
             if self.stopped:
-                raise RuntimeError("the runtime is closed")
+                raise RuntimeClosedError()
             self.waiting.append(req)
             self.cond.notify()
         return req
@@ -167,7 +168,8 @@ class Scheduler:
                         self.cond.wait()
                     if self.stopped:
                         for r in [*self.waiting, *self.running]:
-                            r._finish(RuntimeError("the runtime was closed"))
+                            r._finish(RuntimeClosedError("the runtime was closed before "
+                                                         "this request finished"))
                         return
                     self._admit()
                 try:

@@ -40,6 +40,13 @@ class QuantizationError(Step3EdgeError):
     """A quantization scheme or recipe was asked for that does not exist or does not apply."""
 
 
+class RuntimeClosedError(Step3EdgeError, RuntimeError):
+    """A request reached a runtime that was closed (or was pending when it closed)."""
+
+    def __init__(self, problem: str = "the runtime is closed") -> None:
+        super().__init__(problem, "load the bundle again (Step3Runtime.load)")
+
+
 class MissingExtraError(Step3EdgeError):
     """An optional package needed for this feature is not installed."""
 

@@ -11,7 +11,7 @@ import torch
 from conftest import FIXED_BW, MAX_NEW, reference_tokens
 from PIL import Image
 
-from step3_edge.errors import ConfigError, PromptError
+from step3_edge.errors import ConfigError, PromptError, RuntimeClosedError
 from step3_edge.runtime import Step3Runtime
 
 MODES = {
@@ -78,11 +78,15 @@ def test_prompt_over_context_or_kv_capacity_is_a_prompt_error(rt, bundle: Path,
             small.generate([5] * 40, max_new_tokens=20)
         ok = small.generate(prompts[3], max_new_tokens=4)            # still serving
         assert len(ok.token_ids) <= 4
-    for bad in ([], [-1], [10**9]):
+    with pytest.raises(RuntimeClosedError, match="closed"):         # `with` closed it
+        small.generate(prompts[3], max_new_tokens=2)
+    for bad in ([], [-1], [10**9], {"a": 1}, [[1.5, 2]], 7):
         with pytest.raises(PromptError):
             rt.generate(bad, max_new_tokens=2)
     with pytest.raises(PromptError):
         rt.generate(prompts[0], max_new_tokens=0)
+    with pytest.raises(PromptError, match="seed"):
+        rt.generate(prompts[0], max_new_tokens=2, seed="x")
 
 
 def test_stop_strings_and_streaming(rt, prompts) -> None:
