@@ -110,7 +110,7 @@ def reference_rate(model: Step3ForConditionalGeneration, batch: int, new: int,
             cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, tc.rope_factor)
             mask = attention_mask(pos, valid, past).to(dev)
             cos, sin = cos.to(dev), sin.to(dev)
-            h = model.embed(x)
+            h = model.model.embed_tokens(x)       # text only (a sampled <im_patch> is a token)
             for layer in model.model.layers:
                 h = layer(h, cos, sin, mask, cache)
             cache.length += x.shape[1]
