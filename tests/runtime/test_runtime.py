@@ -217,3 +217,30 @@ def test_engine_threads_keep_the_counts_asked_for(bundle: Path, prompts) -> None
         for rt in rts.values():
             rt.close()
     assert seen == {2: {2}, 1: {1}}
+
+
+def test_incremental_text_equals_decoding_everything(rt) -> None:
+    """The scheduler decodes only the last ids per step; at every step its text is the full
+    decode's (less a trailing incomplete character), and at the end exactly the full decode,
+    over random ids that include multi-byte pieces, special tokens and `</think>`."""
+    from step3_edge.processor import THINK_END
+    from step3_edge.runtime.scheduler import IncrementalText
+
+    decode = rt.processor.decode
+    vocab = rt.processor.tokenizer.get_vocab_size()
+    think = rt.processor.tokenizer.token_to_id(THINK_END)
+    g = torch.Generator().manual_seed(1)
+    waited = 0
+    for trial in range(20):
+        ids = torch.randint(0, vocab, (60,), generator=g).tolist()
+        ids[int(torch.randint(0, 60, (1,), generator=g))] = think
+        inc, seen = IncrementalText(decode), []
+        for n in range(1, len(ids) + 1):
+            seen.append(ids[n - 1])
+            text = inc.update(seen, final=n == len(ids))
+            full = decode(seen)
+            pending = full.endswith("\ufffd")
+            waited += pending
+            assert full.startswith(text) if pending else text == full, (trial, n)
+        assert text == decode(ids)
+    assert waited > 0                        # the ids did end mid-character at times
