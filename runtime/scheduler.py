@@ -294,9 +294,9 @@ class Scheduler:
 
 
 def stats(s: Scheduler) -> dict[str, Any]:
-    """Queue and KV use of a scheduler."""
+    """Queue and KV use of a scheduler, and its engine thread's intra-op threads."""
     pool = s.engine.attn.kv
-    return {"running": len(s.running), "waiting": len(s.waiting),
+    return {"running": len(s.running), "waiting": len(s.waiting), "threads": s.threads,
             "tokens_generated": s.tokens_generated,
             "kv_capacity_tokens": pool.capacity_tokens,
             "kv_used_tokens": pool.capacity_tokens - pool.free_tokens}

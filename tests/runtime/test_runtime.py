@@ -213,6 +213,7 @@ def test_engine_threads_keep_the_counts_asked_for(bundle: Path, prompts) -> None
             rt.engine.run = spy
         for rt in rts.values():
             rt.generate(prompts[0], max_new_tokens=2)
+        assert {n: rt.stats()["scheduler"]["threads"] for n, rt in rts.items()} == {2: 2, 1: 1}
     finally:
         for rt in rts.values():
             rt.close()
