@@ -109,9 +109,10 @@ class IncrementalText:
     """The text of a growing list of token ids, decoding only the last few ids per step (as
     vLLM does): the ids from `prefix` on, less the text of those before `read`, is what the
     new ids add. Decoding the whole list every step costs O(length) per token (0.7 ms at
-    4,000 tokens, per sequence). The window starts a token early so that a tokenizer that
-    treats the first token of a decode specially (a stripped leading space) agrees; new text
-    that ends in an incomplete UTF-8 character (U+FFFD) waits for the next id."""
+    4,000 tokens, per sequence). Both decodes start at the ids of the previous update, so a
+    tokenizer that treats a decode's first token specially (a stripped leading space) treats
+    them alike; new text that ends in an incomplete UTF-8 character (U+FFFD) waits for the
+    next id."""
 
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
         self.decode, self.text, self.prefix, self.read = decode, "", 0, 0
