@@ -4,22 +4,17 @@ its greedy answers. Session-scoped: built once."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from runtime_helpers import FIXED_BW, reference_tokens
 
 from step3_edge.config import Step3Config
 from step3_edge.layout import expected_weights
 from step3_edge.synth import random_weight, write_checkpoint
 
-MAX_NEW = 12
 PRINTABLE = range(3 + 32, 3 + 127)   # byte tokens of ' '..'~' in the synthetic tokenizer
-FIXED_BW = {"host_to_device": 5e9, "host_memory": 1e10, "device_memory": 1e10,
-            "host_flops": 1e10, "device_flops": 1e10, "measured": False}
 QUESTIONS = ["What is in this picture?", "Count to three.", "Name a colour", "hi"]
 
 
@@ -68,15 +63,6 @@ def prompts(rt) -> list[list[int]]:
     return [rt.processor.apply_chat([{"role": "user", "content": q}])[0] for q in QUESTIONS]
 
 
-def reference_tokens(model, ids: list[int], stop_ids: list[int], images=None,
-                     max_new: int = MAX_NEW) -> list[int]:
-    """The reference's greedy new tokens, without the stop token."""
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new, images=images,
-                             stop_token_ids=tuple(stop_ids))[0, len(ids):].tolist()
-    return out[:-1] if out and out[-1] in stop_ids else out
-
-
 @pytest.fixture(scope="session")
 def reference(ref_model, prompts, rt) -> list[list[int]]:
     return [reference_tokens(ref_model, p, rt.processor.stop_token_ids) for p in prompts]
@@ -92,16 +78,3 @@ def onnx_bundle(text_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export_bundle(text_ckpt, "cpu", 1, tmp_path_factory.mktemp("rt") / "onnx-bundle",
                          scheme="bf16", kv_tokens=65536, cpu_mem_bytes=8 << 30, onnx=True,
                          validate=False, trt=False, progress=False)
-
-
-def torchrun_tokens(bundle: Path, nproc: int, prompts: list[str], *extra: str,
-                    timeout: float = 180) -> list[list[int]]:
-    """Greedy token ids of `prompts` from `torchrun -m step3_edge.runtime.afd` with `nproc`
-    processes (fp32, 6 new tokens, `extra` flags), asserting a clean exit."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), "-m", "step3_edge.runtime.afd", "--bundle", str(bundle), "--dtype",
-           "float32", *extra, "--max-new-tokens", "6", "--json", *prompts]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line)["token_ids"] for line in out.stdout.splitlines()
-            if line.startswith("{")]

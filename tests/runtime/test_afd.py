@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXED_BW, MAX_NEW, torchrun_tokens
+from runtime_helpers import FIXED_BW, MAX_NEW, torchrun_tokens
 
 from step3_edge.config import Step3Config
 from step3_edge.errors import Step3EdgeError

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXED_BW, MAX_NEW, reference_tokens, torchrun_tokens
+from runtime_helpers import FIXED_BW, MAX_NEW, reference_tokens, torchrun_tokens
 from PIL import Image
 
 from step3_edge.config import Step3Config

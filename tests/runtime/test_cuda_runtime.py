@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXED_BW, MAX_NEW
+from runtime_helpers import FIXED_BW, MAX_NEW
 
 from step3_edge.runtime import Step3Runtime
 from step3_edge.sampling import SamplingParams

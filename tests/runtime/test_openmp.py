@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FIXED_BW
+from runtime_helpers import FIXED_BW
 
 from step3_edge.runtime.openmp import _pause, release_openmp_team
 

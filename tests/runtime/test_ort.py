@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import MAX_NEW, reference_tokens
+from runtime_helpers import MAX_NEW, reference_tokens
 from PIL import Image
 
 from step3_edge.errors import ConfigError

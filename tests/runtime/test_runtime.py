@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXED_BW, MAX_NEW, reference_tokens
+from runtime_helpers import FIXED_BW, MAX_NEW, reference_tokens
 from PIL import Image
 
 from step3_edge.errors import ConfigError, PromptError, RuntimeClosedError
