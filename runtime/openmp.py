@@ -11,7 +11,7 @@ waits for its workers to wake: 1.7-2x per step on two cores (`bench/bench_decode
 `omp_pause_resource_all(omp_pause_soft)`, which torch does not expose; libgomp frees only the
 caller's own pool, and the team is rebuilt if that thread opens a parallel region again. It is
 a no-op where the process has no libgomp (macOS and Windows builds use other runtimes, whose
-pause is process-wide, so it is not called there).
+pause is process-wide, so it is not called there) or a libgomp older than GCC 9's.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def _pause() -> Callable[[int], int] | None:
     for line in maps.read_text().splitlines():
         path = line.split()[-1]
         if "/libgomp" in path and ".so" in path:
-            fn = ctypes.CDLL(path).omp_pause_resource_all
-            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            fn = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)   # GCC >= 9
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
             return fn
     return None
 
