@@ -21,7 +21,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-import torch  # noqa: F401 - loads the OpenMP runtime before it is looked up
+import torch                    # loads the OpenMP runtime before it is looked up
 
 OMP_PAUSE_SOFT = 1
 
@@ -31,14 +31,16 @@ def _pause() -> Callable[[int], int] | None:
     maps = Path("/proc/self/maps")
     if not maps.exists():
         return None
-    for line in maps.read_text().splitlines():
-        path = line.split()[-1]
-        if "/libgomp" in path and ".so" in path:
-            fn = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)   # GCC >= 9
-            if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-            return fn
-    return None
+    libs = {line.split()[-1] for line in maps.read_text().splitlines()
+            if "/libgomp" in line and ".so" in line}
+    if not libs:
+        return None
+    here = str(Path(torch.__file__).parent)         # torch's own copy when another is loaded
+    path = min(libs, key=lambda p: (not p.startswith(here), p))
+    fn = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)           # GCC >= 9
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
 
 
 def release_openmp_team() -> bool:
