@@ -211,8 +211,8 @@ class Step3Runtime:
         if not isinstance(prompts, Sequence):
             raise PromptError(f"prompts of type {type(prompts).__name__}",
                               "give a str, a list of token ids, or a list of those")
-        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
-                                              and all(isinstance(i, int) for i in prompts))
+        single = isinstance(prompts, str) or (bool(prompts) and
+                                              all(isinstance(i, int) for i in prompts))
         batch = [prompts] if single else list(prompts)
         imgs = [images] if single else list(images or [None] * len(batch))
         if not batch or len(imgs) != len(batch):

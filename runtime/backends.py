@@ -307,10 +307,10 @@ def make_backend(name: str = "torch", device: str | None = None,
         dtype = getattr(torch, dtype.removeprefix("torch."))
     device = device or default_device()
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"device {device!r} ({e})", "give 'cpu', 'cuda' or 'cuda:N'") from e
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available",
                           "pass device='cpu' or run on a machine with a CUDA GPU")
     if name == "torch":

@@ -130,17 +130,14 @@ class IncrementalText:
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """Characters at the end of `text` not safe to emit yet: the longest suffix that could start
-    a stop string, and an incomplete UTF-8 character (decoded as U+FFFD)."""
+    a stop string (an incomplete UTF-8 character never reaches `text`: `IncrementalText`)."""
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), hold, -1):
             if text.endswith(s[:k]):
                 hold = k
                 break
-    n = len(text) - hold
-    while n > 0 and text[n - 1] == "\ufffd":
-        n -= 1
-    return len(text) - n
+    return hold
 
 
 class Scheduler:
@@ -187,9 +184,8 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    if not self.stopped and not self.waiting and not self.running:
-                        release_openmp_team()       # idle: leave the cores to whoever works
                     while not self.stopped and not self.waiting and not self.running:
+                        release_openmp_team()       # idle: leave the cores to whoever works
                         self.cond.wait()
                     if self.stopped:
                         for r in [*self.waiting, *self.running]:
