@@ -65,9 +65,6 @@ class BlockPool(KVPool):
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
         self.pad_slot = self.num_blocks * BLOCK
 
-    def bytes_per_token(self) -> int:
-        return 2 * self.cfg.num_hidden_layers * self.cfg.head_dim * self.dtype.itemsize
-
 
 class ShardedKV:
     """The scheduler's KV pool over the attention ranks' pools (rank 0's real one first):

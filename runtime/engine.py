@@ -25,7 +25,7 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config, Step3TextConfig
 from step3_edge.errors import PromptError
 from step3_edge.model import (RMSNorm, Step3DecoderLayer, Step3ForConditionalGeneration,
-                              apply_rope)
+                              apply_rope, mfa_attention)
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.expert_cache import Key
 from step3_edge.runtime.expert_store import ExpertStore, make_mlp, read_linear
@@ -117,10 +117,7 @@ def _attention_side(layer: Step3DecoderLayer, qkv: torch.Tensor, h: torch.Tensor
     qk = apply_rope(torch.cat([q, y[..., sq:sq + d][:, None]], 1), cos, sin)  # [b, n+1, t, d]
     q, k = qk[:, :n], qk[:, n]                  # one rope for both (elementwise: same bits)
     k, v = cache.update(layer.layer, k, y[..., sq + d:])                     # [b, S, d]
-    s = k.shape[1]
-    out = F.scaled_dot_product_attention(q, k[:, None].expand(b, n, s, d),
-                                         v[:, None].expand(b, n, s, d), attn_mask=mask,
-                                         scale=d ** -0.5)                   # [b, n, t, d]
+    out = mfa_attention(q, k, v, mask, d ** -0.5)                           # [b, n, t, d]
     h = h + a.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
     return h, layer.post_attention_layernorm(h)
 

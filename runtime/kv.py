@@ -39,18 +39,28 @@ class SeqKV:
 
 
 class KVPool:
-    """k, v [layers, capacity, head_dim] in blocks of 16 tokens; the last block is scratch
-    (padding reads point at it)."""
+    """kv [layers, capacity, 2 (k, v), head_dim] in blocks of 16 tokens; the last block is
+    scratch (padding reads point at it). A token's key and value sit side by side, so one
+    index op per layer writes or gathers both."""
 
     def __init__(self, cfg: Step3TextConfig, capacity_tokens: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.num_blocks = max(1, capacity_tokens // BLOCK)
-        shape = (cfg.num_hidden_layers, (self.num_blocks + 1) * BLOCK, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (cfg.num_hidden_layers, (self.num_blocks + 1) * BLOCK, 2, cfg.head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
         self.pad_slot = self.num_blocks * BLOCK
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Keys [layers, capacity, head_dim] (a view)."""
+        return self.kv[:, :, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Values [layers, capacity, head_dim] (a view)."""
+        return self.kv[:, :, 1]
 
     @property
     def capacity_tokens(self) -> int:
@@ -61,7 +71,7 @@ class KVPool:
         return len(self.free_blocks) * BLOCK
 
     def bytes_per_token(self) -> int:
-        return 2 * self.cfg.num_hidden_layers * self.cfg.head_dim * self.k.element_size()
+        return 2 * self.cfg.num_hidden_layers * self.cfg.head_dim * self.dtype.itemsize
 
     def check(self, tokens: int) -> None:
         """Raise PromptError if a sequence of `tokens` could never be held (even alone)."""
@@ -174,23 +184,19 @@ class GroupCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [b, t, d] into the pool; return the group's keys/values [b, S, d]."""
         g, d = self.group, k.shape[-1]
-        idx = g.gather.reshape(-1)
-        out = []
-        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):   # [slots, d]
-            dt = pool.dtype
-            if dt.itemsize == 1:          # fp8 KV: index ops run on the raw bytes
-                src = new.reshape(-1, d).float().clamp(-448.0, 448.0).to(dt).view(torch.uint8)
-                pool = pool.view(torch.uint8)
-            else:
-                src = new.reshape(-1, d).to(dt)
-            pool.index_copy_(0, g.write, src)
-            got = pool.index_select(0, idx)                              # [b*S, d]
-            if dt.itemsize == 1:          # fp8 -> compute dtype through a 256-entry table
-                got = _fp8_table(dt, new.dtype, got.device).index_select(
-                    0, got.reshape(-1).int())                            # (exact, ~5x faster)
-            out.append(got.view(dt if dt.itemsize != 1 else new.dtype)
-                       .view(g.b, -1, d).to(new.dtype))
-        return out[0], out[1]
+        pool = self.pool.kv[layer]                                       # [slots, 2, d]
+        dt = pool.dtype
+        new = torch.stack([k, v], dim=-2).reshape(-1, 2, d)               # [b*t, 2, d]
+        if dt.itemsize == 1:              # fp8 KV: index ops run on the raw bytes
+            new = new.float().clamp(-448.0, 448.0).to(dt).view(torch.uint8)
+            pool = pool.view(torch.uint8)
+        pool.index_copy_(0, g.write, new.to(pool.dtype))
+        got = pool.index_select(0, g.gather.reshape(-1))                 # [b*S, 2, d]
+        if dt.itemsize == 1:              # fp8 -> compute dtype through a 256-entry table
+            got = _fp8_table(dt, k.dtype, got.device).index_select(
+                0, got.reshape(-1).int())                                # (exact, ~5x faster)
+        got = got.view(g.b, -1, 2, d).to(k.dtype)
+        return got[:, :, 0], got[:, :, 1]
 
 
 _FP8_TABLES: dict[tuple[torch.dtype, torch.dtype, torch.device], torch.Tensor] = {}

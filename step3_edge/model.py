@@ -26,9 +26,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight in fp32, as one call (fewer ops per decode step)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps
+                          ).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, factor: float = 1.0
@@ -43,9 +43,38 @@ def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, factor: float 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [B, T, D]. Rotates all D dims (rotate-half layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos[:, None] + rot * sin[:, None]).to(x.dtype)
+    return (xf * cos[:, None] + rot * sin[:, None]).to(x.dtype)
+
+
+# Queries per sequence up to which `mfa_attention` computes the scores directly.
+DIRECT_QUERIES = 16
+_MASKED = torch.finfo(torch.float32).min
+
+
+def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """Attention of n query heads against MFA's one shared K/V head: q [B, n, T, d],
+    k, v [B, S, d], boolean mask [B, 1, T, S] -> [B, n, T, d].
+
+    Up to DIRECT_QUERIES queries (decode), the n*T query rows meet the single K head in one
+    fp32 product [B, n*T, d] @ [B, d, S], with no per-head copies of K and V; on the CPU this is
+    ~5x faster than the flash kernel at S = 500. Longer queries (prefill) take
+    scaled_dot_product_attention, which never holds the [T, S] score matrix."""
+    b, n, t, d = q.shape
+    s = k.shape[1]
+    if t > DIRECT_QUERIES:
+        return F.scaled_dot_product_attention(
+            q, k[:, None].expand(b, n, s, d), v[:, None].expand(b, n, s, d),
+            attn_mask=mask, scale=scale)
+    scores = torch.bmm(q.reshape(b, n * t, d).float(), k.float().transpose(1, 2))
+    # a finite floor, not -inf: a row with every key masked (left padding) then stays finite,
+    # and its values cannot turn other rows' zero-weighted sums into NaN
+    scores = scores.view(b, n, t, s).mul_(scale).masked_fill_(~mask, _MASKED)
+    p = torch.softmax(scores, dim=-1).view(b, n * t, s)
+    return torch.bmm(p, v.float()).view(b, n, t, d).to(q.dtype)
 
 
 class KVCache:
@@ -97,10 +126,7 @@ class Step3Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)[:, 0]
         if cache is not None:
             k, v = cache.update(layer, k, v)                                        # [B,S,d]
-        s = k.shape[1]
-        out = F.scaled_dot_product_attention(
-            q, k[:, None].expand(b, n, s, d), v[:, None].expand(b, n, s, d),
-            attn_mask=mask, scale=d ** -0.5)                                        # [B,n,T,d]
+        out = mfa_attention(q, k, v, mask, d ** -0.5)                               # [B,n,T,d]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
 
 

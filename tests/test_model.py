@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from step3_edge.errors import PromptError
-from step3_edge.model import KVCache, Step3ForConditionalGeneration, apply_rope, rope_cos_sin
+from step3_edge.model import (DIRECT_QUERIES, KVCache, Step3ForConditionalGeneration, apply_rope,
+                              mfa_attention, rope_cos_sin)
 from step3_edge.sampling import SamplingParams, sample_next
 
 
@@ -70,6 +71,25 @@ def test_rope_rotates_all_dims_neox_style(rng):
         ck, sk = rope_cos_sin(torch.tensor([[pk]]), d, 500000.0)
         return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
     torch.testing.assert_close(dot(10, 3), dot(107, 100), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 5, DIRECT_QUERIES])
+def test_direct_mfa_attention_equals_sdpa_over_shared_kv(t, rng):
+    b, n, s, d = 3, 4, 23, 32
+    q = torch.randn(b, n, t, d, generator=rng)
+    k, v = torch.randn(b, s, d, generator=rng), torch.randn(b, s, d, generator=rng)
+    mask = torch.rand(b, 1, t, s, generator=rng) < 0.7
+    mask[0, 0, 0] = False                           # a row with no visible key (left padding)
+    mask[1:, :, :, -1] = True                       # every other row sees a key
+    got = mfa_attention(q, k, v, mask, d ** -0.5)
+    want = F.scaled_dot_product_attention(q, k[:, None].expand(b, n, s, d),
+                                          v[:, None].expand(b, n, s, d), attn_mask=mask,
+                                          scale=d ** -0.5)
+    seen = mask.any(-1, keepdim=True).expand(b, n, t, 1)
+    # fp32 both ways, different summation order: agreement to fp32 rounding
+    torch.testing.assert_close(got.masked_select(seen), want.masked_select(seen),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(got).all()                # the unseen row stays finite
 
 
 def test_prefill_then_decode_equals_one_forward(tiny_model, rng):

@@ -128,7 +128,7 @@ def test_sharded_kv_places_on_the_least_loaded_rank() -> None:
     kv.release(b)
     kv.release(d)                                         # never sent: nothing to drop
     assert kv.drops[1] == [1] and kv.free_tokens == 16 + 64 and kv.live == [2, 0]
-    assert kv.k is kv.pools[0].k                          # the rest is rank 0's pool
+    assert kv.kv is kv.pools[0].kv                        # the rest is rank 0's pool
 
 
 def test_attention_ranks_need_afd(bundle: Path) -> None:
