@@ -182,29 +182,32 @@ class GroupCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [b, t, d] into the pool; return the group's keys/values [b, S, d]."""
+        """Write k, v [b, t, d] into the pool; return the group's keys/values [b, S, d] in the
+        compute dtype, or in float32 from an fp8 pool (exact either way: `mfa_attention`
+        computes in float32)."""
         g, d = self.group, k.shape[-1]
         pool = self.pool.kv[layer]                                       # [slots, 2, d]
-        dt = pool.dtype
         new = torch.stack([k, v], dim=-2).reshape(-1, 2, d)               # [b*t, 2, d]
-        if dt.itemsize == 1:              # fp8 KV: index ops run on the raw bytes
-            new = new.float().clamp(-448.0, 448.0).to(dt).view(torch.uint8)
+        if pool.dtype == torch.float8_e4m3fn:    # index ops run on the raw bytes
             pool = pool.view(torch.uint8)
-        pool.index_copy_(0, g.write, new.to(pool.dtype))
-        got = pool.index_select(0, g.gather.reshape(-1))                 # [b*S, 2, d]
-        if dt.itemsize == 1:              # fp8 -> compute dtype through a 256-entry table
-            got = _fp8_table(dt, k.dtype, got.device).index_select(
-                0, got.reshape(-1).int())                                # (exact, ~5x faster)
-        got = got.view(g.b, -1, 2, d).to(k.dtype)
+            new = new.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+            pool.index_copy_(0, g.write, new)
+            got = e4m3_to_float(pool.index_select(0, g.gather.reshape(-1)))  # [b*S, 2, d]
+        else:
+            pool.index_copy_(0, g.write, new.to(pool.dtype))
+            got = pool.index_select(0, g.gather.reshape(-1)).to(k.dtype)
+        got = got.view(g.b, -1, 2, d)
         return got[:, :, 0], got[:, :, 1]
 
 
-_FP8_TABLES: dict[tuple[torch.dtype, torch.dtype, torch.device], torch.Tensor] = {}
+def e4m3_to_float(raw: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn bytes (uint8) -> float32, exactly, in four vectorised ops (~2.5x a 256-entry
+    table lookup, ~7x the CPU's own fp8 cast): read as int8 and sign-extended to int32, shifted
+    so the 7 magnitude bits sit at fp32's bits 20-26, masked to those and the sign bit. That
+    reads as an fp32 2^120 times too small (subnormal for fp8's subnormals: still exact), and
+    the scale is put back. NaN (0x7f) is never stored: writes clamp to +-448."""
+    bits = (raw.view(torch.int8).to(torch.int32) << 20) & _SIGN_AND_MAGNITUDE
+    return bits.view(torch.float32).mul_(2.0 ** 120)
 
 
-def _fp8_table(fp8: torch.dtype, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """value of every fp8 byte pattern in `dtype` [256]."""
-    key = (fp8, dtype, device)
-    if key not in _FP8_TABLES:
-        _FP8_TABLES[key] = torch.arange(256, dtype=torch.uint8).view(fp8).to(dtype).to(device)
-    return _FP8_TABLES[key]
+_SIGN_AND_MAGNITUDE = -0x78100000       # 0x87F00000 as int32: bit 31 and bits 20-26

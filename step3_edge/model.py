@@ -57,7 +57,7 @@ _MASKED = torch.finfo(torch.float32).min
 def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """Attention of n query heads against MFA's one shared K/V head: q [B, n, T, d],
-    k, v [B, S, d], boolean mask [B, 1, T, S] -> [B, n, T, d].
+    k, v [B, S, d] (q's dtype or float32), boolean mask [B, 1, T, S] -> [B, n, T, d].
 
     Up to DIRECT_QUERIES queries (decode), the n*T query rows meet the single K head in one
     fp32 product [B, n*T, d] @ [B, d, S], with no per-head copies of K and V; on the CPU this is
@@ -66,6 +66,7 @@ def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     b, n, t, d = q.shape
     s = k.shape[1]
     if t > DIRECT_QUERIES:
+        k, v = k.to(q.dtype), v.to(q.dtype)
         return F.scaled_dot_product_attention(
             q, k[:, None].expand(b, n, s, d), v[:, None].expand(b, n, s, d),
             attn_mask=mask, scale=scale)
