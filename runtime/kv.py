@@ -39,15 +39,15 @@ class SeqKV:
 
 
 class KVPool:
-    """kv [layers, capacity, 2 (k, v), head_dim] in blocks of 16 tokens; the last block is
-    scratch (padding reads point at it). A token's key and value sit side by side, so one
-    index op per layer writes or gathers both."""
+    """kv [layers, 2 (k, v), capacity, head_dim] in blocks of 16 tokens; the last block is
+    scratch (padding reads point at it). One index op per layer writes or gathers a token's
+    key and value together."""
 
     def __init__(self, cfg: Step3TextConfig, capacity_tokens: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.num_blocks = max(1, capacity_tokens // BLOCK)
-        shape = (cfg.num_hidden_layers, (self.num_blocks + 1) * BLOCK, 2, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, 2, (self.num_blocks + 1) * BLOCK, cfg.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
         self.pad_slot = self.num_blocks * BLOCK
@@ -55,12 +55,12 @@ class KVPool:
     @property
     def k(self) -> torch.Tensor:
         """Keys [layers, capacity, head_dim] (a view)."""
-        return self.kv[:, :, 0]
+        return self.kv[:, 0]
 
     @property
     def v(self) -> torch.Tensor:
         """Values [layers, capacity, head_dim] (a view)."""
-        return self.kv[:, :, 1]
+        return self.kv[:, 1]
 
     @property
     def capacity_tokens(self) -> int:
@@ -186,18 +186,18 @@ class GroupCache:
         compute dtype, or in float32 from an fp8 pool (exact either way: `mfa_attention`
         computes in float32)."""
         g, d = self.group, k.shape[-1]
-        pool = self.pool.kv[layer]                                       # [slots, 2, d]
-        new = torch.stack([k, v], dim=-2).reshape(-1, 2, d)               # [b*t, 2, d]
+        pool = self.pool.kv[layer]                                       # [2, slots, d]
+        new = torch.stack([k, v]).reshape(2, -1, d)                       # [2, b*t, d]
         if pool.dtype == torch.float8_e4m3fn:    # index ops run on the raw bytes
             pool = pool.view(torch.uint8)
             new = new.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
-            pool.index_copy_(0, g.write, new)
-            got = e4m3_to_float(pool.index_select(0, g.gather.reshape(-1)))  # [b*S, 2, d]
+            pool.index_copy_(1, g.write, new)
+            got = e4m3_to_float(pool.index_select(1, g.gather.reshape(-1)))  # [2, b*S, d]
         else:
-            pool.index_copy_(0, g.write, new.to(pool.dtype))
-            got = pool.index_select(0, g.gather.reshape(-1)).to(k.dtype)
-        got = got.view(g.b, -1, 2, d)
-        return got[:, :, 0], got[:, :, 1]
+            pool.index_copy_(1, g.write, new.to(pool.dtype))
+            got = pool.index_select(1, g.gather.reshape(-1)).to(k.dtype)
+        got = got.view(2, g.b, -1, d)
+        return got[0], got[1]
 
 
 def e4m3_to_float(raw: torch.Tensor) -> torch.Tensor:
@@ -206,7 +206,8 @@ def e4m3_to_float(raw: torch.Tensor) -> torch.Tensor:
     so the 7 magnitude bits sit at fp32's bits 20-26, masked to those and the sign bit. That
     reads as an fp32 2^120 times too small (subnormal for fp8's subnormals: still exact), and
     the scale is put back. NaN (0x7f) is never stored: writes clamp to +-448."""
-    bits = (raw.view(torch.int8).to(torch.int32) << 20) & _SIGN_AND_MAGNITUDE
+    bits = raw.view(torch.int8).to(torch.int32)       # the one new buffer: in place after
+    bits.bitwise_left_shift_(20).bitwise_and_(_SIGN_AND_MAGNITUDE)
     return bits.view(torch.float32).mul_(2.0 ** 120)
 
 

@@ -70,10 +70,10 @@ def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         return F.scaled_dot_product_attention(
             q, k[:, None].expand(b, n, s, d), v[:, None].expand(b, n, s, d),
             attn_mask=mask, scale=scale)
-    scores = torch.bmm(q.reshape(b, n * t, d).float(), k.float().transpose(1, 2))
+    scores = torch.bmm(q.reshape(b, n * t, d).float() * scale, k.float().transpose(1, 2))
     # a finite floor, not -inf: a row with every key masked (left padding) then stays finite,
     # and its values cannot turn other rows' zero-weighted sums into NaN
-    scores = scores.view(b, n, t, s).mul_(scale).masked_fill_(~mask, _MASKED)
+    scores = scores.view(b, n, t, s).masked_fill_(~mask, _MASKED)
     p = torch.softmax(scores, dim=-1).view(b, n * t, s)
     return torch.bmm(p, v.float()).view(b, n, t, d).to(q.dtype)
 
