@@ -3,6 +3,7 @@
 1. memory bandwidth of this machine (a large tensor copy, read + write bytes / s);
 2. decode tokens/s at batch 1 and 16 with all experts resident, against the roofline
    (weight + KV bytes read per decode step / bandwidth), and the reference PyTorch model;
+   also batch 1 after a 4,000-token prompt (where attention and the KV cache weigh in);
 3. the same with 50% and 25% of the experts resident: misses computed on the CPU, or copied
    into an LRU device cache (on a CPU-only machine both are the same memory: "CPU compute" is
    plain compute plus bookkeeping, "copy" adds a real memcpy of each missed expert);
@@ -32,12 +33,13 @@ import torch
 
 from step3_edge.config import Step3Config
 from step3_edge.export.bundle import export_bundle
-from step3_edge.model import Step3ForConditionalGeneration
+from step3_edge.model import KVCache, Step3ForConditionalGeneration
 from step3_edge.runtime import Step3Runtime
 from step3_edge.runtime.expert_cache import replay, top_experts, trace_counts
 from step3_edge.synth import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+LONG_PROMPT = 4000      # tokens before the long-context decode rows
 
 
 def mini_bundle(work: Path) -> tuple[Path, Path]:
@@ -111,6 +113,33 @@ def decode_rate_reference(model, batch: int, new: int) -> dict:
     return {"tokens_per_s": batch * new / max(tn - t1, 1e-9)}
 
 
+def long_prompt_rate_runtime(rt: Step3Runtime, new: int, length: int) -> dict:
+    """Batch 1 decode tokens/s after a `length`-token prompt: the request's own rate after its
+    first token (`Generation.decode_tokens_per_s`). A long prefill's run-to-run noise would
+    swamp the difference of two generate calls."""
+    t = rt.engine.attn.cfg.text_config
+    rt.reset_stats()
+    g = rt.generate(prompts(1, length)[0], max_new_tokens=new + 1)
+    e = rt.stats()["experts"]
+    return {"tokens_per_s": g.decode_tokens_per_s, "experts_per_step": t.moe_top_k *
+            len(t.moe_layers), **{k: e[k] for k in ("hit_rate", "cpu_computed", "copied",
+                                                    "bytes_copied")}}
+
+
+def long_prompt_rate_reference(model, new: int, length: int) -> dict:
+    """The same for the reference model: prefill, then `new` timed greedy decode steps."""
+    ids = torch.tensor(prompts(1, length))
+    cache = KVCache(model.config.text_config, 1, length + new, model.dtype)
+    valid = torch.ones(1, length + new, dtype=torch.bool)
+    with torch.inference_mode():
+        logits = model(ids, cache=cache, key_valid=valid[:, :length])[:, -1]
+        t0 = time.perf_counter()
+        for i in range(new):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model(nxt, cache=cache, key_valid=valid[:, :length + i + 1])[:, -1]
+        return {"tokens_per_s": new / (time.perf_counter() - t0)}
+
+
 def bytes_per_step(rt: Step3Runtime, experts_per_step: float, batch: int, ctx: int) -> float:
     """Bytes a decode step reads: every non-expert linear, lm_head, the routed experts the
     batch touched, and the KV cache."""
@@ -142,21 +171,29 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
         rt.generate(prompts(2), max_new_tokens=2)
     decode_rate_reference(ref, 2, 1)
     samples: dict[str, list[dict]] = {}
+    # (batch, prompt tokens, modes): every mode at 32-token prompts, and the all-resident
+    # runtime and the reference once more at batch 1 after a long prompt (attention and KV)
+    runs = [(1, 32, [*rts]), (16, 32, [*rts]), (1, LONG_PROMPT, ["all resident"])]
     for rep in range(args.reps):        # round robin: every mode sees the same machine load
-        for batch in (1, 16):
-            for name, rt in [*rts.items(), ("reference model", None)]:
+        for batch, length, names in runs:
+            for name in [*names, "reference model"]:
+                rt = rts.get(name)
                 bw = bandwidth(reps=2)
+                long = length != 32
                 if rt is None:
-                    row = decode_rate_reference(ref, batch, args.new_tokens)
+                    row = long_prompt_rate_reference(ref, args.new_tokens, length) if long \
+                        else decode_rate_reference(ref, batch, args.new_tokens)
                 else:
-                    row = decode_rate_runtime(rt, batch, args.new_tokens)
+                    row = long_prompt_rate_runtime(rt, args.new_tokens, length) if long \
+                        else decode_rate_runtime(rt, batch, args.new_tokens)
                     row["bytes_per_step"] = bytes_per_step(rt, row["experts_per_step"], batch,
-                                                           32 + args.new_tokens // 2)
+                                                           length + args.new_tokens // 2)
                     roof = batch * bw / row["bytes_per_step"]
                     row.update(roofline_tokens_per_s=roof,
                                fraction_of_roofline=row["tokens_per_s"] / roof)
-                row.update(batch=batch, bandwidth_GBps=bw / 1e9)
-                samples.setdefault(f"{name}, batch {batch}", []).append(row)
+                row.update(batch=batch, prompt_tokens=length, bandwidth_GBps=bw / 1e9)
+                key = f"{name}, batch {batch}" + (f", {length}-token prompt" if long else "")
+                samples.setdefault(key, []).append(row)
         print(f"rep {rep + 1}/{args.reps} done", flush=True)
     bws = [r["bandwidth_GBps"] for rows in samples.values() for r in rows]
     res["bandwidth_GBps"] = {"min": min(bws), "median": sorted(bws)[len(bws) // 2],
@@ -165,11 +202,12 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
           f"{min(bws):.1f}-{max(bws):.1f} GB/s; torch threads {torch.get_num_threads()}; "
           f"median of {args.reps}, {args.new_tokens} new tokens after 32-token prompts")
     res["decode"] = {}
-    for key, rows in sorted(samples.items(), key=lambda kv: kv[1][0]["batch"]):
+    for key, rows in sorted(samples.items(),
+                            key=lambda kv: (kv[1][0]["prompt_tokens"], kv[1][0]["batch"])):
         by = "fraction_of_roofline" if "bytes_per_step" in rows[0] else "tokens_per_s"
         row = res["decode"][key] = sorted(rows, key=lambda r: r[by])[len(rows) // 2]
         if by == "tokens_per_s":
-            run = res["decode"][f"all resident, batch {row['batch']}"]["tokens_per_s"]
+            run = res["decode"][key.replace("reference model", "all resident")]["tokens_per_s"]
             print(f"{key:>26}: {row['tokens_per_s']:8.1f} tok/s (all-resident runtime / "
                   f"reference = {run / row['tokens_per_s']:.2f}x)")
             continue

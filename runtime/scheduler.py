@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,12 +33,16 @@ _DONE = object()
 class Generation:
     """One finished request: text (stop strings cut off), generated ids (stop token excluded)
     and why it ended: "stop" (stop token or string), "length" (max_new_tokens) or
-    "cancelled" (`Request.cancel`)."""
+    "cancelled" (`Request.cancel`). `time_to_first_token_s` runs from `submit` to the first
+    sampled token (queueing and prefill); `decode_tokens_per_s` is this request's rate after
+    it (0.0 when it sampled fewer than two tokens)."""
 
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str
+    time_to_first_token_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
 
     @property
     def reasoning(self) -> str:
@@ -74,6 +79,8 @@ class Request:
     emitted: int = 0
     cancelled: bool = False
     detok: IncrementalText | None = field(default=None, repr=False)   # set by submit
+    sampled: int = 0                      # tokens sampled, a stop token included
+    times: list[float] = field(default_factory=list, repr=False)  # submit, 1st token, end
 
     def result(self, timeout: float | None = None) -> Generation:
         """Block until finished; re-raises the error that failed this request."""
@@ -81,8 +88,11 @@ class Request:
             raise TimeoutError("the request did not finish in time")
         if self.error is not None:
             raise self.error
+        t = self.times
+        ttft = t[1] - t[0] if len(t) > 1 else 0.0
+        rate = (self.sampled - 1) / (t[2] - t[1]) if len(t) > 2 and self.sampled > 1 else 0.0
         return Generation(self.text, list(self.token_ids), list(self.prompt_ids),
-                          self.finish_reason or "length")
+                          self.finish_reason or "length", ttft, rate)
 
     def stream(self) -> Iterator[str]:
         """Text pieces as they are generated; they concatenate to `result().text`."""
@@ -100,6 +110,8 @@ class Request:
         self.cancelled = True
 
     def _finish(self, error: BaseException | None = None) -> None:
+        if len(self.times) == 2:
+            self.times.append(time.perf_counter())
         self.error = error
         self._events.put(_DONE)
         self._done.set()
@@ -164,6 +176,7 @@ class Scheduler:
         self.engine.attn.kv.check(len(req.prompt_ids) + req.max_new_tokens)
         release_openmp_team()       # the caller's (image preprocessing made one): runtime/openmp.py
         req.detok = IncrementalText(self.decode)
+        req.times = [time.perf_counter()]
         with self.cond:
             if self.stopped:
                 raise RuntimeClosedError()
@@ -269,6 +282,9 @@ class Scheduler:
             self._advance(r, tok)
 
     def _advance(self, r: Request, tok: int) -> None:
+        r.sampled += 1
+        if r.sampled == 1:
+            r.times.append(time.perf_counter())
         done = tok in r.stop_ids
         if not done:
             r.token_ids.append(tok)

@@ -175,6 +175,20 @@ def test_cancel_ends_a_request_early(rt, prompts) -> None:
     assert rt.generate(prompts[3], max_new_tokens=2).finish_reason in ("length", "stop")
 
 
+def test_generation_times_its_first_token_and_decode(rt, prompts) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    g = rt.generate(prompts[1], max_new_tokens=12)
+    wall = time.perf_counter() - t0
+    n = len(g.token_ids) + (g.finish_reason == "stop")            # tokens sampled
+    assert n >= 2 and 0 < g.time_to_first_token_s < wall and g.decode_tokens_per_s > 0
+    # first token, then n - 1 more at the reported rate: together within the call's wall time
+    assert g.time_to_first_token_s + (n - 1) / g.decode_tokens_per_s <= wall
+    one = rt.generate(prompts[1], max_new_tokens=1)
+    assert one.time_to_first_token_s > 0 and one.decode_tokens_per_s == 0.0
+
+
 def test_bf16_logits_bit_identical_to_reference(bundle: Path, text_ckpt: Path) -> None:
     """bf16 compute with bf16 KV: the fast paths (oneDNN prepacked linears, gate+up as one
     GEMM, experts sorted into one gather and one accumulating index_put_) give the
