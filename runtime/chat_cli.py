@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timings", action="store_true",
+                   help="after each answer, print its tokens, time to first token and decode "
+                        "tokens/s to stderr (always on in a terminal)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     p.add_argument("--threads", type=int, default=None,
@@ -42,8 +45,10 @@ def runtime_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def chat_loop(rt: Any, sampling: SamplingParams, args: argparse.Namespace,
-              stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
-    """Read turns from `stdin` until /quit or end of input; stream answers to `out`."""
+              stdin: TextIO = sys.stdin, out: TextIO = sys.stdout,
+              err: TextIO = sys.stderr) -> int:
+    """Read turns from `stdin` until /quit or end of input; stream answers to `out`, and
+    each answer's timings to `err` (in a terminal, or with --timings)."""
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, Any]] = []
     interactive = stdin.isatty()
@@ -72,14 +77,18 @@ def chat_loop(rt: Any, sampling: SamplingParams, args: argparse.Namespace,
             content = [*images, {"type": "text", "text": text}]
         history.append({"role": "user", "content": content})
         out.write("step3> " if interactive else "")
-        answer = []
-        for piece in rt.chat(system + history, stream=True, max_new_tokens=args.max_new_tokens,
-                             sampling=sampling, seed=args.seed):
-            answer.append(piece)
+        ids, views = rt.processor.apply_chat(system + history)
+        req = rt.submit(ids, views, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        seed=args.seed)
+        for piece in req.stream():
             out.write(piece)
             out.flush()
         out.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
+        g = req.result()
+        history.append({"role": "assistant", "content": g.text})
+        if interactive or getattr(args, "timings", False):
+            err.write(f"[{len(g.token_ids)} tokens, first token after "
+                      f"{g.time_to_first_token_s:.2f} s, {g.decode_tokens_per_s:.1f} tok/s]\n")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,18 @@ def test_profile_writes_counts_the_planner_reads(bundle: Path, tmp_path: Path,
 
 
 def test_chat_loop_streams_and_keeps_history(rt) -> None:
-    args = argparse.Namespace(system="be brief", image=[], max_new_tokens=6, seed=None)
-    out = io.StringIO()
+    args = argparse.Namespace(system="be brief", image=[], max_new_tokens=6, seed=None,
+                              timings=True)
+    out, err = io.StringIO(), io.StringIO()
     chat_loop(rt, SamplingParams(), args, io.StringIO("hi\n/stats\n\nagain\n/reset\n/quit\n"),
-              out)
+              out, err)
     text = out.getvalue()
     assert '"experts"' in text and "(conversation reset)" in text
     first = rt.chat([{"role": "system", "content": "be brief"},
                      {"role": "user", "content": "hi"}], max_new_tokens=6)
     assert text.startswith(first + "\n")
+    lines = err.getvalue().splitlines()                   # one timings line per answer
+    assert len(lines) == 2
+    n, ttft, rate = map(float, re.fullmatch(
+        r"\[(\d+) tokens, first token after ([\d.]+) s, ([\d.]+) tok/s\]", lines[0]).groups())
+    assert 1 <= n <= 6 and ttft > 0 and (rate > 0 or n <= 1)
