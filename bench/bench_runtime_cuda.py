@@ -108,7 +108,8 @@ def reference_rate(model: Step3ForConditionalGeneration, batch: int, new: int,
             past = cache.length
             pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, tc.rope_factor)
-            mask = attention_mask(pos, valid, past).to(dev)
+            mask = attention_mask(pos, valid, past)
+            mask = None if mask is None else mask.to(dev)
             cos, sin = cos.to(dev), sin.to(dev)
             h = model.model.embed_tokens(x)       # text only (a sampled <im_patch> is a token)
             for layer in model.model.layers:

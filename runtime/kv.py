@@ -103,7 +103,7 @@ class Group:
     t: int
     cos: torch.Tensor                   # [b, t, head_dim]
     sin: torch.Tensor
-    mask: torch.Tensor                  # [b, 1, t, S]
+    mask: torch.Tensor | None           # [b, 1, t, S]; None: plain causal (attention_mask)
     write: torch.Tensor                 # [b*t] pool slots of the new tokens
     gather: torch.Tensor                # [b, S] pool slots of every key (padding: scratch)
     positions: torch.Tensor             # [b, t] (CPU) = keys already cached per row
@@ -167,10 +167,10 @@ def _group(pool: KVPool, start: int, positions: torch.Tensor, valid: torch.Tenso
            gather: torch.Tensor, write: torch.Tensor) -> Group:
     t = pool.cfg
     cos, sin = rope_cos_sin(positions, t.head_dim, t.rope_theta, t.rope_factor)
-    mask = attention_mask(positions, valid, past)                          # [b, 1, t, S]
+    mask = attention_mask(positions, valid, past)                   # [b, 1, t, S] or None
     dev = pool.device
     b, n = positions.shape
-    return Group(start, b, n, cos.to(dev), sin.to(dev), mask.to(dev),
+    return Group(start, b, n, cos.to(dev), sin.to(dev), None if mask is None else mask.to(dev),
                  write.to(dev), gather.to(dev), positions)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config, Step3TextConfig
@@ -54,10 +55,11 @@ DIRECT_QUERIES = 16
 _MASKED = torch.finfo(torch.float32).min
 
 
-def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Attention of n query heads against MFA's one shared K/V head: q [B, n, T, d],
-    k, v [B, S, d] (q's dtype or float32), boolean mask [B, 1, T, S] -> [B, n, T, d].
+    k, v [B, S, d] (q's dtype or float32), boolean mask [B, 1, T, S] -> [B, n, T, d]; mask
+    None means causal with the queries at the last T key slots (`attention_mask`).
 
     Up to DIRECT_QUERIES queries (decode), the n*T query rows meet the single K head in one
     fp32 product [B, n*T, d] @ [B, d, S], with no per-head copies of K and V; on the CPU this is
@@ -69,11 +71,15 @@ def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         k, v = k.to(q.dtype), v.to(q.dtype)
         return F.scaled_dot_product_attention(
             q, k[:, None].expand(b, n, s, d), v[:, None].expand(b, n, s, d),
-            attn_mask=mask, scale=scale)
+            attn_mask=causal_lower_right(t, s) if mask is None else mask, scale=scale)
     scores = torch.bmm(q.reshape(b, n * t, d).float() * scale, k.float().transpose(1, 2))
-    # a finite floor, not -inf: a row with every key masked (left padding) then stays finite,
-    # and its values cannot turn other rows' zero-weighted sums into NaN
-    scores = scores.view(b, n, t, s).masked_fill_(~mask, _MASKED)
+    scores = scores.view(b, n, t, s)
+    if mask is None and t > 1:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask is not None:
+        # a finite floor, not -inf: a row with every key masked (left padding) then stays
+        # finite, and its values cannot turn other rows' zero-weighted sums into NaN
+        scores.masked_fill_(~mask, _MASKED)
     p = torch.softmax(scores, dim=-1).view(b, n * t, s)
     return torch.bmm(p, v.float()).view(b, n, t, d).to(q.dtype)
 
@@ -234,10 +240,15 @@ class Step3TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def attention_mask(positions: torch.Tensor, key_valid: torch.Tensor, past: int) -> torch.Tensor:
+def attention_mask(positions: torch.Tensor, key_valid: torch.Tensor, past: int
+                   ) -> torch.Tensor | None:
     """Boolean mask [B, 1, T, S]: causal over absolute slots, and padding keys hidden.
-    key_valid [B, S] marks real (non-padding) key slots."""
+    key_valid [B, S] marks real (non-padding) key slots. None when every key is valid and
+    the T queries are the last T slots: plain causal, which `mfa_attention` runs without a
+    mask tensor (same bits, and SDPA skips the masked blocks)."""
     t, s = positions.shape[1], key_valid.shape[1]
+    if past + t == s and bool(key_valid.all()):
+        return None
     dev = key_valid.device
     q_slot = torch.arange(past, past + t, device=dev)[:, None]         # [T, 1]
     causal = torch.arange(s, device=dev)[None, :] <= q_slot            # [T, S]

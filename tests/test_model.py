@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from step3_edge.errors import PromptError
 from step3_edge.model import (DIRECT_QUERIES, KVCache, Step3ForConditionalGeneration, apply_rope,
-                              mfa_attention, rope_cos_sin)
+                              attention_mask, mfa_attention, rope_cos_sin)
 from step3_edge.sampling import SamplingParams, sample_next
 
 
@@ -90,6 +90,23 @@ def test_direct_mfa_attention_equals_sdpa_over_shared_kv(t, rng):
     torch.testing.assert_close(got.masked_select(seen), want.masked_select(seen),
                                rtol=1e-5, atol=1e-6)
     assert torch.isfinite(got).all()                # the unseen row stays finite
+
+
+@pytest.mark.parametrize("t,s", [(1, 9), (6, 6), (5, 12), (40, 40), (24, 70)])
+def test_plain_causal_runs_maskless_with_the_same_bits(t, s, rng):
+    b, n, d = 2, 4, 32
+    past = s - t
+    positions = torch.arange(past, s)[None].expand(b, t)
+    assert attention_mask(positions, torch.ones(b, s, dtype=torch.bool), past) is None
+    causal = (torch.arange(s)[None, :] <= torch.arange(past, s)[:, None]).expand(b, 1, t, s)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[1, 0] = False                             # one padding key: a mask tensor again
+    assert torch.equal(attention_mask(positions, valid, past), causal & valid[:, None, None])
+    q = torch.randn(b, n, t, d, generator=rng, dtype=torch.bfloat16)
+    k = torch.randn(b, s, d, generator=rng, dtype=torch.bfloat16)
+    v = torch.randn(b, s, d, generator=rng, dtype=torch.bfloat16)
+    assert torch.equal(mfa_attention(q, k, v, None, d ** -0.5),
+                       mfa_attention(q, k, v, causal, d ** -0.5))
 
 
 def test_prefill_then_decode_equals_one_forward(tiny_model, rng):
