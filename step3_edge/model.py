@@ -61,13 +61,14 @@ def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k, v [B, S, d] (q's dtype or float32), boolean mask [B, 1, T, S] -> [B, n, T, d]; mask
     None means causal with the queries at the last T key slots (`attention_mask`).
 
-    Up to DIRECT_QUERIES queries (decode), the n*T query rows meet the single K head in one
-    fp32 product [B, n*T, d] @ [B, d, S], with no per-head copies of K and V; on the CPU this is
-    ~5x faster than the flash kernel at S = 500. Longer queries (prefill) take
-    scaled_dot_product_attention, which never holds the [T, S] score matrix."""
+    On the CPU, up to DIRECT_QUERIES queries (decode), the n*T query rows meet the single K
+    head in one fp32 product [B, n*T, d] @ [B, d, S], with no per-head copies of K and V: ~5x
+    faster than the CPU flash kernel at S = 500. Longer queries (prefill), and every call on an
+    accelerator (one fused kernel launch instead of ~10), take scaled_dot_product_attention,
+    which never holds the [T, S] score matrix."""
     b, n, t, d = q.shape
     s = k.shape[1]
-    if t > DIRECT_QUERIES:
+    if t > DIRECT_QUERIES or q.device.type != "cpu":
         k, v = k.to(q.dtype), v.to(q.dtype)
         return F.scaled_dot_product_attention(
             q, k[:, None].expand(b, n, s, d), v[:, None].expand(b, n, s, d),
