@@ -121,7 +121,8 @@ def long_prompt_rate_runtime(rt: Step3Runtime, new: int, length: int) -> dict:
     rt.reset_stats()
     g = rt.generate(prompts(1, length)[0], max_new_tokens=new + 1)
     e = rt.stats()["experts"]
-    return {"tokens_per_s": g.decode_tokens_per_s, "experts_per_step": t.moe_top_k *
+    return {"tokens_per_s": g.decode_tokens_per_s, "first_token_s": g.time_to_first_token_s,
+            "experts_per_step": t.moe_top_k *
             len(t.moe_layers), **{k: e[k] for k in ("hit_rate", "cpu_computed", "copied",
                                                     "bytes_copied")}}
 
@@ -132,12 +133,18 @@ def long_prompt_rate_reference(model, new: int, length: int) -> dict:
     cache = KVCache(model.config.text_config, 1, length + new, model.dtype)
     valid = torch.ones(1, length + new, dtype=torch.bool)
     with torch.inference_mode():
-        logits = model(ids, cache=cache, key_valid=valid[:, :length])[:, -1]
         t0 = time.perf_counter()
+        logits = model(ids, cache=cache, key_valid=valid[:, :length])[:, -1]
+        t1 = time.perf_counter()
         for i in range(new):
             nxt = logits.argmax(-1, keepdim=True)
             logits = model(nxt, cache=cache, key_valid=valid[:, :length + i + 1])[:, -1]
-        return {"tokens_per_s": new / (time.perf_counter() - t0)}
+        return {"tokens_per_s": new / (time.perf_counter() - t1), "first_token_s": t1 - t0}
+
+
+def _first(row: dict) -> str:
+    """The long-prompt rows' time to the first token (prefill), when measured."""
+    return f"; first token after {row['first_token_s']:.2f} s" if "first_token_s" in row else ""
 
 
 def bytes_per_step(rt: Step3Runtime, experts_per_step: float, batch: int, ctx: int) -> float:
@@ -209,7 +216,7 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
         if by == "tokens_per_s":
             run = res["decode"][key.replace("reference model", "all resident")]["tokens_per_s"]
             print(f"{key:>26}: {row['tokens_per_s']:8.1f} tok/s (all-resident runtime / "
-                  f"reference = {run / row['tokens_per_s']:.2f}x)")
+                  f"reference = {run / row['tokens_per_s']:.2f}x)" + _first(row))
             continue
         print(f"{key:>26}: {row['tokens_per_s']:8.1f} tok/s = "
               f"{100 * row['fraction_of_roofline']:5.1f}% of roofline "
@@ -217,7 +224,7 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
               f"({row['bytes_per_step'] / 1e6:6.1f} MB/step, "
               f"{row['experts_per_step']:.1f} experts/step); hit {row['hit_rate']:.2f}, "
               f"CPU-computed {row['cpu_computed']}, copied {row['copied']} "
-              f"({row['bytes_copied'] / 1e6:.1f} MB)")
+              f"({row['bytes_copied'] / 1e6:.1f} MB)" + _first(row))
     rt = rts["all resident"]                # a profile, then a trace on other prompts
     rt.reset_stats()
     for p in prompts(8, seed=2):

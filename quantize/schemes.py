@@ -29,10 +29,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import cache
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from step3_edge.errors import QuantizationError
@@ -124,15 +122,18 @@ def cast_fp8(x: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
-    """e4m3fn -> float32 through a 256-entry table (bit-exact with `.float()`, ~3x faster on
-    CPU, where fp8 is a storage type only)."""
-    lut = _fp8_table()
-    return torch.from_numpy(np.take(lut, q.contiguous().view(torch.uint8).numpy()))
+    """e4m3fn (or its raw uint8 bytes) -> float32, bit-exact with `.float()` in four
+    vectorised ops, where the CPU's own cast is ~7x slower (fp8 is a storage type there) and a
+    256-entry table lookup ~2.5x at KV-cache sizes: the bytes are read as int8 and sign-extended
+    to int32, shifted so the 7 magnitude bits sit at fp32's bits 20-26, masked to those and the
+    sign bit. That reads as an fp32 2^120 times too small (subnormal for fp8's subnormals: still
+    exact), and the scale is put back. The NaN bytes (0x7f, 0xff) come out as +-480."""
+    bits = q.view(torch.int8).to(torch.int32)          # the one new buffer: in place after
+    bits.bitwise_left_shift_(20).bitwise_and_(_SIGN_AND_MAGNITUDE)
+    return bits.view(torch.float32).mul_(2.0 ** 120)
 
 
-@cache
-def _fp8_table() -> np.ndarray:
-    return torch.arange(256, dtype=torch.int16).to(torch.uint8).view(FP8).float().numpy()
+_SIGN_AND_MAGNITUDE = -0x78100000       # 0x87F00000 as int32: bit 31 and bits 20-26
 
 
 def _round_int(x: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,8 @@ from step3_edge.errors import ConfigError, PromptError
 from step3_edge.model import attention_mask, rope_cos_sin
 from step3_edge.runtime.expert_cache import ExpertCache, replay, top_experts, trace_counts
 from step3_edge.runtime.expert_store import Bandwidths, CostModel
-from step3_edge.runtime.kv import GroupCache, KVPool, e4m3_to_float, plan_step
+from step3_edge.quantize.schemes import fp8_to_float
+from step3_edge.runtime.kv import GroupCache, KVPool, plan_step
 
 
 def test_lru_evicts_least_recently_used_and_respects_protect() -> None:
@@ -100,9 +101,10 @@ def test_decode_group_gathers_each_sequence_and_masks_padding(kv_dtype: torch.dt
     assert torch.equal(g.cos, cos) and batch.last_rows == [0, 1]
 
 
-def test_e4m3_bytes_decode_like_torchs_cast() -> None:
+def test_fp8_decodes_like_torchs_cast() -> None:
     raw = torch.arange(256, dtype=torch.uint8)
     raw = raw[(raw & 0x7F) != 0x7F]                    # the two NaN patterns are never stored
-    got, want = e4m3_to_float(raw.view(2, 127)).view(-1), raw.view(torch.float8_e4m3fn).float()
+    fp8 = raw.view(torch.float8_e4m3fn)
+    got, want = fp8_to_float(fp8.view(2, 127)).view(-1), fp8.float()
     assert torch.equal(got, want)                      # incl. subnormals and +-448
     assert torch.equal(got.signbit(), want.signbit())  # -0.0 too
