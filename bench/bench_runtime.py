@@ -122,9 +122,8 @@ def long_prompt_rate_runtime(rt: Step3Runtime, new: int, length: int) -> dict:
     g = rt.generate(prompts(1, length)[0], max_new_tokens=new + 1)
     e = rt.stats()["experts"]
     return {"tokens_per_s": g.decode_tokens_per_s, "first_token_s": g.time_to_first_token_s,
-            "experts_per_step": t.moe_top_k *
-            len(t.moe_layers), **{k: e[k] for k in ("hit_rate", "cpu_computed", "copied",
-                                                    "bytes_copied")}}
+            "experts_per_step": t.moe_top_k * len(t.moe_layers),   # batch 1: top-k per layer
+            **{k: e[k] for k in ("hit_rate", "cpu_computed", "copied", "bytes_copied")}}
 
 
 def long_prompt_rate_reference(model, new: int, length: int) -> dict:
