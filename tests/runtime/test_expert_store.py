@@ -8,9 +8,9 @@ import torch
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, PromptError
 from step3_edge.model import attention_mask, rope_cos_sin
+from step3_edge.quantize.schemes import fp8_to_float
 from step3_edge.runtime.expert_cache import ExpertCache, replay, top_experts, trace_counts
 from step3_edge.runtime.expert_store import Bandwidths, CostModel
-from step3_edge.quantize.schemes import fp8_to_float
 from step3_edge.runtime.kv import GroupCache, KVPool, plan_step
 
 

@@ -4,6 +4,7 @@ and from concurrent threads; prompt errors; stop strings; streaming; images; sta
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -176,8 +177,6 @@ def test_cancel_ends_a_request_early(rt, prompts) -> None:
 
 
 def test_generation_times_its_first_token_and_decode(rt, prompts) -> None:
-    import time
-
     t0 = time.perf_counter()
     g = rt.generate(prompts[1], max_new_tokens=12)
     wall = time.perf_counter() - t0
