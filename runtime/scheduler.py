@@ -80,7 +80,9 @@ class Request:
     cancelled: bool = False
     detok: IncrementalText | None = field(default=None, repr=False)   # set by submit
     sampled: int = 0                      # tokens sampled, a stop token included
-    times: list[float] = field(default_factory=list, repr=False)  # submit, 1st token, end
+    submitted_at: float = 0.0             # time.perf_counter() at submit, first token, end
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     def result(self, timeout: float | None = None) -> Generation:
         """Block until finished; re-raises the error that failed this request."""
@@ -88,9 +90,10 @@ class Request:
             raise TimeoutError("the request did not finish in time")
         if self.error is not None:
             raise self.error
-        t = self.times
-        ttft = t[1] - t[0] if len(t) > 1 else 0.0
-        rate = (self.sampled - 1) / (t[2] - t[1]) if len(t) > 2 and self.sampled > 1 else 0.0
+        first, end = self.first_token_at, self.finished_at
+        ttft = 0.0 if first is None else first - self.submitted_at
+        rate = (self.sampled - 1) / (end - first) \
+            if first is not None and end is not None and self.sampled > 1 else 0.0
         return Generation(self.text, list(self.token_ids), list(self.prompt_ids),
                           self.finish_reason or "length", ttft, rate)
 
@@ -110,8 +113,7 @@ class Request:
         self.cancelled = True
 
     def _finish(self, error: BaseException | None = None) -> None:
-        if len(self.times) == 2:
-            self.times.append(time.perf_counter())
+        self.finished_at = time.perf_counter()
         self.error = error
         self._events.put(_DONE)
         self._done.set()
@@ -176,7 +178,7 @@ class Scheduler:
         self.engine.attn.kv.check(len(req.prompt_ids) + req.max_new_tokens)
         release_openmp_team()       # the caller's (image preprocessing made one): runtime/openmp.py
         req.detok = IncrementalText(self.decode)
-        req.times = [time.perf_counter()]
+        req.submitted_at = time.perf_counter()
         with self.cond:
             if self.stopped:
                 raise RuntimeClosedError()
@@ -283,8 +285,8 @@ class Scheduler:
 
     def _advance(self, r: Request, tok: int) -> None:
         r.sampled += 1
-        if r.sampled == 1:
-            r.times.append(time.perf_counter())
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
         done = tok in r.stop_ids
         if not done:
             r.token_ids.append(tok)
