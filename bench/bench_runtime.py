@@ -5,9 +5,10 @@
    (weight + KV bytes read per decode step / bandwidth), and the reference PyTorch model;
    also batch 1 after a 4,000-token prompt (where attention and the KV cache weigh in);
 3. the same with 50% and 25% of the experts resident: misses computed on the CPU, or copied
-   into an LRU device cache (on a CPU-only machine both are the same memory: "CPU compute" is
+   into the device cache (LFU, the default policy) (on a CPU-only machine both are the same memory: "CPU compute" is
    plain compute plus bookkeeping, "copy" adds a real memcpy of each missed expert);
-4. hit rates of LRU, frequency-pinned and LRU + prefetch replayed on a recorded routing trace;
+4. hit rates of LRU, LFU, frequency-pinned and each with prefetch, replayed on routing traces
+   recorded at batch 1 and at batch 16;
 5. AFD: throughput at batch 16 of attention and FFN in two processes (1 intra-op thread each,
    so each has a core) with 1, 2 and 3 micro-batches, against one worker at 2 threads and at
    1 thread, side by side (round robin); also 1 attention + 2 FFN processes;
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -167,9 +169,9 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
     median over `reps` of the fraction of roofline of its pairs."""
     modes = {"all resident": {}, "50% cpu-compute": {"resident": 0.5, "miss": "cpu",
                                                      "cache": "static"},
-             "50% copy-lru": {"resident": 0.5, "miss": "copy", "cache": "lru"},
+             "50% copy-lfu": {"resident": 0.5, "miss": "copy", "cache": "lfu"},
              "25% cpu-compute": {"resident": 0.25, "miss": "cpu", "cache": "static"},
-             "25% copy-lru": {"resident": 0.25, "miss": "copy", "cache": "lru"}}
+             "25% copy-lfu": {"resident": 0.25, "miss": "copy", "cache": "lfu"}}
     rts = {name: Step3Runtime.load(bundle, device="cpu", dtype="bfloat16", vision=False, **kw)
            for name, kw in modes.items()}
     ref = Step3ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16)
@@ -229,10 +231,14 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
     for p in prompts(8, seed=2):
         rt.generate(p, max_new_tokens=args.new_tokens)
     profile = rt.expert_counts()
+    traces = {}
     rt.record_trace(True)
     for p in prompts(8, seed=1):
         rt.generate(p, max_new_tokens=args.new_tokens)
-    trace = rt.record_trace(False)
+    traces[1] = rt.record_trace(False)
+    rt.record_trace(True)
+    rt.generate(prompts(16, seed=3), max_new_tokens=args.new_tokens)
+    traces[16] = rt.record_trace(False)
     res["backend"] = rt.stats()["backend"]
     for r in rts.values():
         r.close()
@@ -240,17 +246,18 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
     cfg = Step3Config.from_pretrained(ckpt).text_config
     n_exp = len(cfg.moe_layers) * cfg.moe_num_experts
     counts = profile
-    res["trace_counts"] = trace_counts(trace, cfg.moe_num_experts)
+    res["trace_counts"] = trace_counts(traces[1], cfg.moe_num_experts)
     res["hit_rates"] = {}
-    for frac in (0.5, 0.25):
+    for (batch, trace), frac in itertools.product(traces.items(), (0.5, 0.25)):
         cap = round(frac * n_exp)
-        rates = {"lru": replay(trace, cap, "lru")["hit_rate"],
-                 "frequency-pinned (profile of other prompts)": replay(
-                     trace, 0, "static", pinned=top_experts(counts, cap))["hit_rate"],
-                 "lru+prefetch": replay(trace, cap, "lru", prefetch=True)["hit_rate"]}
-        res["hit_rates"][f"{int(frac * 100)}% resident"] = rates
+        rates = {f"{pol}{'+prefetch' if pre else ''}":
+                 replay(trace, cap, pol, prefetch=pre)["hit_rate"]
+                 for pre in (False, True) for pol in ("lru", "lfu")}
+        rates["frequency-pinned (profile of other prompts)"] = replay(
+            trace, 0, "static", pinned=top_experts(counts, cap))["hit_rate"]
+        res["hit_rates"][f"{int(frac * 100)}% resident, batch {batch}"] = rates
         print(f"hit rate at {int(frac * 100)}% resident ({cap} of {n_exp} experts, "
-              f"{len(trace)} steps, batch 1): " +
+              f"{len(trace)} steps, batch {batch}): " +
               ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
 
 

@@ -140,10 +140,10 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundles: dict[str, Path
                                                        cache="static")),
             f"{p} copy-lru": (bundles["bf16"], dict(resident=frac, miss="copy", cache="lru",
                                                     prefetch=False)),
-            f"{p} copy-lru+prefetch": (bundles["bf16"], dict(resident=frac, miss="copy",
-                                                             cache="lru", prefetch=True)),
-            f"{p} auto (cost model), lru+prefetch": (bundles["bf16"], dict(
-                resident=frac, miss="auto", cache="lru", prefetch=True))})
+            f"{p} copy-lfu+prefetch": (bundles["bf16"], dict(resident=frac, miss="copy",
+                                                             cache="lfu", prefetch=True)),
+            f"{p} auto (cost model), lfu+prefetch": (bundles["bf16"], dict(
+                resident=frac, miss="auto", cache="lfu", prefetch=True))})
     rts = {}
     for name, (bundle, kw) in modes.items():
         t0 = time.perf_counter()

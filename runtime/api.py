@@ -29,7 +29,7 @@ OVERRIDES: dict[str, str] = {
                "a CPU when the bundle has ONNX subgraphs, else torch; runtime/README.md)",
     "resident": "routed experts on the device: a fraction in [0, 1] or a count "
                 "(default: the plan's hot set)",
-    "cache": "device expert cache policy: 'static', 'lru' (default) or 'lfu'",
+    "cache": "device expert cache policy: 'static', 'lru' or 'lfu' (default)",
     "miss": "on a miss: 'cpu' (compute there), 'copy' (into the cache) or 'auto' (cost model)",
     "prefetch": "copy the next layer's predicted experts ahead (default: on CUDA with a "
                 "dynamic cache)",

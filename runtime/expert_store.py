@@ -198,7 +198,7 @@ class ExpertStore:
     """Every routed expert of every MoE layer; `compute` runs one layer's routed experts."""
 
     def __init__(self, cfg: Step3TextConfig, reader: CheckpointReader, backend: TorchBackend,
-                 resident: set[Key], *, policy: str = "lru", miss: str = "auto",
+                 resident: set[Key], *, policy: str = "lfu", miss: str = "auto",
                  prefetch: bool = False, bandwidths: Bandwidths | None = None,
                  routers: dict[int, Router] | None = None, owned: set[Key] | None = None
                  ) -> None:

@@ -176,7 +176,7 @@ def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: T
         if len(resident) > cap:
             order = [k for k in expert_order(cfg, counts)[0] if k in resident]
             resident = set(order[:cap])
-    policy = o.get("cache", "lru")
+    policy = o.get("cache", "lfu")
     bw = o.get("bandwidths")
     if routers is None:               # prefetch, and the trace's next-layer predictions
         routers = load_routers(cfg, reader, backend)

@@ -9,7 +9,8 @@ from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, PromptError
 from step3_edge.model import attention_mask, rope_cos_sin
 from step3_edge.quantize.schemes import fp8_to_float
-from step3_edge.runtime.expert_cache import ExpertCache, replay, top_experts, trace_counts
+from step3_edge.runtime.expert_cache import (AGING, ExpertCache, replay, top_experts,
+                                             trace_counts)
 from step3_edge.runtime.expert_store import Bandwidths, CostModel
 from step3_edge.runtime.kv import GroupCache, KVPool, plan_step
 
@@ -33,6 +34,20 @@ def test_lfu_evicts_least_used_and_static_never_changes() -> None:
     assert (1, 0) in s and s.admit((1, 1)) == (False, None) and len(s) == 1
     with pytest.raises(ConfigError):
         ExpertCache(1, "fifo")
+
+
+def test_lfu_counts_age_so_a_new_favourite_takes_over() -> None:
+    c = ExpertCache(2, "lfu", initial=[(1, 0), (1, 1)])
+    for _ in range(1000):                              # an old favourite pair
+        c.touch((1, 0))
+        c.touch((1, 1))
+    for i in range(AGING * 2 * 4):                     # then only (1, 2) and (1, 3): 256 each
+        key = (1, 2 + i % 2)
+        c.touch(key)
+        c.admit(key, protect=frozenset({key}))
+    # without aging (1, 1) would keep its 1,000 uses and its slot, and (1, 2) and (1, 3) would
+    # keep evicting each other
+    assert c.resident == {(1, 2), (1, 3)}
 
 
 def test_replay_hit_rates_and_prefetch() -> None:
