@@ -9,8 +9,8 @@ the slot with the fewest uses is evicted, least recent first among equals; every
 halves after each AGING x capacity uses, so a shift in what is popular takes over). LRU thrashes
 when one step needs more experts than there are slots (it cycles through the layers in order,
 LRU's worst case: hit rate 0 at batch 16 on `mini`); LFU keeps the often used ones. Pinned
-experts never leave. Prefetch (`replay(..., prefetch=True)`) admits the experts that the next layer's router
-predicts from the current hidden state before that layer runs.
+experts never leave. Prefetch (`replay(..., prefetch=True)`) admits the experts that the next
+layer's router predicts from the current hidden state before that layer runs.
 """
 
 from __future__ import annotations
@@ -70,12 +70,10 @@ class ExpertCache:
         """The slot `admit` would free next (None: a free slot exists or nothing may go)."""
         if len(self.slots) < self.capacity:
             return None
-        cands = [k for k in self.slots if k not in protect]
-        if not cands:
-            return None
-        if self.policy == "lfu":
-            return min(cands, key=lambda k: self.uses[k])  # min keeps LRU order among ties
-        return cands[0]
+        cands = (k for k in self.slots if k not in protect)          # oldest use first
+        if self.policy == "lfu":                     # min keeps LRU order among ties
+            return min(cands, key=self.uses.__getitem__, default=None)
+        return next(cands, None)
 
     def admit(self, key: Key, protect: frozenset[Key] = frozenset()) -> tuple[bool, Key | None]:
         """Give `key` a slot if the policy allows: (admitted, evicted key or None). Keys in
