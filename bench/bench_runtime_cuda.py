@@ -10,13 +10,18 @@ the `mini` preset, all in one run:
    bytes a decode step reads / device bandwidth), and the reference PyTorch model on the same
    GPU;
 3. the same with 50% and 25% of the experts on the GPU: misses computed on the CPU (activations
-   cross PCIe), copied over PCIe from pinned memory into an LRU cache (with and without
-   prefetch), and chosen per miss by the cost model (`miss="auto"`);
+   cross PCIe), copied over PCIe from pinned memory into an LRU cache (no prefetch) or the
+   default LFU cache with prefetch, and chosen per miss by the cost model (`miss="auto"`);
 4. one cold expert, PCIe copy + GPU compute against CPU compute (+ activations both ways), for
    1..1024 tokens, mini's expert and a real Step3 expert (h 7168, m 5120; bf16 and fp8),
-   measured against the cost model's prediction.
+   measured against the cost model's prediction;
+5. prefill attention of one layer (`mfa_attention`, T = S = 4,096, bf16) at Step3's shape
+   (64 query heads, one K/V head, d 256) and mini's: a boolean causal mask against the
+   maskless causal path a prompt without padding takes;
+6. batch 1 after a 4,000-token prompt: the runtime's time to the first token and decode rate.
 
     python bench/bench_runtime_cuda.py [--work DIR] [--new-tokens 32] [--reps 3]
+                                       [--only decode,miss,attention,long]
                                        [--out bench/results/runtime_cuda.json]
     python bench/bench_runtime.py --device cuda ...          (the same)
     python bench/bench_runtime_cuda.py --device cpu --preset tiny --reps 1 --new-tokens 4 \
@@ -36,10 +41,12 @@ from pathlib import Path
 
 import torch
 
-from bench_runtime import bytes_per_step, decode_rate_runtime, prompts
+from bench_runtime import (LONG_PROMPT, bytes_per_step, decode_rate_runtime,
+                           long_prompt_rate_runtime, prompts)
 from step3_edge.config import Step3Config
 from step3_edge.export.bundle import export_bundle
-from step3_edge.model import KVCache, Step3ForConditionalGeneration, attention_mask, rope_cos_sin
+from step3_edge.model import (KVCache, Step3ForConditionalGeneration, attention_mask,
+                              mfa_attention, rope_cos_sin)
 from step3_edge.quantize.schemes import get_scheme
 from step3_edge.runtime import Step3Runtime
 from step3_edge.runtime.backends import TorchBackend
@@ -259,6 +266,37 @@ def miss_section(args: argparse.Namespace, dev: torch.device, res: dict) -> None
             del lins, on_host
 
 
+def attention_section(args: argparse.Namespace, dev: torch.device, res: dict) -> None:
+    """Section 5: one layer's prefill attention, boolean causal mask vs maskless causal."""
+    t = 4096 if dev.type == "cuda" else 256          # the CPU smoke check stays small
+    causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None].to(dev)
+    out: dict = {"tokens": t}
+    for name, (n, d) in {"Step3 (64 heads, d 256)": (64, 256),
+                         f"{args.preset} (8 heads, d 64)": (8, 64)}.items():
+        q = torch.randn(1, n, t, d, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, t, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        with torch.inference_mode():
+            masked = _best(lambda: mfa_attention(q, k, v, causal, d ** -0.5), dev, args.reps)
+            plain = _best(lambda: mfa_attention(q, k, v, None, d ** -0.5), dev, args.reps)
+        out[name] = {"masked_ms": 1e3 * masked, "maskless_ms": 1e3 * plain,
+                     "speedup": masked / plain}
+        print(f"prefill attention, {name}, T = S = {t}: mask {1e3 * masked:.2f} ms, maskless "
+              f"{1e3 * plain:.2f} ms ({masked / plain:.2f}x)", flush=True)
+    res["prefill_attention"] = out
+
+
+def long_section(args: argparse.Namespace, bundle: Path, dev: torch.device, res: dict) -> None:
+    """Section 6: batch 1 after a long prompt (all experts resident), best of `reps`."""
+    length = LONG_PROMPT if args.preset == "mini" else 256
+    with Step3Runtime.load(bundle, device=str(dev), dtype="bfloat16", vision=False) as rt:
+        rt.generate(prompts(1)[0], max_new_tokens=2)                          # warm up
+        rows = [long_prompt_rate_runtime(rt, args.new_tokens, length) for _ in range(args.reps)]
+    row = res["long_prompt"] = {"prompt_tokens": length,
+                                **max(rows, key=lambda r: r["tokens_per_s"])}
+    print(f"batch 1 after a {length}-token prompt: first token after {row['first_token_s']:.3f} "
+          f"s, {row['tokens_per_s']:.1f} tok/s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -266,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/step3-edge-bench-runtime-cuda")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", default="decode,miss", help="sections to run")
+    ap.add_argument("--only", default="decode,miss,attention,long", help="sections to run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime_cuda.json"))
     args, _ = ap.parse_known_args(argv)
     dev = torch.device(args.device)
@@ -305,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text()) if out.is_file() and only != {"decode", "miss"} else {}
+    every = {"decode", "miss", "attention", "long"}
+    old = json.loads(out.read_text()) if out.is_file() and only != every else {}
 
     def save() -> None:             # after each section / rep; a partial run merges
         out.write_text(json.dumps({**old, **res}, indent=1, default=str) + "\n")
@@ -313,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if "miss" in only:
         miss_section(args, dev, res)
+        save()
+    if "attention" in only:
+        attention_section(args, dev, res)
+        save()
+    if "long" in only:
+        long_section(args, bundles["bf16"], dev, res)
         save()
     if "decode" in only:
         decode_section(args, ckpt, bundles, dev, b["device_memory"], res, save)
