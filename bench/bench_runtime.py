@@ -41,6 +41,7 @@ from step3_edge.runtime.expert_cache import replay, top_experts, trace_counts
 from step3_edge.synth import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPT = 32             # tokens before the decode rows
 LONG_PROMPT = 4000      # tokens before the long-context decode rows
 
 
@@ -71,7 +72,7 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def prompts(batch: int, length: int = 32, seed: int = 0) -> list[list[int]]:
+def prompts(batch: int, length: int = PROMPT, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 250, (length,), generator=g).tolist() for _ in range(batch)]
 
@@ -181,13 +182,13 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
     samples: dict[str, list[dict]] = {}
     # (batch, prompt tokens, modes): every mode at 32-token prompts, and the all-resident
     # runtime and the reference once more at batch 1 after a long prompt (attention and KV)
-    runs = [(1, 32, [*rts]), (16, 32, [*rts]), (1, LONG_PROMPT, ["all resident"])]
+    runs = [(1, PROMPT, [*rts]), (16, PROMPT, [*rts]), (1, LONG_PROMPT, ["all resident"])]
     for rep in range(args.reps):        # round robin: every mode sees the same machine load
         for batch, length, names in runs:
             for name in [*names, "reference model"]:
                 rt = rts.get(name)
                 bw = bandwidth(reps=2)
-                long = length != 32
+                long = length == LONG_PROMPT
                 if rt is None:
                     row = long_prompt_rate_reference(ref, args.new_tokens, length) if long \
                         else decode_rate_reference(ref, batch, args.new_tokens)
@@ -208,7 +209,7 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
                              "max": max(bws)}
     print(f"memory bandwidth (512 MiB copy, read + write, before each rate): "
           f"{min(bws):.1f}-{max(bws):.1f} GB/s; torch threads {torch.get_num_threads()}; "
-          f"median of {args.reps}, {args.new_tokens} new tokens after 32-token prompts")
+          f"median of {args.reps}, {args.new_tokens} new tokens after {PROMPT}-token prompts")
     res["decode"] = {}
     for key, rows in sorted(samples.items(),
                             key=lambda kv: (kv[1][0]["prompt_tokens"], kv[1][0]["batch"])):
