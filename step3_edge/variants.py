@@ -15,7 +15,7 @@ examples with every variant and scores them exactly as `step3-edge eval` does:
                    resident
     fp8-r25-cpu    the fp8 bundle, 25% of the routed experts resident, misses computed on
                    the CPU (`resident=0.25, miss="cpu"`)
-    fp8-r25-copy   the fp8 bundle, 25% resident, misses copied into an LRU expert cache
+    fp8-r25-copy   the fp8 bundle, 25% resident, misses copied into the LFU expert cache
                    (`resident=0.25, miss="copy"`)
 
 Each row gives accuracy overall and per question type, the difference from the reference in
@@ -82,8 +82,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             {"backend": "torch"}),
     Variant("fp8-r25-cpu", "l20 bundle, fp8, 25% experts resident, misses on CPU", "l20-fp8",
             {"backend": "torch", "resident": 0.25, "cache": "lru", "miss": "cpu"}),
-    Variant("fp8-r25-copy", "l20 bundle, fp8, 25% experts resident, misses copied (LRU)",
-            "l20-fp8", {"backend": "torch", "resident": 0.25, "cache": "lru", "miss": "copy"}),
+    Variant("fp8-r25-copy", "l20 bundle, fp8, 25% experts resident, misses copied (LFU)",
+            "l20-fp8", {"backend": "torch", "resident": 0.25, "miss": "copy"}),
 )}
 
 
