@@ -13,9 +13,12 @@
    so each has a core) with 1, 2 and 3 micro-batches, against one worker at 2 threads and at
    1 thread, side by side (round robin); also 1 attention + 2 FFN processes;
 6. backends on the same weights exported with ONNX subgraphs: torch bf16, torch float32 and
-   ONNX Runtime (float32 graphs) at batch 1 and 16 (what `backend="auto"` is decided from).
+   ONNX Runtime (float32 graphs) at batch 1 and 16 (what `backend="auto"` is decided from);
+7. the prefix cache: time to the first token of each turn of a 4-turn chat about one image,
+   with the cache on (the default) and off, side by side.
 
-    python bench/bench_runtime.py [--work DIR] [--new-tokens 32] [--only decode,afd,backends]
+    python bench/bench_runtime.py [--work DIR] [--new-tokens 32]
+                                  [--only decode,afd,backends,prefix]
                                   [--out bench/results/runtime.json]
     python bench/bench_runtime.py --device cuda ...   (the GPU benchmark: bench_runtime_cuda.py)
 """
@@ -43,6 +46,7 @@ from step3_edge.synth import write_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 32             # tokens before the decode rows
 LONG_PROMPT = 4000      # tokens before the long-context decode rows
+SECTIONS = ("decode", "afd", "backends", "prefix")
 
 
 def mini_bundle(work: Path) -> tuple[Path, Path]:
@@ -342,6 +346,53 @@ def backends_section(args: argparse.Namespace, ckpt: Path, res: dict) -> None:
         print(f"  {key:>32}: {row['tokens_per_s']:7.1f} tok/s")
 
 
+def prefix_section(args: argparse.Namespace, bundle: Path, res: dict) -> None:
+    """Section 7: time to the first token of each turn of a chat about one image (crops
+    included), prefix cache on and off, round robin. The assistant turns are fixed text, so
+    both runtimes see the same prompts; each repetition uses an image of its own colour (no
+    hits across repetitions)."""
+    from PIL import Image
+
+    rts = {on: Step3Runtime.load(bundle, device="cpu", dtype="bfloat16", prefix_cache=on)
+           for on in (False, True)}
+    questions = ["Describe this picture.", "What colours are in it?",
+                 "Is there any text in it?", "Summarise our conversation."]
+    best: dict[tuple[bool, int], dict] = {}
+    for rep in range(args.reps):
+        image = Image.new("RGB", (1200, 800), (40 + 50 * rep, 120, 200))
+        for on, rt in rts.items():
+            msgs: list[dict] = []
+            for turn, q in enumerate(questions):
+                content = [{"type": "image", "image": image}] if turn == 0 else []
+                msgs.append({"role": "user", "content": content + [{"type": "text",
+                                                                    "text": q}]})
+                ids, views = rt.processor.apply_chat(msgs)
+                rt.reset_stats()
+                g = rt.generate(ids, views, max_new_tokens=8)
+                pc = rt.stats()["scheduler"]["prefix_cache"]
+                row = {"prompt_tokens": len(ids), "first_token_s": g.time_to_first_token_s,
+                       "hit_tokens": pc["hit_tokens"]}
+                if (on, turn) not in best or row["first_token_s"] < best[on, turn][
+                        "first_token_s"]:
+                    best[on, turn] = row
+                msgs.append({"role": "assistant", "content": "A picture with shapes and "
+                             f"colours, as you asked (turn {turn + 1})."})
+    for rt in rts.values():
+        rt.close()
+    rows = []
+    print(f"prefix cache: a 4-turn chat about one 1200x800 image (best of {args.reps}):")
+    for turn in range(len(questions)):
+        off, on = best[False, turn], best[True, turn]
+        rows.append({"turn": turn + 1, "prompt_tokens": on["prompt_tokens"],
+                     "hit_tokens": on["hit_tokens"], "first_token_s_off": off["first_token_s"],
+                     "first_token_s_on": on["first_token_s"],
+                     "speedup": off["first_token_s"] / on["first_token_s"]})
+        print(f"  turn {turn + 1}: {on['prompt_tokens']:5d} prompt tokens, {on['hit_tokens']:5d} "
+              f"cached; first token after {off['first_token_s']:.3f} s (cache off) / "
+              f"{on['first_token_s']:.3f} s (on) = {rows[-1]['speedup']:.1f}x")
+    res["prefix_cache"] = rows
+
+
 def main() -> int:
     if "--device" in sys.argv[1:-1] and sys.argv[sys.argv.index("--device") + 1] != "cpu":
         from bench_runtime_cuda import main as cuda_main     # GPU: its own sections and file
@@ -354,7 +405,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="best of N (the machine is shared)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    ap.add_argument("--only", default="decode,afd,backends", help="sections to run")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime.json"))
     args = ap.parse_args()
     if args.threads:
@@ -369,8 +420,10 @@ def main() -> int:
         afd_section(args, bundle, res)
     if "backends" in only:
         backends_section(args, ckpt, res)
+    if "prefix" in only:
+        prefix_section(args, bundle, res)
     out = Path(args.out)
-    if out.is_file() and only != {"decode", "afd", "backends"}:   # a partial run: merge
+    if out.is_file() and only != set(SECTIONS):                   # a partial run: merge
         res = {**json.loads(out.read_text()), **res}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str) + "\n")

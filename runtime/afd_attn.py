@@ -41,6 +41,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -61,15 +62,14 @@ class BlockPool(KVPool):
     def __init__(self, cfg: Step3TextConfig, capacity_tokens: int, dtype: torch.dtype
                  ) -> None:   # noqa: D107 - no super().__init__: it would allocate K/V
         self.cfg, self.device, self.dtype = cfg, torch.device("meta"), dtype
-        self.num_blocks = max(1, capacity_tokens // BLOCK)
-        self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
-        self.pad_slot = self.num_blocks * BLOCK
+        self._init_blocks(capacity_tokens)
 
 
 class ShardedKV:
     """The scheduler's KV pool over the attention ranks' pools (rank 0's real one first):
-    `allocate` places a sequence on the least-loaded rank with room; the rest of the pool
-    interface spans all ranks (`check`: one sequence must fit one rank's pool)."""
+    `allocate` places a sequence on the least-loaded rank with room (among equally loaded ones,
+    the one that caches the longest prefix of its prompt); the rest of the pool interface
+    spans all ranks (`check`: one sequence must fit one rank's pool)."""
 
     def __init__(self, pools: list[KVPool]) -> None:
         self.pools = pools
@@ -88,19 +88,29 @@ class ShardedKV:
     def free_tokens(self) -> int:
         return sum(p.free_tokens for p in self.pools)
 
+    @property
+    def cached_tokens(self) -> int:
+        return sum(p.cached_tokens for p in self.pools)
+
     def check(self, tokens: int) -> None:
         self.pools[0].check(tokens)
 
-    def allocate(self, tokens: int) -> SeqKV | None:
-        """Reserve `tokens` on the least-loaded attention rank with room; None if none has."""
+    def allocate(self, tokens: int, keys: Sequence[bytes] = (), prompt: int = 0
+                 ) -> SeqKV | None:
+        """Reserve `tokens` on the least-loaded attention rank with room, among equally loaded
+        ones the one caching the longest prefix of the prompt (block `keys`), then the one
+        with the fewest reserved tokens; None if none has room. Load comes first: a system
+        prompt every request shares must not send them all to one rank."""
         self.check(tokens)
         need = math.ceil(tokens / BLOCK)
-        fits = [a for a, p in enumerate(self.pools) if len(p.free_blocks) >= need]
+        hits = [p.cached_prefix(keys, prompt) for p in self.pools]
+        fits = [a for a, p in enumerate(self.pools) if p.fits(need, hits[a])]
         if not fits:
             return None
-        a = min(fits, key=lambda a: (self.live[a], self.pools[a].capacity_tokens
-                                     - self.pools[a].free_tokens, a))
-        seq = self.pools[a].allocate(tokens)
+        a = min(fits, key=lambda a: (self.live[a], -len(hits[a]),
+                                     self.pools[a].capacity_tokens - self.pools[a].free_tokens,
+                                     a))
+        seq = self.pools[a].allocate(tokens, keys, prompt)
         assert seq is not None
         self.owner[id(seq)] = (a, self._next)
         self._next += 1
@@ -108,9 +118,9 @@ class ShardedKV:
         self.placed[a] += 1
         return seq
 
-    def release(self, seq: SeqKV) -> None:
+    def release(self, seq: SeqKV, keys: Sequence[bytes] = ()) -> None:
         a, sid = self.owner.pop(id(seq))
-        self.pools[a].release(seq)
+        self.pools[a].release(seq, keys)
         self.live[a] -= 1
         if sid in self.announced[a]:
             self.announced[a].discard(sid)

@@ -44,6 +44,8 @@ OVERRIDES: dict[str, str] = {
                "becomes the count of threads that first use torch later",
     "max_batch": "sequences decoded together (default 32)",
     "max_prefill_tokens": "prompt tokens per step (default 2048; longer prompts are chunked)",
+    "prefix_cache": "reuse the KV blocks of finished sequences for prompts that start with "
+                    "the same tokens and images (default True)",
     "bandwidths": "Bandwidths or dict to skip the start-up measurement",
     "verify": "check every artifact's sha256 before loading (default False)",
     "vision": "load the vision tower (default True)",
@@ -74,7 +76,7 @@ OVERRIDES: dict[str, str] = {
 
 COUNTS = ("threads", "max_batch", "max_prefill_tokens", "ffn_ranks", "afd_threads",
           "ort_threads", "micro_batches")
-FLAGS = ("prefetch", "verify", "vision", "sync_timing")
+FLAGS = ("prefetch", "verify", "vision", "sync_timing", "prefix_cache")
 
 
 def _check_options(o: dict[str, Any]) -> None:
@@ -151,7 +153,8 @@ class Step3Runtime:
         try:
             processor = Step3Processor.from_pretrained(bundle, cfg)
             sched = Scheduler(engine, processor.decode, int(o.get("max_batch", 32)),
-                              int(o.get("max_prefill_tokens", 2048)), threads)
+                              int(o.get("max_prefill_tokens", 2048)), threads,
+                              bool(o.get("prefix_cache", True)))
         except BaseException:
             engine.close()
             raise
@@ -245,8 +248,10 @@ class Step3Runtime:
             return {**self.engine.snapshot(), "scheduler": stats(self.scheduler)}
 
     def reset_stats(self) -> None:
+        """Zero the expert, timing and prefix-cache statistics."""
         with self.scheduler.engine_lock:
             self.engine.reset_stats()
+            self.scheduler.prompt_tokens = self.scheduler.cached_tokens = 0
 
     def expert_counts(self) -> dict[int, list[int]]:
         """Tokens routed to each expert of each MoE layer since the last reset."""

@@ -5,12 +5,23 @@ A forward step attends in groups: all single-token (decode) sequences together, 
 longest and masked, and each multi-token chunk (prefill) on its own. `GroupCache` is what the
 reference `Step3Attention.forward` receives as its `cache`: `update` writes the new keys/values
 into the pool and returns the group's keys/values gathered from its block tables.
+
+Prefix cache (vLLM's automatic prefix caching, by whole blocks): when a sequence is released,
+each full block it wrote is registered under a digest of every token up to the block's end
+(and of the prompt's images), and stays cached, evictable oldest first, until its slots are
+needed. A new sequence whose prompt starts with registered blocks gets those blocks (shared,
+reference-counted, never written again) and starts its prefill after them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,9 +33,41 @@ from step3_edge.quantize.schemes import cast_fp8, fp8_to_float
 BLOCK = 16  # tokens per KV block
 
 
+def block_keys(ids: Sequence[int], root: bytes = b"", known: Sequence[bytes] = ()
+               ) -> list[bytes]:
+    """Prefix-cache keys of the full blocks of `ids`: key i digests key i-1 and block i's
+    tokens, key -1 is `root` (a digest of the prompt's images, `images_digest`), so a key
+    names everything before its block's end. `known`: keys already computed for a prefix of
+    `ids` (extended, not recomputed)."""
+    keys = list(known)
+    prev = keys[-1] if keys else hashlib.blake2b(root, digest_size=16).digest()
+    first, n = len(keys), len(ids) // BLOCK
+    data = array("i", ids[first * BLOCK:n * BLOCK]).tobytes()
+    step = BLOCK * 4
+    for i in range(n - first):
+        prev = hashlib.blake2b(prev + data[i * step:(i + 1) * step], digest_size=16).digest()
+        keys.append(prev)
+    return keys
+
+
+def images_digest(images: Sequence[Any] | None) -> bytes:
+    """Digest of a prompt's preprocessed images (every tensor they hold, in order): the root of
+    its block keys, so prompts with other images share no block."""
+    if not images:
+        return b""
+    h = hashlib.blake2b(digest_size=16)
+    for views in images:
+        for t in (v for v in vars(views).values() if isinstance(v, torch.Tensor)):
+            t = t.detach().cpu().contiguous()
+            h.update(repr((t.dtype, tuple(t.shape))).encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.digest()
+
+
 @dataclass
 class SeqKV:
-    """One sequence's KV: its blocks (reserved up front) and how many tokens are written."""
+    """One sequence's KV: its blocks (reserved up front) and how many tokens are written
+    (a prefix-cache hit starts with its shared blocks' tokens written)."""
 
     blocks: list[int]
     reserved: int          # tokens the blocks hold
@@ -47,11 +90,19 @@ class KVPool:
     def __init__(self, cfg: Step3TextConfig, capacity_tokens: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.num_blocks = max(1, capacity_tokens // BLOCK)
+        self._init_blocks(capacity_tokens)
         shape = (cfg.num_hidden_layers, 2, (self.num_blocks + 1) * BLOCK, cfg.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _init_blocks(self, capacity_tokens: int) -> None:
+        """Block bookkeeping: free blocks, reference counts, the prefix cache."""
+        self.num_blocks = max(1, capacity_tokens // BLOCK)
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
         self.pad_slot = self.num_blocks * BLOCK
+        self.refs: dict[int, int] = {}              # block -> sequences using it
+        self.key_of: dict[int, bytes] = {}          # registered block -> its key
+        self.block_of: dict[bytes, int] = {}        # key -> registered block
+        self.evictable: OrderedDict[int, None] = OrderedDict()   # cached, unused; oldest first
 
     @property
     def k(self) -> torch.Tensor:
@@ -69,7 +120,17 @@ class KVPool:
 
     @property
     def free_tokens(self) -> int:
-        return len(self.free_blocks) * BLOCK
+        """Tokens a new sequence could take (cached blocks nobody uses included)."""
+        return self.available_blocks * BLOCK
+
+    @property
+    def available_blocks(self) -> int:
+        return len(self.free_blocks) + len(self.evictable)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens held by cached blocks that no running sequence uses."""
+        return len(self.evictable) * BLOCK
 
     def bytes_per_token(self) -> int:
         return 2 * self.cfg.num_hidden_layers * self.cfg.head_dim * self.dtype.itemsize
@@ -82,16 +143,62 @@ class KVPool:
                               "lower max_new_tokens, shorten the prompt, or load with a larger "
                               "kv_tokens / a plan with more KV")
 
-    def allocate(self, tokens: int) -> SeqKV | None:
-        """Reserve blocks for `tokens`; None when the pool is too full right now."""
+    def cached_prefix(self, keys: Sequence[bytes], prompt: int) -> list[int]:
+        """Registered blocks matching the leading `keys` of a `prompt`-token prompt; at least
+        its last token is left to compute (its logits give the first new token)."""
+        hit: list[int] = []
+        for key in keys[:(prompt - 1) // BLOCK]:
+            b = self.block_of.get(key)
+            if b is None:
+                break
+            hit.append(b)
+        return hit
+
+    def fits(self, blocks: int, hit: list[int]) -> bool:
+        """Whether `blocks` blocks fit now, the cached prefix blocks `hit` among them."""
+        return blocks - len(hit) <= self.available_blocks - sum(b in self.evictable for b in hit)
+
+    def allocate(self, tokens: int, keys: Sequence[bytes] = (), prompt: int = 0
+                 ) -> SeqKV | None:
+        """Reserve blocks for `tokens`, the leading ones shared from the prefix cache when
+        the prompt's block `keys` match (`prompt`: its length); None when the pool is too
+        full right now."""
         self.check(tokens)
         n = math.ceil(tokens / BLOCK)
-        if n > len(self.free_blocks):
+        hit = self.cached_prefix(keys, prompt)
+        if not self.fits(n, hit):
             return None
-        return SeqKV([self.free_blocks.pop() for _ in range(n)], n * BLOCK)
+        for b in hit:
+            self.evictable.pop(b, None)
+            self.refs[b] = self.refs.get(b, 0) + 1
+        new = [self._take() for _ in range(n - len(hit))]
+        for b in new:
+            self.refs[b] = 1
+        return SeqKV(hit + new, n * BLOCK, len(hit) * BLOCK)
 
-    def release(self, seq: SeqKV) -> None:
-        self.free_blocks.extend(reversed(seq.blocks))
+    def _take(self) -> int:
+        """A free block, else the least recently cached one (its key forgotten)."""
+        if self.free_blocks:
+            return self.free_blocks.pop()
+        b, _ = self.evictable.popitem(last=False)
+        del self.block_of[self.key_of.pop(b)]
+        return b
+
+    def release(self, seq: SeqKV, keys: Sequence[bytes] = ()) -> None:
+        """Give back a sequence's blocks. `keys` (`block_keys` of the tokens it wrote) register
+        its full blocks in the prefix cache; blocks nobody else uses then stay cached."""
+        for b, key in zip(seq.blocks, keys[:seq.length // BLOCK]):
+            if b not in self.key_of and key not in self.block_of:
+                self.key_of[b], self.block_of[key] = key, b
+        for b in reversed(seq.blocks):
+            self.refs[b] -= 1
+            if self.refs[b]:
+                continue
+            del self.refs[b]
+            if b in self.key_of:
+                self.evictable[b] = None
+            else:
+                self.free_blocks.append(b)
         seq.blocks = []
 
 

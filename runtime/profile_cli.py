@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from step3_edge.runtime.chat_cli import runtime_overrides
 
     prompts = read_prompts(args.prompts)
-    with Step3Runtime.load(args.bundle, **runtime_overrides(args)) as rt:
+    # every prompt token routed (the prefix cache would skip repeated prefixes)
+    with Step3Runtime.load(args.bundle, **runtime_overrides(args), prefix_cache=False) as rt:
         ids = []
         for p in prompts:
             if isinstance(p, list):

@@ -5,6 +5,10 @@ thread owns the engine: each step it admits waiting requests whose whole KV need
 max_new_tokens) fits the free pool, runs one forward over the decode tokens of every running
 sequence plus prefill chunks of the new ones, samples, and hands out text. A request that fails
 (a bad image, say) fails alone; the others go on.
+
+With the prefix cache on (the default), a prompt whose leading blocks some finished sequence
+wrote (a chat's earlier turns, a shared system prompt; images included) starts its prefill
+after them, and skips the vision tower when no image token is left to embed (runtime/kv.py).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from step3_edge.chat import split_reasoning
 from step3_edge.errors import RuntimeClosedError
 from step3_edge.runtime.engine import Engine
-from step3_edge.runtime.kv import SeqKV
+from step3_edge.runtime.kv import SeqKV, block_keys, images_digest
 from step3_edge.runtime.openmp import release_openmp_team
 from step3_edge.sampling import SamplingParams, sample_next
 
@@ -74,8 +78,11 @@ class Request:
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     # scheduler state
     kv: SeqKV | None = field(default=None, repr=False)
-    embeds: torch.Tensor | None = field(default=None, repr=False)
+    embeds: torch.Tensor | None = field(default=None, repr=False)   # prompt from embed_start
+    embed_start: int = 0
     prefilled: int = 0
+    key_root: bytes = b""                  # prefix-cache keys: images_digest, then block_keys
+    prefix_keys: list[bytes] = field(default_factory=list, repr=False)
     emitted: int = 0
     cancelled: bool = False
     detok: IncrementalText | None = field(default=None, repr=False)   # set by submit
@@ -158,10 +165,12 @@ class Scheduler:
     """Owns the engine; one daemon thread runs forward steps while there is work."""
 
     def __init__(self, engine: Engine, decode: Callable[[list[int]], str], max_batch: int = 32,
-                 max_prefill_tokens: int = 2048, threads: int | None = None) -> None:
+                 max_prefill_tokens: int = 2048, threads: int | None = None,
+                 prefix_cache: bool = True) -> None:
         """`threads`: the engine thread's intra-op threads (default: the creating thread's;
         torch fixes a thread's count at its first parallel op, so it is set there)."""
-        self.engine, self.decode = engine, decode
+        self.engine, self.decode, self.prefix_cache = engine, decode, prefix_cache
+        self.image_token = engine.attn.cfg.image_token_id
         self.threads = threads or torch.get_num_threads()
         self.max_batch, self.max_prefill = max_batch, max_prefill_tokens
         self.waiting: deque[Request] = deque()
@@ -170,6 +179,7 @@ class Scheduler:
         self.engine_lock = threading.Lock()      # held while a step (or a stats call) runs
         self.stopped = False
         self.tokens_generated = 0
+        self.prompt_tokens = self.cached_tokens = 0     # admitted, and found in the prefix cache
         self.thread = threading.Thread(target=self._loop, name="step3-edge-scheduler",
                                        daemon=True)
         self.thread.start()
@@ -179,6 +189,9 @@ class Scheduler:
         release_openmp_team()       # the caller's (image preprocessing made one): runtime/openmp.py
         req.detok = IncrementalText(self.decode)
         req.submitted_at = time.perf_counter()
+        if self.prefix_cache:                   # here, off the engine thread
+            req.key_root = images_digest(req.images)
+            req.prefix_keys = block_keys(req.prompt_ids, req.key_root)
         with self.cond:
             if self.stopped:
                 raise RuntimeClosedError()
@@ -223,16 +236,21 @@ class Scheduler:
             r._finish()
         while self.waiting and len(self.running) < self.max_batch:
             r = self.waiting[0]
-            kv = pool.allocate(len(r.prompt_ids) + r.max_new_tokens)
+            kv = pool.allocate(len(r.prompt_ids) + r.max_new_tokens, r.prefix_keys,
+                               len(r.prompt_ids))
             if kv is None:
                 break                                   # wait for running sequences to end
             self.waiting.popleft()
-            r.kv = kv
+            r.kv, r.prefilled = kv, kv.length           # a cached prefix is already written
+            self.prompt_tokens += len(r.prompt_ids)
+            self.cached_tokens += kv.length
             self.running.append(r)
 
     def _retire(self, r: Request, error: BaseException | None = None) -> None:
         if r.kv is not None:
-            self.engine.attn.kv.release(r.kv)
+            keys = block_keys(r.prompt_ids + r.token_ids, r.key_root, r.prefix_keys) \
+                if self.prefix_cache else ()
+            self.engine.attn.kv.release(r.kv, keys)     # its full blocks stay cached
             r.kv = None
         r.embeds = None
         if r in self.running:
@@ -253,11 +271,17 @@ class Scheduler:
             if r.prefilled == len(r.prompt_ids) or (budget <= 0 and prefill):
                 continue
             if r.embeds is None:
+                # after a cached prefix only the rest is embedded, and without the vision
+                # tower unless an image token is left
+                rest = r.prompt_ids[r.prefilled:]
+                start = 0 if r.images and self.image_token in rest else r.prefilled
                 try:
-                    r.embeds = attn.embed(r.prompt_ids, r.images)       # [T, h]
+                    r.embeds = attn.embed(r.prompt_ids[start:], r.images if start == 0
+                                          else None)                    # [T - start, h]
                 except Exception as e:  # noqa: BLE001 - a bad prompt fails its request only
                     self._retire(r, e)
                     continue
+                r.embed_start = start
             n = min(len(r.prompt_ids) - r.prefilled, max(budget, 1))
             prefill.append((r, n))
             budget -= n
@@ -266,7 +290,8 @@ class Scheduler:
         parts = []
         if decode:
             parts.append(attn.embed_tokens([r.token_ids[-1] for r in decode]))
-        parts += [r.embeds[r.prefilled:r.prefilled + n] for r, n in prefill]
+        parts += [r.embeds[r.prefilled - r.embed_start:r.prefilled - r.embed_start + n]
+                  for r, n in prefill]
         segs = [(r.kv, 1) for r in decode] + [(r.kv, n) for r, n in prefill]
         logits = self.engine.run(segs, torch.cat(parts) if len(parts) > 1 else parts[0])
         for r, n in prefill:
@@ -314,4 +339,8 @@ def stats(s: Scheduler) -> dict[str, Any]:
     return {"running": len(s.running), "waiting": len(s.waiting), "threads": s.threads,
             "tokens_generated": s.tokens_generated,
             "kv_capacity_tokens": pool.capacity_tokens,
-            "kv_used_tokens": pool.capacity_tokens - pool.free_tokens}
+            "kv_used_tokens": pool.capacity_tokens - pool.free_tokens,
+            "kv_cached_tokens": pool.cached_tokens,
+            "prefix_cache": {"enabled": s.prefix_cache, "prompt_tokens": s.prompt_tokens,
+                             "hit_tokens": s.cached_tokens,
+                             "hit_rate": s.cached_tokens / max(s.prompt_tokens, 1)}}

@@ -25,6 +25,15 @@ def reference_tokens(model, ids: list[int], stop_ids: list[int], images=None,
     return out[:-1] if out and out[-1] in stop_ids else out
 
 
+def routed_tokens(rt, prompts: list[list[int]], gens: list) -> int:
+    """Tokens that went through the layers since `rt.reset_stats()` for the finished `gens`
+    of `prompts`: the prompt tokens not found in the prefix cache and every new token fed
+    back (not the last one of a request that hit max_new_tokens)."""
+    hit = rt.stats()["scheduler"]["prefix_cache"]["hit_tokens"]
+    return sum(len(p) + len(g.token_ids) - (g.finish_reason == "length")
+               for p, g in zip(prompts, gens)) - hit
+
+
 def torchrun_tokens(bundle: Path, nproc: int, prompts: list[str], *extra: str,
                     timeout: float = 180) -> list[list[int]]:
     """Greedy token ids of `prompts` from `torchrun -m step3_edge.runtime.afd` with `nproc`

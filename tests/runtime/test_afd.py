@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_helpers import FIXED_BW, MAX_NEW, torchrun_tokens
+from runtime_helpers import FIXED_BW, MAX_NEW, routed_tokens, torchrun_tokens
 
 from step3_edge.config import Step3Config
 from step3_edge.errors import Step3EdgeError
@@ -39,7 +39,7 @@ def test_afd_greedy_tokens_equal_reference(ranks: int, micro: int, bundle: Path,
         t = rt.config.text_config
         rt.reset_stats()
         g = rt.generate(prompts[3], max_new_tokens=4)
-        tokens = len(prompts[3]) + len(g.token_ids) - (g.finish_reason == "length")
+        tokens = routed_tokens(rt, [prompts[3]], [g])                 # prompts[3] hits
         counts = rt.expert_counts()                                  # summed over ranks
         assert all(sum(c) == tokens * t.moe_top_k for c in counts.values())
         rt.record_trace(True)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runtime_helpers import FIXED_BW, MAX_NEW, reference_tokens, torchrun_tokens
+from runtime_helpers import (FIXED_BW, MAX_NEW, reference_tokens, routed_tokens,
+                             torchrun_tokens)
 from PIL import Image
 
 from step3_edge.config import Step3Config
@@ -81,11 +82,11 @@ def test_two_attention_ranks_match_reference(ffn: int, micro: int, bundle: Path,
         assert len(s["experts"]["ranks"]) == ffn and s["experts"]["hit_rate"] == 1.0
         assert s["scheduler"]["kv_used_tokens"] == 0
         assert s["scheduler"]["kv_capacity_tokens"] == 2 * rt.engine.local.kv.capacity_tokens
+        assert s["scheduler"]["prefix_cache"]["hit_tokens"] > 0     # the repeated prompts
         t = rt.config.text_config
         rt.reset_stats()
         gens = rt.generate(prompts[1:3], max_new_tokens=4)          # one on each rank
-        tokens = sum(len(p) + len(g.token_ids) - (g.finish_reason == "length")
-                     for p, g in zip(prompts[1:3], gens))
+        tokens = routed_tokens(rt, prompts[1:3], gens)
         assert all(sum(c) == tokens * t.moe_top_k for c in rt.expert_counts().values())
         assert all(r["steps"] > 0 for r in rt.stats()["time"]["attention_ranks"])
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from runtime_helpers import MAX_NEW, reference_tokens
+from runtime_helpers import MAX_NEW, reference_tokens, routed_tokens
 from PIL import Image
 
 from step3_edge.errors import ConfigError
@@ -29,7 +29,7 @@ def test_ort_greedy_tokens_equal_reference(onnx_bundle: Path, prompts, reference
         t = rt.config.text_config
         rt.reset_stats()
         g = rt.generate(prompts[3], max_new_tokens=3)
-        tokens = len(prompts[3]) + len(g.token_ids) - (g.finish_reason == "length")
+        tokens = routed_tokens(rt, [prompts[3]], [g])                 # prompts[3] hits
         assert all(sum(c) == tokens * t.moe_top_k for c in rt.expert_counts().values())
         img = Image.new("RGB", (96, 64), (200, 40, 40))
         msgs = [{"role": "user", "content": [{"type": "image", "image": img},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runtime_helpers import FIXED_BW, MAX_NEW, reference_tokens
+from runtime_helpers import FIXED_BW, MAX_NEW, reference_tokens, routed_tokens
 from PIL import Image
 
 from step3_edge.errors import ConfigError, PromptError, RuntimeClosedError
@@ -122,7 +122,9 @@ def test_statistics_and_expert_counts(rt, prompts) -> None:
     rt.reset_stats()
     g = rt.generate(prompts[1], max_new_tokens=6)
     t = rt.config.text_config
-    tokens = len(prompts[1]) + len(g.token_ids) - (g.finish_reason == "length")
+    pc = rt.stats()["scheduler"]["prefix_cache"]      # earlier tests cached this prompt
+    assert pc["prompt_tokens"] == len(prompts[1]) and pc["hit_tokens"] % 16 == 0
+    tokens = routed_tokens(rt, [prompts[1]], [g])
     counts = rt.expert_counts()
     assert sorted(counts) == list(t.moe_layers)
     assert all(sum(c) == tokens * t.moe_top_k for c in counts.values())
