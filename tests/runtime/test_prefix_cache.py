@@ -4,6 +4,7 @@ still gives the reference model's greedy tokens."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -17,11 +18,18 @@ from step3_edge.runtime.afd_attn import BlockPool, ShardedKV
 from step3_edge.runtime.kv import BLOCK, KVPool, block_keys, images_digest
 
 T = Step3Config.preset("tiny").text_config
+SEED = int.from_bytes(os.urandom(4), "little")
+RNG = random.Random(SEED)
 
 
-def _ids(n: int, seed: int) -> list[int]:
-    g = random.Random(seed)
-    return [g.randrange(3, T.vocab_size) for _ in range(n)]
+def _ids(n: int) -> list[int]:
+    """Fresh random token ids (the module's seed is in the failure message)."""
+    return [RNG.randrange(3, T.vocab_size) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _print_seed() -> None:
+    print(f"token id seed {SEED}")
 
 
 def _pool(blocks: int) -> KVPool:
@@ -37,8 +45,13 @@ def _written(pool: KVPool, ids: list[int], extra: int = 8):
     return seq, keys
 
 
+def _blocks_of(keys: list[bytes], pool: KVPool) -> list[int]:
+    """The blocks registered under `keys`."""
+    return [pool.block_of[k] for k in keys]
+
+
 def test_block_keys_name_everything_before_the_block_end() -> None:
-    ids = _ids(70, 1)
+    ids = _ids(70)
     keys = block_keys(ids)
     assert len(keys) == 70 // BLOCK and len(set(keys)) == len(keys)
     assert block_keys(ids[:40]) == keys[:2]                       # a prefix's keys
@@ -65,14 +78,14 @@ def test_images_digest_follows_the_pixels(rt) -> None:
 
 def test_released_blocks_are_shared_by_a_matching_prompt() -> None:
     pool = _pool(12)
-    ids = _ids(50, 2)                                  # 3 full blocks + 2 tokens
+    ids = _ids(50)                                  # 3 full blocks + 2 tokens
     a, keys = _written(pool, ids)
     pool.release(a, keys)
     assert pool.cached_tokens == 3 * BLOCK and pool.free_tokens == 12 * BLOCK
-    longer = ids + _ids(30, 3)
+    longer = ids + _ids(30)
     b = pool.allocate(len(longer) + 4, block_keys(longer), len(longer))
     assert b is not None and b.length == 3 * BLOCK    # starts after the cached blocks
-    assert b.blocks[:3] == a_blocks(keys, pool) and pool.cached_tokens == 0
+    assert b.blocks[:3] == _blocks_of(keys, pool) and pool.cached_tokens == 0
     c = pool.allocate(len(longer) + 4, block_keys(longer), len(longer))
     assert c is not None and c.blocks[:3] == b.blocks[:3]          # shared while in use
     assert len(set(b.blocks[3:]) | set(c.blocks[3:])) == len(b.blocks) + len(c.blocks) - 6
@@ -82,13 +95,9 @@ def test_released_blocks_are_shared_by_a_matching_prompt() -> None:
     assert pool.cached_tokens == 3 * BLOCK and pool.free_tokens == 12 * BLOCK
 
 
-def a_blocks(keys: list[bytes], pool: KVPool) -> list[int]:
-    return [pool.block_of[k] for k in keys]
-
-
 def test_the_last_prompt_token_is_always_computed() -> None:
     pool = _pool(8)
-    ids = _ids(48, 4)                                  # exactly 3 blocks
+    ids = _ids(48)                                  # exactly 3 blocks
     a, keys = _written(pool, ids)
     pool.release(a, keys)
     again = pool.allocate(48 + 4, keys, 48)
@@ -97,7 +106,7 @@ def test_the_last_prompt_token_is_always_computed() -> None:
 
 def test_partial_blocks_and_duplicates_are_not_registered() -> None:
     pool = _pool(12)
-    ids = _ids(40, 5)
+    ids = _ids(40)
     a, keys = _written(pool, ids)
     a.length = 20                                      # only block 0 fully written
     pool.release(a, keys)
@@ -115,7 +124,7 @@ def test_partial_blocks_and_duplicates_are_not_registered() -> None:
 
 def test_cached_blocks_are_evicted_oldest_first_when_needed() -> None:
     pool = _pool(6)
-    old, new = _ids(40, 6), _ids(40, 7)
+    old, new = _ids(40), _ids(40)
     for ids in (old, new):                             # 2 cached blocks each
         s, keys = _written(pool, ids, extra=0)
         pool.release(s, keys)
@@ -133,7 +142,7 @@ def test_cached_blocks_are_evicted_oldest_first_when_needed() -> None:
 def test_afd_placement_prefers_the_rank_that_caches_the_prefix() -> None:
     kv = ShardedKV([KVPool(T, 64, torch.float32, torch.device("cpu")),
                     BlockPool(T, 64, torch.float32)])
-    ids = _ids(40, 8)
+    ids = _ids(40)
     keys = block_keys(ids)
     busy = kv.allocate(16)                              # rank 0: one live sequence
     first = kv.allocate(48, keys, 40)                   # rank 1: the least loaded
