@@ -251,7 +251,7 @@ class Step3Runtime:
         """Zero the expert, timing and prefix-cache statistics."""
         with self.scheduler.engine_lock:
             self.engine.reset_stats()
-            self.scheduler.prompt_tokens = self.scheduler.cached_tokens = 0
+            self.scheduler.reset_stats()
 
     def expert_counts(self) -> dict[int, list[int]]:
         """Tokens routed to each expert of each MoE layer since the last reset."""

@@ -199,6 +199,10 @@ class Scheduler:
             self.cond.notify()
         return req
 
+    def reset_stats(self) -> None:
+        """Zero the prefix-cache counters (the caller holds `engine_lock`)."""
+        self.prompt_tokens = self.cached_tokens = 0
+
     def close(self) -> None:
         with self.cond:
             self.stopped = True
