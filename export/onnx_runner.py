@@ -115,9 +115,14 @@ class BundleGraphs:
         if key not in self._sessions:
             name = self.subgraph_for(*key)
             bound = bind(self._bindings[name], self.reader, self.cfg, Instance(layer, expert))
-            self._sessions[key] = BoundSession.create(self._file(name), bound, self.providers,
-                                                      self.threads, self.spin)
+            self._sessions[key] = self._create(name, bound)
         return self._sessions[key]
+
+    def _create(self, name: str, bound: dict[str, Bound]) -> Any:
+        """The session of subgraph `name` with one instance's weights (an ORT session here;
+        the runtime's TensorRT backend makes an engine instead)."""
+        return BoundSession.create(self._file(name), bound, self.providers, self.threads,
+                                   self.spin)
 
     def run(self, kind: str, feeds: dict[str, np.ndarray], layer: int | None = None,
             expert: int | None = None) -> dict[str, np.ndarray]:

@@ -25,7 +25,8 @@ OVERRIDES: dict[str, str] = {
     "dtype": "compute dtype: 'bfloat16' (default), 'float32' (the reference's numerics) or "
              "'float16'",
     "backend": "'torch', 'onnxruntime' (the bundle's ONNX subgraphs; CPU provider, or CUDA "
-               "with onnxruntime-gpu) or 'auto' (default: onnxruntime for float32 compute on "
+               "with onnxruntime-gpu), 'tensorrt' (the bundle's TensorRT engines on a CUDA "
+               "GPU) or 'auto' (default: onnxruntime for float32 compute on "
                "a CPU when the bundle has ONNX subgraphs, else torch; runtime/README.md)",
     "resident": "routed experts on the device: a fraction in [0, 1] or a count "
                 "(default: the plan's hot set)",
@@ -110,6 +111,7 @@ class Step3Runtime:
         self.bundle, self.config, self.plan = bundle, cfg, plan
         self.processor, self.engine, self.scheduler = processor, engine, scheduler
         self.options = options
+        self.max_context = cfg.text_config.max_context       # tokens a sequence may reach
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -152,14 +154,19 @@ class Step3Runtime:
             engine = Engine(attn, ffn, bool(o.get("sync_timing", False)))
         try:
             processor = Step3Processor.from_pretrained(bundle, cfg)
-            sched = Scheduler(engine, processor.decode, int(o.get("max_batch", 32)),
-                              int(o.get("max_prefill_tokens", 2048)), threads,
+            lim = getattr(backend, "limits", {})      # TensorRT: its engines' profile bounds
+            sched = Scheduler(engine, processor.decode,
+                              min(int(o.get("max_batch", 32)), lim.get("max_batch", 1 << 30)),
+                              min(int(o.get("max_prefill_tokens", 2048)),
+                                  lim.get("max_prefill", 1 << 30)), threads,
                               bool(o.get("prefix_cache", True)))
         except BaseException:
             engine.close()
             raise
         release_openmp_team()       # loading made this thread a team; steps run on the scheduler's
-        return cls(Path(bundle), cfg, plan, processor, engine, sched, o)
+        rt = cls(Path(bundle), cfg, plan, processor, engine, sched, o)
+        rt.max_context = min(rt.max_context, lim.get("max_context", rt.max_context))
+        return rt
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: str | Sequence[int], images: Sequence[Any] | None = None, *,
@@ -190,9 +197,9 @@ class Step3Runtime:
                               "tokenize with this bundle's processor")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise PromptError(f"max_new_tokens={max_new_tokens!r}", "ask for at least 1 token")
-        if len(ids) + max_new_tokens > t.max_context:
+        if len(ids) + max_new_tokens > self.max_context:
             raise PromptError(f"{len(ids):,} prompt tokens + {max_new_tokens:,} new tokens "
-                              f"exceed the context of {t.max_context:,}",
+                              f"exceed the context of {self.max_context:,}",
                               "shorten the prompt or lower max_new_tokens")
         _check_seed(seed)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())

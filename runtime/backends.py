@@ -9,8 +9,8 @@ none exists the weight is dequantized once at load into the compute dtype, and `
 `Linear.kernel` say so.
 
 The ONNX Runtime backend (`ort_backend.py`) works on whole subgraphs rather than linears:
-`make_backend("onnxruntime", manifest=...)` returns it. TensorRT is not implemented yet and
-`make_backend` refuses it with a clear error.
+`make_backend("onnxruntime", manifest=...)` returns it; the TensorRT backend (`trt_backend.py`)
+runs the bundle's TensorRT engines behind the same interface (`make_backend("tensorrt", ...)`).
 """
 
 from __future__ import annotations
@@ -299,8 +299,9 @@ def make_backend(name: str = "torch", device: str | None = None,
                  dtype: torch.dtype | str | None = None, *, manifest: Any = None,
                  threads: int | None = None) -> Any:
     """The backend called `name` on `device` (default: CUDA when present, else the CPU),
-    computing in `dtype` (default bf16; ONNX Runtime computes in float32). The ONNX Runtime
-    backend needs the bundle's `manifest` (its subgraphs); `threads` are its intra-op threads."""
+    computing in `dtype` (default bf16; the graph backends compute in float32). ONNX Runtime and
+    TensorRT need the bundle's `manifest` (its subgraphs / engines); `threads` are ONNX
+    Runtime's intra-op threads."""
     if isinstance(dtype, str):
         if dtype.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"compute dtype {dtype!r}", "use float32, bfloat16 or float16")
@@ -319,7 +320,8 @@ def make_backend(name: str = "torch", device: str | None = None,
         from step3_edge.runtime.ort_backend import OrtBackend
 
         return OrtBackend(manifest, device, dtype, threads)
-    if name in BACKENDS:
-        raise ConfigError(f"the {name} backend is not implemented yet in the runtime",
-                          "use backend='torch' (CPU or CUDA) or 'onnxruntime'")
+    if name == "tensorrt":
+        from step3_edge.runtime.trt_backend import TrtBackend
+
+        return TrtBackend(manifest, device, dtype)
     raise ConfigError(f"unknown backend {name!r}", f"choose one of: {', '.join(BACKENDS)}")

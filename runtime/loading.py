@@ -61,6 +61,10 @@ def open_bundle(bundle: str | Path, verify: bool = False
     return manifest, plan, cfg, reader
 
 
+# backends that run the bundle's subgraphs (ort_backend's graph workers drive both)
+GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
+
+
 def choose_backend(o: dict[str, Any], manifest: Manifest) -> str:
     """`backend` as asked, or for "auto" (the default): ONNX Runtime when the bundle has ONNX
     subgraphs, no GPU is used and float32 compute is asked for (the CPU graphs compute in
@@ -146,8 +150,9 @@ def load_routers(cfg: Step3Config, reader: CheckpointReader, backend: TorchBacke
 
 def build_attention(cfg: Step3Config, reader: CheckpointReader, backend: Any,
                     kv_tokens: int, kv_dtype: torch.dtype, vision: bool = True) -> Any:
-    """The attention side (torch modules, or the bundle's ONNX subgraphs in ONNX Runtime)."""
-    if backend.name == "onnxruntime":
+    """The attention side (torch modules, or the bundle's subgraphs in ONNX Runtime /
+    TensorRT)."""
+    if backend.name in GRAPH_BACKENDS:
         from step3_edge.runtime.ort_backend import OrtAttentionWorker
 
         return OrtAttentionWorker(cfg, backend, kv_tokens, vision)
@@ -158,7 +163,7 @@ def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: T
               o: dict[str, Any], shard: Shard | None = None,
               routers: dict[int, Router] | None = None) -> FFNWorker:
     """The FFN side (all of it, or one shard) with its expert store, as the options ask."""
-    if backend.name == "onnxruntime":
+    if backend.name in GRAPH_BACKENDS:
         from step3_edge.runtime.ort_backend import OrtFFNWorker
 
         return OrtFFNWorker(cfg, backend, shard)

@@ -12,6 +12,9 @@ order (as the reference does). Everything is float32 at the graph boundary.
 Providers: CPU, or CUDA first when a CUDA device is asked for and onnxruntime-gpu is
 installed; whether a GPU really runs the graphs is read from the first session's
 `get_providers()` (never from `get_available_providers()`).
+
+The two workers only call `backend.run` and `backend.graphs`, so they also drive the TensorRT
+backend (trt_backend.py), whose sessions are refitted engines.
 """
 
 from __future__ import annotations
@@ -219,7 +222,8 @@ class OrtFFNWorker:
         return {"accesses": self.accesses, "hits": self.accesses, "misses": 0,
                 "hit_rate": 1.0, "cpu_computed": 0, "copied": 0, "bytes_copied": 0,
                 "resident": len(self.shard.experts), "policy": "static", "miss": "none",
-                "prefetch": False, "note": "ONNX Runtime: every expert has a bound session"}
+                "prefetch": False, "note": f"{self.backend.name}: every expert has its own "
+                                           "session with its weights bound"}
 
     def reset_stats(self) -> None:
         self.accesses = 0
