@@ -30,6 +30,19 @@ from step3_edge.runtime.engine import Shard
 from step3_edge.runtime.kv import KVPool, StepBatch
 
 
+def check_graph_bundle(name: str, manifest: Any, dtype: torch.dtype | None, needs: str,
+                       export: str) -> None:
+    """A graph backend's two refusals: a bundle without subgraphs, a compute dtype other than
+    float32 (the graph boundary; the weights keep their exported precision)."""
+    if manifest is None or not getattr(manifest, "subgraphs", None):
+        raise ConfigError(f"backend='{name}' needs a bundle with {needs}, and this one has "
+                          "none", f"{export}, or use backend='torch'")
+    if dtype not in (None, torch.float32):
+        raise ConfigError(f"dtype={dtype} with backend='{name}'", "the graphs take and return "
+                          "float32 (weights in their exported precision): leave dtype unset or "
+                          "pass 'float32'")
+
+
 class OrtBackend:
     """ONNX Runtime over one bundle's subgraphs (float32 at the graph boundary)."""
 
@@ -37,14 +50,8 @@ class OrtBackend:
 
     def __init__(self, manifest: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, threads: int | None = None) -> None:
-        if manifest is None or not getattr(manifest, "subgraphs", None):
-            raise ConfigError("backend='onnxruntime' needs a bundle with ONNX subgraphs, and "
-                              "this one has none", "export it with ONNX (step3-edge export "
-                              "without --no-onnx) or use backend='torch'")
-        if dtype not in (None, torch.float32):
-            raise ConfigError(f"dtype={dtype} with backend='onnxruntime'", "the ONNX graphs "
-                              "compute in float32 (weights in their exported precision): "
-                              "leave dtype unset or pass 'float32'")
+        check_graph_bundle("onnxruntime", manifest, dtype, "ONNX subgraphs", "export it with "
+                           "ONNX (step3-edge export without --no-onnx)")
         try:
             import onnxruntime  # noqa: F401
         except ImportError:

@@ -12,7 +12,7 @@ in the engine's I/O types, outputs come back as float32 / int64 host arrays (the
 boundary of the ONNX backend: the paged KV pool stays in host memory).
 
 Written against TensorRT 10's Python API (`execute_async_v3`, named I/O tensors); tested here
-without TensorRT only up to its clear refusals and the profile choice (runtime/README.md).
+without TensorRT only up to its refusals and the profile choice (README, "TensorRT backend").
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from step3_edge.errors import BundleError, ConfigError, MissingExtraError, PromptError
 from step3_edge.export.binding import Bound
 from step3_edge.export.onnx_runner import BundleGraphs
+from step3_edge.runtime.ort_backend import check_graph_bundle
 
 # TensorRT I/O types (trt.DataType member names) -> torch dtypes
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
@@ -161,14 +162,8 @@ class TrtBackend:
 
     def __init__(self, manifest: Any, device: str | torch.device = "cuda",
                  dtype: torch.dtype | None = None) -> None:
-        if manifest is None or not getattr(manifest, "subgraphs", None):
-            raise ConfigError("backend='tensorrt' needs a bundle with ONNX subgraphs and their "
-                              "TensorRT engines, and this one has none", "export it for a GPU "
-                              "target with ONNX and tensorrt installed, or use backend='torch'")
-        if dtype not in (None, torch.float32):
-            raise ConfigError(f"dtype={dtype} with backend='tensorrt'", "the engines take and "
-                              "return float32 at the graph boundary (their precision is the "
-                              "export's): leave dtype unset or pass 'float32'")
+        check_graph_bundle("tensorrt", manifest, dtype, "ONNX subgraphs and their TensorRT "
+                           "engines", "export it for a GPU target with tensorrt installed")
         self.asked = torch.device(device)
         if self.asked.type != "cuda" or not torch.cuda.is_available():
             raise ConfigError(f"backend='tensorrt' on device {str(self.asked)!r}",
