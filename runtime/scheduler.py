@@ -28,7 +28,7 @@ from step3_edge.errors import RuntimeClosedError
 from step3_edge.runtime.engine import Engine
 from step3_edge.runtime.kv import SeqKV, block_keys, images_digest
 from step3_edge.runtime.openmp import release_openmp_team
-from step3_edge.sampling import SamplingParams, sample_next
+from step3_edge.sampling import SamplingParams, greedy, sample_next
 
 _DONE = object()
 
@@ -300,15 +300,20 @@ class Scheduler:
         logits = self.engine.run(segs, torch.cat(parts) if len(parts) > 1 else parts[0])
         for r, n in prefill:
             r.prefilled += n
-        live = decode + [r for r, _ in prefill]
-        for i, r in enumerate(live):
-            if r.prefilled < len(r.prompt_ids):
-                continue                                # mid-prompt chunk: no token yet
+        live = [(i, r) for i, r in enumerate(decode + [r for r, _ in prefill])
+                if r.prefilled == len(r.prompt_ids)]   # not mid-prompt: a token is due
+        rows = [i for i, r in live if r.sampling.temperature == 0]
+        if rows:                                         # one call for all greedy rows
+            best = iter(greedy(logits if len(rows) == len(logits) else logits[rows]).tolist())
+        for i, r in live:
             r.embeds = None
-            row = logits[i:i + 1]
-            if r.generator is not None and row.device != r.generator.device:
-                row = row.cpu()                 # a seeded request samples with its CPU
-            tok = int(sample_next(row, r.sampling, r.generator)[0])    # generator anywhere
+            if r.sampling.temperature == 0:
+                tok = next(best)
+            else:
+                row = logits[i:i + 1]
+                if r.generator is not None and row.device != r.generator.device:
+                    row = row.cpu()             # a seeded request samples with its CPU
+                tok = int(sample_next(row, r.sampling, r.generator)[0])  # generator anywhere
             self.tokens_generated += 1
             self._advance(r, tok)
 

@@ -200,6 +200,14 @@ def test_sampling_filters(rng):
     logits = torch.randn(4, 50, generator=rng)
     greedy = sample_next(logits, SamplingParams())
     assert torch.equal(greedy, logits.argmax(-1))
+    # ties (a row's maximum at several places, as bf16 logits often have) and a vocabulary
+    # past torch's vectorized chunks: still argmax's first index
+    wide = torch.randn(6, 128815, generator=rng).to(torch.bfloat16).float()
+    for row in range(6):
+        top = wide[row].max()
+        spots = torch.randint(0, wide.shape[1], (3,), generator=rng)
+        wide[row, spots] = top + 1
+    assert torch.equal(sample_next(wide, SamplingParams()), wide.argmax(-1))
     top2 = logits.topk(2, dim=-1).indices
     for _ in range(20):
         s = sample_next(logits, SamplingParams(temperature=1.0, top_k=2), rng)
