@@ -173,7 +173,10 @@ def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]
         for p in procs:
             p.terminate()
         raise
-    return AFDEngine(attn, wire, shards, micro, procs, owns, workers[m - 1:], m, workers[:m - 1])
+    # spawned CPU workers share this machine's cores and idle during rank 0's lm_head
+    lm_threads = os.cpu_count() if procs and dev.type == "cpu" else None
+    return AFDEngine(attn, wire, shards, micro, procs, owns, workers[m - 1:], m, workers[:m - 1],
+                     lm_threads)
 
 
 def _spawn(backend: str, timeout: float, threads: int, devices: list[str], m: int

@@ -44,13 +44,17 @@ class AFDEngine:
     def __init__(self, attn: AttentionWorker, wire: Wire, shards: list[Shard],
                  micro_batches: int, procs: list[Any], owns_group: bool,
                  workers: list[dict[str, Any]], attention_ranks: int = 1,
-                 attention_workers: list[dict[str, Any]] | None = None) -> None:
+                 attention_workers: list[dict[str, Any]] | None = None,
+                 lm_head_threads: int | None = None) -> None:
         t = attn.cfg.text_config
         a = attention_ranks
         self.local, self.wire, self.shards = attn, wire, shards
         self.micro_batches, self.procs, self.owns_group = micro_batches, procs, owns_group
         self.workers, self.attention_workers = workers, attention_workers or []
         self.attention_ranks = a
+        # the other ranks wait for the next step while rank 0 runs the lm_head: where they
+        # share this machine's cores, the lm_head takes them (None: the engine's own count)
+        self.lm_head_threads = lm_head_threads
         self.remote = list(range(1, a))                       # attention ranks 1..A-1
         self.ranks = list(range(a, a + len(shards)))          # FFN ranks
         self.serving = [[r for r, s in zip(self.ranks, shards) if L in s.layers]
@@ -130,11 +134,22 @@ class AFDEngine:
                 final[torch.tensor([i for i, _, _, _ in own[a]], device=dev)] = rows_a
         # one lm_head over every rank's and micro-batch's last rows: the [vocab, h] matrix is
         # streamed once per step
-        logits = self.local.logits(final)
+        logits = self._logits(final)
         self.side.finish(sends)
         for work, _, r in posted:
             wire.wait(work, r, "receiving a step", ctrl=True)
         return logits
+
+    def _logits(self, final: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head, on `lm_head_threads` intra-op threads when set."""
+        n, before = self.lm_head_threads, torch.get_num_threads()
+        if not n or n == before:
+            return self.local.logits(final)
+        torch.set_num_threads(n)
+        try:
+            return self.local.logits(final)
+        finally:
+            torch.set_num_threads(before)
 
     def _command(self, a: int, mbs: list[list[tuple[SeqKV, int]]], h: torch.Tensor,
                  own: list[tuple[int, SeqKV, int, int]]) -> list[tuple[Any, torch.Tensor, int]]:
@@ -217,6 +232,7 @@ class AFDEngine:
         a = self.attention_ranks
         return {"mode": f"AFD: {a} attention rank{'s' * (a > 1)} + {len(self.ranks)} FFN "
                         f"rank(s) over {self.wire.backend}, {self.micro_batches} micro-batches",
+                "lm_head_threads": self.lm_head_threads or torch.get_num_threads(),
                 **self.local.backend.describe(), "ffn_workers": self.workers,
                 "attention_workers": self.attention_workers}
 

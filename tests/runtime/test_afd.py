@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from runtime_helpers import FIXED_BW, MAX_NEW, routed_tokens, torchrun_tokens
 
 from step3_edge.config import Step3Config
@@ -32,6 +33,18 @@ def test_afd_greedy_tokens_equal_reference(ranks: int, micro: int, bundle: Path,
         outs = rt.generate(prompts, max_new_tokens=MAX_NEW)          # one continuous batch
         assert [o.token_ids for o in outs] == reference
         assert rt.scheduler.threads == 1          # rank 0 takes afd_threads, like its workers
+        seen: dict[str, set[int]] = {"logits": set(), "layer": set()}
+        local = rt.engine.local
+        for name in seen:                         # intra-op threads while each part runs
+            def spy(*a, _f=getattr(local, name), _n=name):
+                seen[_n].add(torch.get_num_threads())
+                return _f(*a)
+            setattr(local, name, spy)
+        rt.generate(prompts[:2], max_new_tokens=3)
+        # the lm_head takes the cores the idle workers leave; the layers keep afd_threads
+        assert seen == {"logits": {os.cpu_count()}, "layer": {1}}
+        for name in seen:
+            delattr(local, name)
         s = rt.stats()
         assert s["backend"]["mode"].startswith(f"AFD: 1 attention rank + {ranks} FFN")
         assert len(s["experts"]["ranks"]) == ranks and s["experts"]["hit_rate"] == 1.0
