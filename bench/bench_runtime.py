@@ -46,6 +46,7 @@ from step3_edge.synth import write_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 32             # tokens before the decode rows
 LONG_PROMPT = 4000      # tokens before the long-context decode rows
+LONG_SEED = 100         # + the repetition: long prompts no other section uses
 SECTIONS = ("decode", "afd", "backends", "prefix")
 
 
@@ -120,22 +121,23 @@ def decode_rate_reference(model, batch: int, new: int) -> dict:
     return {"tokens_per_s": batch * new / max(tn - t1, 1e-9)}
 
 
-def long_prompt_rate_runtime(rt: Step3Runtime, new: int, length: int) -> dict:
+def long_prompt_rate_runtime(rt: Step3Runtime, new: int, length: int, seed: int) -> dict:
     """Batch 1 decode tokens/s after a `length`-token prompt: the request's own rate after its
     first token (`Generation.decode_tokens_per_s`). A long prefill's run-to-run noise would
-    swamp the difference of two generate calls."""
+    swamp the difference of two generate calls. A new `seed` per call: a prompt seen before
+    would come from the prefix cache, and its first token after a one-token prefill."""
     t = rt.engine.attn.cfg.text_config
     rt.reset_stats()
-    g = rt.generate(prompts(1, length)[0], max_new_tokens=new + 1)
+    g = rt.generate(prompts(1, length, seed)[0], max_new_tokens=new + 1)
     e = rt.stats()["experts"]
     return {"tokens_per_s": g.decode_tokens_per_s, "first_token_s": g.time_to_first_token_s,
             "experts_per_step": t.moe_top_k * len(t.moe_layers),   # batch 1: top-k per layer
             **{k: e[k] for k in ("hit_rate", "cpu_computed", "copied", "bytes_copied")}}
 
 
-def long_prompt_rate_reference(model, new: int, length: int) -> dict:
+def long_prompt_rate_reference(model, new: int, length: int, seed: int) -> dict:
     """The same for the reference model: prefill, then `new` timed greedy decode steps."""
-    ids = torch.tensor(prompts(1, length))
+    ids = torch.tensor(prompts(1, length, seed))
     cache = KVCache(model.config.text_config, 1, length + new, model.dtype)
     valid = torch.ones(1, length + new, dtype=torch.bool)
     with torch.inference_mode():
@@ -194,10 +196,12 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
                 bw = bandwidth(reps=2)
                 long = length == LONG_PROMPT
                 if rt is None:
-                    row = long_prompt_rate_reference(ref, args.new_tokens, length) if long \
+                    row = long_prompt_rate_reference(ref, args.new_tokens, length,
+                                                     LONG_SEED + rep) if long \
                         else decode_rate_reference(ref, batch, args.new_tokens)
                 else:
-                    row = long_prompt_rate_runtime(rt, args.new_tokens, length) if long \
+                    row = long_prompt_rate_runtime(rt, args.new_tokens, length,
+                                                   LONG_SEED + rep) if long \
                         else decode_rate_runtime(rt, batch, args.new_tokens)
                     row["bytes_per_step"] = bytes_per_step(rt, row["experts_per_step"], batch,
                                                            length + args.new_tokens // 2)

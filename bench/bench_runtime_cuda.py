@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench_runtime import (LONG_PROMPT, bytes_per_step, decode_rate_runtime,
+from bench_runtime import (LONG_PROMPT, LONG_SEED, bytes_per_step, decode_rate_runtime,
                            long_prompt_rate_runtime, prompts)
 from step3_edge.config import Step3Config
 from step3_edge.export.bundle import export_bundle
@@ -290,7 +290,8 @@ def long_section(args: argparse.Namespace, bundle: Path, dev: torch.device, res:
     length = LONG_PROMPT if args.preset == "mini" else 256
     with Step3Runtime.load(bundle, device=str(dev), dtype="bfloat16", vision=False) as rt:
         rt.generate(prompts(1)[0], max_new_tokens=2)                          # warm up
-        rows = [long_prompt_rate_runtime(rt, args.new_tokens, length) for _ in range(args.reps)]
+        rows = [long_prompt_rate_runtime(rt, args.new_tokens, length, LONG_SEED + i)
+                for i in range(args.reps)]
     row = res["long_prompt"] = {"prompt_tokens": length,
                                 **max(rows, key=lambda r: r["tokens_per_s"])}
     print(f"batch 1 after a {length}-token prompt: first token after {row['first_token_s']:.3f} "
