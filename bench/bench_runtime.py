@@ -11,7 +11,8 @@
    recorded at batch 1 and at batch 16;
 5. AFD: throughput at batch 16 of attention and FFN in two processes (1 intra-op thread each,
    so each has a core) with 1, 2 and 3 micro-batches, against one worker at 2 threads and at
-   1 thread, side by side (round robin); also 1 attention + 2 FFN processes;
+   1 thread, side by side (round robin); also 1 attention + 2 FFN processes, and 2
+   attention ranks (data-parallel attention) + 1 FFN process;
 6. backends on the same weights exported with ONNX subgraphs: torch bf16, torch float32 and
    ONNX Runtime (float32 graphs) at batch 1 and 16 (what `backend="auto"` is decided from);
 7. the prefix cache: time to the first token of each turn of a 4-turn chat about one image,
@@ -299,11 +300,14 @@ def afd_section(args: argparse.Namespace, bundle: Path, res: dict) -> None:
                **{f"AFD 1A+1F, {m} micro-batch{'es' * (m > 1)}": (afd, m) for m in (1, 2, 3)}}
     best = _best_rates(configs, (16,), args.reps, args.new_tokens)
     afd.close()
-    afd2 = Step3Runtime.load(bundle, **common, afd=True, ffn_ranks=2, afd_threads=1, threads=1)
-    afd2.generate(prompts(16), max_new_tokens=2)
-    best.update(_best_rates({"AFD 1A+2F (3 processes), 3 micro-batches": (afd2, 3)},
-                            (16,), args.reps, args.new_tokens))
-    afd2.close()
+    for name, ranks, micro in (("AFD 1A+2F (3 processes), 3 micro-batches",
+                                {"ffn_ranks": 2}, 3),
+                               ("AFD 2A+1F (3 processes, data-parallel attention), 1 "
+                                "micro-batch", {"ffn_ranks": 1, "attention_ranks": 2}, 1)):
+        rt = Step3Runtime.load(bundle, **common, afd=True, afd_threads=1, threads=1, **ranks)
+        rt.generate(prompts(16), max_new_tokens=2)
+        best.update(_best_rates({name: (rt, micro)}, (16,), args.reps, args.new_tokens))
+        rt.close()
     for rt in one.values():
         rt.close()
     base = {t: best[f"one worker, {t} thread{'s' * (t > 1)}, batch 16"]["tokens_per_s"]
@@ -317,7 +321,7 @@ def afd_section(args: argparse.Namespace, bundle: Path, res: dict) -> None:
         row.update(vs_one_worker_2_threads=row["tokens_per_s"] / base[2],
                    vs_one_worker_1_thread=row["tokens_per_s"] / base[1])
         cpu = row["cpu_ms_per_step"]
-        print(f"  {key:>48}: {row['tokens_per_s']:7.1f} tok/s = "
+        print(f"  {key:>72}: {row['tokens_per_s']:7.1f} tok/s = "
               f"{row['vs_one_worker_2_threads']:.2f}x one worker at 2 threads, "
               f"{row['vs_one_worker_1_thread']:.2f}x at 1 thread; CPU ms per step per process "
               f"{[round(c, 1) for c in cpu]} (two free cores: <= "
