@@ -88,8 +88,30 @@ def test_tensorrt_runtime_matches_onnx_runtime(text_ckpt: Path, tmp_path: Path) 
         span = float(want.max() - want.min())
         assert float((got - want).abs().max()) <= 0.05 * span
         outs = trt_rt.generate([ids, ids[:7]], max_new_tokens=4)
-        assert all(len(g.token_ids) >= 1 for g in outs)
+        assert all(g.finish_reason in ("stop", "length") for g in outs)
         assert trt_rt.stats()["backend"]["backend"] == "tensorrt"
     finally:
         trt_rt.close()
         ort_rt.close()
+
+
+def test_engine_bounds_cap_the_scheduler_and_the_context(onnx_bundle: Path, monkeypatch
+                                                         ) -> None:
+    """A graph backend with profile bounds (TensorRT's `limits`): the runtime keeps its batches,
+    prefill chunks and sequences inside them, and a prompt past the bounded context is a
+    PromptError before anything runs (tested through the ORT backend given the same bounds)."""
+    from step3_edge.errors import PromptError
+    from step3_edge.runtime.ort_backend import OrtBackend
+
+    monkeypatch.setattr(OrtBackend, "limits", {"max_batch": 2, "max_prefill": 16,
+                                               "max_context": 64}, raising=False)
+    with Step3Runtime.load(onnx_bundle, backend="onnxruntime", device="cpu", dtype="float32",
+                           bandwidths=FIXED_BW, max_batch=8) as rt:
+        assert (rt.scheduler.max_batch, rt.scheduler.max_prefill, rt.max_context) == (2, 16, 64)
+        v = rt.config.text_config.vocab_size
+        ids = [random.randrange(3, v) for _ in range(40)]
+        outs = rt.generate([ids, ids[:30], ids[:20]], max_new_tokens=3)   # 3 > max_batch
+        assert [len(g.prompt_token_ids) for g in outs] == [40, 30, 20]
+        assert all(g.finish_reason in ("stop", "length") for g in outs)
+        with pytest.raises(PromptError, match="context of 64"):
+            rt.generate(ids + ids[:20], max_new_tokens=8)
