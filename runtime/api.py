@@ -152,13 +152,14 @@ class Step3Runtime:
         else:
             ffn = build_ffn(cfg, reader, plan, backend, o, routers=attn.routers())
             engine = Engine(attn, ffn, bool(o.get("sync_timing", False)))
+        lim = getattr(backend, "limits", {})          # TensorRT: its engines' profile bounds
+        max_batch = int(o.get("max_batch", 32))
+        max_prefill = int(o.get("max_prefill_tokens", 2048))
         try:
             processor = Step3Processor.from_pretrained(bundle, cfg)
-            lim = getattr(backend, "limits", {})      # TensorRT: its engines' profile bounds
             sched = Scheduler(engine, processor.decode,
-                              min(int(o.get("max_batch", 32)), lim.get("max_batch", 1 << 30)),
-                              min(int(o.get("max_prefill_tokens", 2048)),
-                                  lim.get("max_prefill", 1 << 30)), threads,
+                              min(max_batch, lim.get("max_batch", max_batch)),
+                              min(max_prefill, lim.get("max_prefill", max_prefill)), threads,
                               bool(o.get("prefix_cache", True)))
         except BaseException:
             engine.close()

@@ -303,8 +303,8 @@ class Scheduler:
         live = [(i, r) for i, r in enumerate(decode + [r for r, _ in prefill])
                 if r.prefilled == len(r.prompt_ids)]   # not mid-prompt: a token is due
         rows = [i for i, r in live if r.sampling.temperature == 0]
-        if rows:                                         # one call for all greedy rows
-            best = iter(greedy(logits if len(rows) == len(logits) else logits[rows]).tolist())
+        picked = logits if len(rows) == len(logits) else logits[rows]
+        best = iter(greedy(picked).tolist() if rows else ())   # one call for all greedy rows
         for i, r in live:
             r.embeds = None
             if r.sampling.temperature == 0:
