@@ -7,7 +7,8 @@ The export writes one refittable, weight-stripped plan per subgraph (`device-<d>
 two optimisation profiles: prefill and decode). Here each layer / expert instance is that plan
 deserialized and refitted with the instance's weights (`export.trt.refit_engine`, fed the same
 `binding.bind` arrays ONNX Runtime gets), with one execution context per profile; a call takes
-the decode profile when its shapes fit it, else the prefill one. Inputs are copied to the GPU
+the decode profile when its shapes fit it, else the prefill one. All engines of a device share
+one stream and one activation buffer (`Scratch`; calls run one at a time). Inputs are copied to the GPU
 in the engine's I/O types, outputs come back as float32 / int64 host arrays (the graph
 boundary of the ONNX backend: the paged KV pool stays in host memory).
 
@@ -58,23 +59,46 @@ def _trt() -> Any:
     return tensorrt
 
 
-class TrtEngine:
-    """One refitted engine (one subgraph instance) and an execution context per profile."""
+class Scratch:
+    """One stream and one activation buffer for every engine on a device. Calls run one at a
+    time (each waits for its outputs), so the engines' contexts can share the memory instead of
+    holding their own: thousands of expert engines, each with a prefill profile, would not fit
+    otherwise."""
 
-    def __init__(self, trt: Any, engine: Any, device: torch.device, name: str) -> None:
-        self.engine, self.device, self.name = engine, device, name
-        self.stream = torch.cuda.Stream(device)
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stream = device, torch.cuda.Stream(device)
+        self.buf = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def lend(self, ctx: Any, nbytes: int) -> None:
+        """Point `ctx` at the shared buffer, grown to `nbytes` first if needed."""
+        if self.buf.numel() < nbytes:
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if hasattr(ctx, "set_device_memory"):                  # TensorRT >= 10.1
+            ctx.set_device_memory(self.buf.data_ptr(), self.buf.numel())
+        else:
+            ctx.device_memory = self.buf.data_ptr()
+
+
+class TrtEngine:
+    """One refitted engine (one subgraph instance) and an execution context per profile, on
+    the device's shared `Scratch`."""
+
+    def __init__(self, trt: Any, engine: Any, scratch: Scratch, name: str) -> None:
+        self.engine, self.scratch, self.name = engine, scratch, name
+        self.device = scratch.device
         io = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in io if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in io if n not in self.inputs]
         self.dtypes = {n: TORCH_DTYPES[engine.get_tensor_dtype(n).name] for n in io}
+        self.memory = getattr(engine, "device_memory_size_v2", None) or \
+            engine.device_memory_size                           # bytes one call needs
         self.bounds: list[Bounds] = []
         self.contexts = []
         for p in range(engine.num_optimization_profiles):
             lo_opt_hi = {n: engine.get_tensor_profile_shape(n, p) for n in self.inputs}
             self.bounds.append({n: (tuple(v[0]), tuple(v[2])) for n, v in lo_opt_hi.items()})
-            ctx = engine.create_execution_context()
-            ctx.set_optimization_profile_async(p, self.stream.cuda_stream)
+            ctx = _user_managed_context(trt, engine)
+            ctx.set_optimization_profile_async(p, scratch.stream.cuda_stream)
             self.contexts.append(ctx)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -85,8 +109,9 @@ class TrtEngine:
                               f"{self.name}'s profiles {self.bounds}",
                               "lower max_prefill_tokens / the context, re-export with larger "
                               "engine shapes, or load with backend='onnxruntime'")
-        ctx, keep = self.contexts[p], []
-        with torch.cuda.stream(self.stream):
+        ctx, keep, stream = self.contexts[p], [], self.scratch.stream
+        self.scratch.lend(ctx, self.memory)
+        with torch.cuda.stream(stream):
             for n in self.inputs:
                 t = torch.from_numpy(np.ascontiguousarray(feeds[n])).to(
                     self.device, self.dtypes[n])
@@ -99,12 +124,23 @@ class TrtEngine:
                                 device=self.device)
                 outs[n] = t
                 ctx.set_tensor_address(n, _address(t, keep))
-            if not ctx.execute_async_v3(self.stream.cuda_stream):
+            if not ctx.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError(f"TensorRT could not run engine {self.name}")
             host = {n: (t.float() if t.is_floating_point() else t.long()).to("cpu")
                     for n, t in outs.items()}
-        self.stream.synchronize()
+        stream.synchronize()
         return {n: t.numpy() for n, t in host.items()}
+
+
+def _user_managed_context(trt: Any, engine: Any) -> Any:
+    """An execution context without its own activation memory (`Scratch.lend` gives it):
+    TensorRT 10 takes the strategy, later versions a runtime config."""
+    strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    if hasattr(engine, "create_runtime_config"):
+        config = engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        return engine.create_execution_context(config)
+    return engine.create_execution_context(strategy)
 
 
 def _address(t: torch.Tensor, keep: list[torch.Tensor]) -> int:
@@ -123,6 +159,7 @@ class TrtGraphs(BundleGraphs):
         super().__init__(manifest)
         self.trt, self.device = _trt(), device
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.scratch = Scratch(device)
         self.plans = {a.meta.get("subgraph"): a for a in self.manifest.artifacts
                       if a.kind == "trt"}
         self._bytes: dict[str, bytes] = {}
@@ -147,7 +184,7 @@ class TrtGraphs(BundleGraphs):
 
         with torch.cuda.device(self.device):
             engine = refit_engine(self._plan(name), bound, self.logger)
-            return TrtEngine(self.trt, engine, self.device, name)
+            return TrtEngine(self.trt, engine, self.scratch, name)
 
     @property
     def active_providers(self) -> list[str]:
