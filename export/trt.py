@@ -134,14 +134,15 @@ def build_engine(onnx_file: Path, inputs: list[dict], cfg: Step3Config, target: 
     return bytes(plan)
 
 
-def refit_engine(plan: bytes, values: dict, logger: Any = None) -> Any:
+def refit_engine(plan: bytes, values: dict, logger: Any = None, runtime: Any = None) -> Any:
     """Deserialize a weight-stripped plan and refit it with one instance's weights
-    (`binding.bind` output). Returns the ready ICudaEngine."""
+    (`binding.bind` output). Returns the ready ICudaEngine. Pass the `runtime` (a
+    `trt.Runtime`, which must outlive its engines) when deserializing many."""
     trt = import_tensorrt()
     import numpy as np
 
     logger = logger or trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    engine = (runtime or trt.Runtime(logger)).deserialize_cuda_engine(plan)
     refitter = trt.Refitter(engine, logger)
     keep = []                                    # TensorRT copies on refit; keep until then
     for name in refitter.get_all_weights():

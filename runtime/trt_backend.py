@@ -159,6 +159,7 @@ class TrtGraphs(BundleGraphs):
         super().__init__(manifest)
         self.trt, self.device = _trt(), device
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)       # outlives every engine it makes
         self.scratch = Scratch(device)
         self.plans = {a.meta.get("subgraph"): a for a in self.manifest.artifacts
                       if a.kind == "trt"}
@@ -183,7 +184,7 @@ class TrtGraphs(BundleGraphs):
         from step3_edge.export.trt import refit_engine
 
         with torch.cuda.device(self.device):
-            engine = refit_engine(self._plan(name), bound, self.logger)
+            engine = refit_engine(self._plan(name), bound, self.logger, self.runtime)
             return TrtEngine(self.trt, engine, self.scratch, name)
 
     @property
