@@ -107,11 +107,14 @@ class Step3Runtime:
     """A loaded bundle: engine, expert store, KV pool, processor and the scheduler thread."""
 
     def __init__(self, bundle: Path, cfg: Step3Config, plan: Plan, processor: Step3Processor,
-                 engine: Engine, scheduler: Scheduler, options: dict[str, Any]) -> None:
+                 engine: Engine, scheduler: Scheduler, options: dict[str, Any],
+                 max_context: int | None = None) -> None:
         self.bundle, self.config, self.plan = bundle, cfg, plan
         self.processor, self.engine, self.scheduler = processor, engine, scheduler
         self.options = options
-        self.max_context = cfg.text_config.max_context       # tokens a sequence may reach
+        # tokens a sequence may reach (a TensorRT backend's engines may allow fewer)
+        full = cfg.text_config.max_context
+        self.max_context = min(full, max_context) if max_context else full
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -165,9 +168,8 @@ class Step3Runtime:
             engine.close()
             raise
         release_openmp_team()       # loading made this thread a team; steps run on the scheduler's
-        rt = cls(Path(bundle), cfg, plan, processor, engine, sched, o)
-        rt.max_context = min(rt.max_context, lim.get("max_context", rt.max_context))
-        return rt
+        return cls(Path(bundle), cfg, plan, processor, engine, sched, o,
+                   lim.get("max_context"))
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: str | Sequence[int], images: Sequence[Any] | None = None, *,

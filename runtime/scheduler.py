@@ -179,7 +179,7 @@ class Scheduler:
         self.engine_lock = threading.Lock()      # held while a step (or a stats call) runs
         self.stopped = False
         self.tokens_generated = 0
-        self.prompt_tokens = self.cached_tokens = 0     # admitted, and found in the prefix cache
+        self.prompt_tokens = self.hit_tokens = 0        # admitted, and found in the prefix cache
         self.thread = threading.Thread(target=self._loop, name="step3-edge-scheduler",
                                        daemon=True)
         self.thread.start()
@@ -201,7 +201,7 @@ class Scheduler:
 
     def reset_stats(self) -> None:
         """Zero the prefix-cache counters (the caller holds `engine_lock`)."""
-        self.prompt_tokens = self.cached_tokens = 0
+        self.prompt_tokens = self.hit_tokens = 0
 
     def close(self) -> None:
         with self.cond:
@@ -247,7 +247,7 @@ class Scheduler:
             self.waiting.popleft()
             r.kv, r.prefilled = kv, kv.length           # a cached prefix is already written
             self.prompt_tokens += len(r.prompt_ids)
-            self.cached_tokens += kv.length
+            self.hit_tokens += kv.length
             self.running.append(r)
 
     def _retire(self, r: Request, error: BaseException | None = None) -> None:
@@ -304,11 +304,11 @@ class Scheduler:
                 if r.prefilled == len(r.prompt_ids)]   # not mid-prompt: a token is due
         rows = [i for i, r in live if r.sampling.temperature == 0]
         picked = logits if len(rows) == len(logits) else logits[rows]
-        best = iter(greedy(picked).tolist() if rows else ())   # one call for all greedy rows
+        best = dict(zip(rows, greedy(picked).tolist())) if rows else {}   # one call for all
         for i, r in live:
             r.embeds = None
-            if r.sampling.temperature == 0:
-                tok = next(best)
+            if i in best:
+                tok = best[i]
             else:
                 row = logits[i:i + 1]
                 if r.generator is not None and row.device != r.generator.device:
@@ -351,5 +351,5 @@ def stats(s: Scheduler) -> dict[str, Any]:
             "kv_used_tokens": pool.capacity_tokens - pool.free_tokens,
             "kv_cached_tokens": pool.cached_tokens,
             "prefix_cache": {"enabled": s.prefix_cache, "prompt_tokens": s.prompt_tokens,
-                             "hit_tokens": s.cached_tokens,
-                             "hit_rate": s.cached_tokens / max(s.prompt_tokens, 1)}}
+                             "hit_tokens": s.hit_tokens,
+                             "hit_rate": s.hit_tokens / max(s.prompt_tokens, 1)}}
