@@ -45,6 +45,9 @@ OVERRIDES: dict[str, str] = {
                "becomes the count of threads that first use torch later",
     "max_batch": "sequences decoded together (default 32)",
     "max_prefill_tokens": "prompt tokens per step (default 2048; longer prompts are chunked)",
+    "stacked_experts": "on a CPU with every routed expert resident and bf16 weights, also "
+                       "keep each layer's experts stacked (a second copy) and run decode-sized "
+                       "batches through two GEMMs instead of two per expert (default True)",
     "prefix_cache": "reuse the KV blocks of finished sequences for prompts that start with "
                     "the same tokens and images (default True)",
     "bandwidths": "Bandwidths or dict to skip the start-up measurement",
@@ -77,7 +80,7 @@ OVERRIDES: dict[str, str] = {
 
 COUNTS = ("threads", "max_batch", "max_prefill_tokens", "ffn_ranks", "afd_threads",
           "ort_threads", "micro_batches")
-FLAGS = ("prefetch", "verify", "vision", "sync_timing", "prefix_cache")
+FLAGS = ("prefetch", "verify", "vision", "sync_timing", "prefix_cache", "stacked_experts")
 
 
 def _check_options(o: dict[str, Any]) -> None:

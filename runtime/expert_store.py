@@ -28,6 +28,7 @@ from step3_edge.errors import ConfigError
 from step3_edge.model import Step3MLP
 from step3_edge.runtime.backends import Linear, TorchBackend
 from step3_edge.runtime.expert_cache import ExpertCache, Key
+from step3_edge.runtime.stacked_experts import StackedExperts
 
 MISS_POLICIES = ("cpu", "copy", "auto")
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]   # x -> (ids, weights)
@@ -130,6 +131,7 @@ class StoreStats:
     prefetched: int = 0
     prefetch_used: int = 0
     evictions: int = 0
+    stacked: int = 0           # layer calls served by the stacked experts (StackedExperts)
     miss_choices: dict[str, int] = field(default_factory=lambda: {"cpu": 0, "copy": 0})
 
     @property
@@ -200,9 +202,11 @@ class ExpertStore:
     def __init__(self, cfg: Step3TextConfig, reader: CheckpointReader, backend: TorchBackend,
                  resident: set[Key], *, policy: str = "lfu", miss: str = "auto",
                  prefetch: bool = False, bandwidths: Bandwidths | None = None,
-                 routers: dict[int, Router] | None = None, owned: set[Key] | None = None
-                 ) -> None:
-        """`owned`: the experts this store serves (an FFN rank's shard; default: all)."""
+                 routers: dict[int, Router] | None = None, owned: set[Key] | None = None,
+                 stacked: bool = True) -> None:
+        """`owned`: the experts this store serves (an FFN rank's shard; default: all).
+        `stacked`: stack the layers' experts for decode-sized batches where that is exact
+        and nothing can miss (`StackedExperts`)."""
         if miss not in MISS_POLICIES:
             raise ConfigError(f"unknown miss policy {miss!r}",
                               f"choose one of: {', '.join(MISS_POLICIES)}")
@@ -239,6 +243,13 @@ class ExpertStore:
                     self.on_device[key] = home if home is not None and dev.type == "cpu" \
                         else make_mlp(*(read_linear(reader, backend, f"model.layers.{L}.{n}", e)
                                         for n in names))
+        self.stacked: dict[int, StackedExperts] = {}
+        if stacked and dev.type == "cpu" and \
+                len(resident) == len(cfg.moe_layers) * cfg.moe_num_experts:
+            for L in cfg.moe_layers:       # every expert resident: none can miss or leave
+                mlps = [self.on_device[(L, e)] for e in range(cfg.moe_num_experts)]
+                if all(isinstance(m, FusedSwiGLU) for m in mlps):
+                    self.stacked[L] = StackedExperts(mlps)
         one = next(iter({**self.on_host, **self.on_device}.values()), None)
         self.expert_bytes = 0 if one is None else \
             sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
@@ -264,6 +275,8 @@ class ExpertStore:
         """Counters (`StoreStats`) plus the store's settings, as `Step3Runtime.stats` shows."""
         out = self.stats.to_dict()
         out.update(resident=len(self.resident), policy=self.cache.policy, miss=self.miss,
+                   stacked_layers=len(self.stacked),
+                   stacked_bytes=sum(s.nbytes for s in self.stacked.values()),
                    prefetch=self.prefetch_on, expert_bytes=self.expert_bytes,
                    host_expert_bytes=self.host_expert_bytes,
                    bandwidths=vars(self.bw))
@@ -401,8 +414,30 @@ class ExpertStore:
         out = torch.zeros_like(x, dtype=torch.float32)                   # [N, h]
         if not uniq:
             return out
-        dev = x.device
         rows = order // k                                                # [N*k] token rows
+        wf = w.reshape(-1).index_select(0, order)                        # [N*k]
+        stack = self.stacked.get(layer)
+        if stack is not None and stack.wanted(x.shape[0], len(uniq)):
+            self.stats.stacked += 1
+            y = stack(x, ids.reshape(-1).index_select(0, order), rows)   # [N*k, h]
+        else:
+            y = self._each_expert(layer, x, rows, uniq, kinds, start, protect)
+            if len(uniq) < sum(1 for n in per if n):  # a shard: keep only its experts' pairs
+                keep = torch.cat([torch.arange(start[e], start[e + 1])
+                                  for e in uniq]).to(x.device)
+                rows, wf = rows.index_select(0, keep), wf.index_select(0, keep)
+        # index_put_ accumulates serially in index order, like the reference's index_add_,
+        # without the OpenMP region CPU index_add_ opens (~0.3 ms from the scheduler thread)
+        out.index_put_((rows,), y.float() * wf[:, None], accumulate=True)
+        return out
+
+    def _each_expert(self, layer: int, x: torch.Tensor, rows: torch.Tensor, uniq: list[int],
+                     kinds: dict[int, str], start: list[int], protect: frozenset[Key]
+                     ) -> torch.Tensor:
+        """Each expert of `uniq` on its rows of x (`rows`, sorted by expert; expert e's are
+        rows[start[e]:start[e+1]]) where `kinds` says: on the device, copied in, or on the
+        CPU -> outputs [pairs, h] in that order."""
+        dev = x.device
         xs = x.index_select(0, rows)                                     # [N*k, h]
         # activations for the CPU experts first (waits only for the attention side), then
         # the device experts are queued, then the CPU computes while the device works
@@ -421,15 +456,7 @@ class ExpertStore:
                 y = y.to(dev, x.dtype, non_blocking=True)
             self.stats.cpu_computed += 1
             ys[e] = y
-        wf = w.reshape(-1).index_select(0, order)                        # [N*k]
-        if len(uniq) < sum(1 for n in per if n):  # a shard: keep only its experts' pairs
-            keep = torch.cat([torch.arange(start[e], start[e + 1]) for e in uniq]).to(dev)
-            rows, wf = rows.index_select(0, keep), wf.index_select(0, keep)
-        y = ys[uniq[0]] if len(uniq) == 1 else torch.cat([ys[e] for e in uniq])
-        # index_put_ accumulates serially in index order, like the reference's index_add_,
-        # without the OpenMP region CPU index_add_ opens (~0.3 ms from the scheduler thread)
-        out.index_put_((rows,), y.float() * wf[:, None], accumulate=True)
-        return out
+        return ys[uniq[0]] if len(uniq) == 1 else torch.cat([ys[e] for e in uniq])
 
 
 def _cloned(lin: Linear, backend: TorchBackend) -> Linear:

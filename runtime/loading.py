@@ -191,5 +191,6 @@ def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: T
                                             policy != "static")),
                         bandwidths=bandwidths_option(bw),
                         routers=routers,
-                        owned=None if shard is None else set(shard.experts))
+                        owned=None if shard is None else set(shard.experts),
+                        stacked=bool(o.get("stacked_experts", True)))
     return FFNWorker(cfg, reader, backend, store, shard)

@@ -1,0 +1,103 @@
+"""Stacked experts (runtime/stacked_experts.py): every expert of a layer in two GEMMs for
+decode-sized batches on the CPU. Same bits as each expert's own SwiGLU and as the reference
+model on tiny / mini shapes; used only where it is exact and nothing can miss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from runtime_helpers import FIXED_BW
+
+from step3_edge.errors import ConfigError
+from step3_edge.quantize.schemes import get_scheme
+from step3_edge.runtime import Step3Runtime
+from step3_edge.runtime.backends import TorchBackend
+from step3_edge.runtime.expert_store import make_mlp
+from step3_edge.runtime.stacked_experts import MAX_ROWS, StackedExperts
+
+BF16 = TorchBackend("cpu", torch.bfloat16)
+needs_packed = pytest.mark.skipif(not BF16.caps.get("mkldnn_bf16_packed"),
+                                  reason="no oneDNN bf16 on this CPU")
+
+
+def _experts(n: int, h: int, m: int, g: torch.Generator) -> list:
+    sch = get_scheme("bf16")
+
+    def lin(out: int, inp: int):
+        w = torch.randn(out, inp, generator=g) / inp ** 0.5
+        return BF16.linear(sch, sch.quantize(w), (out, inp))
+
+    return [make_mlp(lin(m, h), lin(m, h), lin(h, m)) for _ in range(n)]
+
+
+@needs_packed
+@pytest.mark.parametrize("shape", [(8, 128, 96), (48, 512, 256)], ids=["tiny", "mini"])
+def test_stacked_equals_each_expert_bit_for_bit(shape: tuple[int, int, int]) -> None:
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    n_exp, h, m = shape
+    mlps = _experts(n_exp, h, m, g)
+    stack = StackedExperts(mlps)
+    for rows in (1, 3, 16, MAX_ROWS):
+        x = torch.randn(rows, h, generator=g).to(torch.bfloat16)
+        experts = torch.randint(0, n_exp, (3 * rows,), generator=g)
+        row_ids = torch.randint(0, rows, (3 * rows,), generator=g)
+        got = stack(x, experts, row_ids)
+        for i, (e, r) in enumerate(zip(experts.tolist(), row_ids.tolist())):
+            # the expert alone on its row, and the reference's three F.linear calls
+            own = mlps[e](x[r:r + 1])[0]
+            lin = torch.nn.functional.linear
+            ref = lin(torch.nn.functional.silu(lin(x[r], mlps[e].gate_proj.weight))
+                      * lin(x[r], mlps[e].up_proj.weight), mlps[e].down_proj.weight)
+            assert torch.equal(got[i], own) and torch.equal(own, ref), (rows, i, e)
+
+
+@needs_packed
+def test_stacked_path_is_chosen_for_decode_sized_batches_only() -> None:
+    stack = StackedExperts(_experts(48, 128, 96, torch.Generator().manual_seed(0)))
+    assert stack.wanted(16, 30) and stack.wanted(MAX_ROWS, 16)
+    assert not stack.wanted(MAX_ROWS + 1, 48)          # prefill: each expert on its rows
+    assert not stack.wanted(2, 6)                      # few experts: read only those
+
+
+@needs_packed
+def test_runtime_decode_batch_bit_identical_with_and_without_stacking(bundle: Path) -> None:
+    """A batch of 12 decoding sequences (bf16, all resident): logits of every step equal the
+    per-expert path's, and the stacked path served the MoE layers."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    prompts = [torch.randint(3, 250, (int(n),), generator=g).tolist()
+               for n in torch.randint(4, 20, (12,), generator=g)]
+    logits = {}
+    kw = dict(dtype="bfloat16", device="cpu", bandwidths=FIXED_BW, vision=False)
+    for on in (True, False):
+        with Step3Runtime.load(bundle, stacked_experts=on, **kw) as rt:
+            eng = rt.engine
+            assert len(eng.ffn.store.stacked) == (2 if on else 0)   # tiny: 2 MoE layers
+            with torch.inference_mode(), rt.scheduler.engine_lock:
+                seqs = [eng.attn.kv.allocate(len(p) + 4) for p in prompts]
+                for s, p in zip(seqs, prompts):
+                    eng.run([(s, len(p))], eng.attn.embed_tokens(p))
+                toks, steps = [p[-1] for p in prompts], []
+                for _ in range(3):
+                    out = eng.run([(s, 1) for s in seqs], eng.attn.embed_tokens(toks)).clone()
+                    steps.append(out)
+                    toks = out.argmax(-1).tolist()
+            logits[on] = torch.stack(steps)
+            st = rt.stats()["experts"]
+        assert (st["stacked"] >= 3 * 2) if on else st["stacked"] == 0
+        if on:
+            assert st["stacked_bytes"] == 2 * 8 * 3 * 96 * 128 * 2      # a second copy
+    assert torch.equal(logits[True], logits[False])
+
+
+def test_stacking_only_where_nothing_can_miss(bundle: Path) -> None:
+    kw = dict(device="cpu", bandwidths=FIXED_BW, vision=False)
+    with Step3Runtime.load(bundle, dtype="bfloat16", resident=0.5, **kw) as rt:
+        assert rt.engine.ffn.store.stacked == {}          # a miss would bypass the stack
+    with Step3Runtime.load(bundle, dtype="float32", **kw) as rt:
+        assert rt.engine.ffn.store.stacked == {}          # float32: no prepacked oneDNN GEMM
+    with pytest.raises(ConfigError, match="stacked_experts"):
+        Step3Runtime.load(bundle, stacked_experts="yes", **kw)
