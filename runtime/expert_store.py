@@ -249,7 +249,7 @@ class ExpertStore:
             for L in cfg.moe_layers:       # every expert resident: none can miss or leave
                 mlps = [self.on_device[(L, e)] for e in range(cfg.moe_num_experts)]
                 if all(isinstance(m, FusedSwiGLU) for m in mlps):
-                    self.stacked[L] = StackedExperts(mlps)
+                    self.stacked[L] = StackedExperts(mlps, self.bw)
         one = next(iter({**self.on_host, **self.on_device}.values()), None)
         self.expert_bytes = 0 if one is None else \
             sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))

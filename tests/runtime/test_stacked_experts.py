@@ -14,7 +14,7 @@ from step3_edge.errors import ConfigError
 from step3_edge.quantize.schemes import get_scheme
 from step3_edge.runtime import Step3Runtime
 from step3_edge.runtime.backends import TorchBackend
-from step3_edge.runtime.expert_store import make_mlp
+from step3_edge.runtime.expert_store import Bandwidths, make_mlp
 from step3_edge.runtime.stacked_experts import MAX_ROWS, StackedExperts
 
 BF16 = TorchBackend("cpu", torch.bfloat16)
@@ -40,7 +40,7 @@ def test_stacked_equals_each_expert_bit_for_bit(shape: tuple[int, int, int]) -> 
     g = torch.Generator().manual_seed(seed)
     n_exp, h, m = shape
     mlps = _experts(n_exp, h, m, g)
-    stack = StackedExperts(mlps)
+    stack = StackedExperts(mlps, Bandwidths(**FIXED_BW))
     for rows in (1, 3, 16, MAX_ROWS):
         x = torch.randn(rows, h, generator=g).to(torch.bfloat16)
         experts = torch.randint(0, n_exp, (3 * rows,), generator=g)
@@ -56,11 +56,25 @@ def test_stacked_equals_each_expert_bit_for_bit(shape: tuple[int, int, int]) -> 
 
 
 @needs_packed
-def test_stacked_path_is_chosen_for_decode_sized_batches_only() -> None:
-    stack = StackedExperts(_experts(48, 128, 96, torch.Generator().manual_seed(0)))
-    assert stack.wanted(16, 30) and stack.wanted(MAX_ROWS, 16)
-    assert not stack.wanted(MAX_ROWS + 1, 48)          # prefill: each expert on its rows
-    assert not stack.wanted(2, 6)                      # few experts: read only those
+def test_stacked_path_is_chosen_by_the_cost_model() -> None:
+    """The stack reads all E experts at half the copy rate; one by one, each chosen expert
+    costs `cpu_overhead` plus its read. It takes decode-sized calls that choose at least as
+    many experts as that makes worth it; halving the bandwidth raises the bar."""
+    mlps = _experts(48, 512, 256, torch.Generator().manual_seed(0))
+    each = 3 * 512 * 256 * 2                                   # bytes of one bf16 expert
+    bars = []
+    for bw in (3e10, 1.5e10):
+        stack = StackedExperts(mlps, Bandwidths(**{**FIXED_BW, "host_memory": bw,
+                                                   "cpu_overhead": 1e-4}))
+        assert stack.nbytes == 48 * each
+        want = (2 * 48 * each / bw) / (1e-4 + 2 * each / bw)     # 16.5 and 24.4 experts
+        assert stack.min_touched == pytest.approx(want)
+        t = int(want) + 1
+        assert stack.wanted(16, t) and stack.wanted(MAX_ROWS, t)
+        assert not stack.wanted(16, t - 1)               # few experts: read only those
+        assert not stack.wanted(MAX_ROWS + 1, 48)        # prefill: each expert on its rows
+        bars.append(want)
+    assert 16 < bars[0] < 17 and 24 < bars[1] < 25
 
 
 @needs_packed
