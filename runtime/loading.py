@@ -18,7 +18,8 @@ from step3_edge.manifest import Manifest, load_manifest
 from step3_edge.model import Step3MoE
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.engine import AttentionWorker, FFNWorker, Shard
-from step3_edge.runtime.expert_store import Bandwidths, ExpertStore, Router, read_linear
+from step3_edge.runtime.expert_store import (Bandwidths, ExpertStore, Router,
+                                             measure_bandwidths, read_linear)
 from step3_edge.runtime.planner import Plan, expert_order
 
 MAX_DEFAULT_KV_TOKENS = 1 << 18   # cap when the plan leaves a whole CPU's memory to KV
@@ -38,6 +39,18 @@ def bandwidths_option(bw: Any) -> Bandwidths | None:
                       f"give a Bandwidths or a dict with {', '.join(required)} (bytes/s and "
                       "FLOP/s; optional: measured, cpu_overhead, copy_overhead), or leave it "
                       "out to measure at start-up")
+
+
+def measure_with_threads(dev: torch.device, dtype: torch.dtype, threads: int) -> Bandwidths:
+    """`measure_bandwidths` at the engine thread's intra-op count (`threads`): a CPU's copy
+    rate, which the cost model (and the stacked experts' choice) reads, grows with the
+    threads that copy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return measure_bandwidths(dev, dtype)
+    finally:
+        torch.set_num_threads(before)
 
 
 def open_bundle(bundle: str | Path, verify: bool = False
@@ -182,14 +195,16 @@ def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: T
             order = [k for k in expert_order(cfg, counts)[0] if k in resident]
             resident = set(order[:cap])
     policy = o.get("cache", "lfu")
-    bw = o.get("bandwidths")
+    bw = bandwidths_option(o.get("bandwidths"))
+    if bw is None and dev.type == "cpu" and o.get("threads"):
+        bw = measure_with_threads(dev, backend.dtype, o["threads"])
     if routers is None:               # prefetch, and the trace's next-layer predictions
         routers = load_routers(cfg, reader, backend)
     store = ExpertStore(t, reader, backend, resident, policy=policy,
                         miss=o.get("miss", "auto"),
                         prefetch=bool(o.get("prefetch", dev.type == "cuda" and
                                             policy != "static")),
-                        bandwidths=bandwidths_option(bw),
+                        bandwidths=bw,
                         routers=routers,
                         owned=None if shard is None else set(shard.experts),
                         stacked=bool(o.get("stacked_experts", True)))

@@ -115,3 +115,22 @@ def test_stacking_only_where_nothing_can_miss(bundle: Path) -> None:
         assert rt.engine.ffn.store.stacked == {}          # float32: no prepacked oneDNN GEMM
     with pytest.raises(ConfigError, match="stacked_experts"):
         Step3Runtime.load(bundle, stacked_experts="yes", **kw)
+
+
+def test_start_up_rates_are_measured_at_the_engine_threads(bundle: Path, monkeypatch) -> None:
+    """The cost model (and so the stack's choice) reads a copy rate that grows with threads:
+    a runtime whose engine runs on 1 thread measures with 1, whatever the loader's count."""
+    from step3_edge.runtime import loading
+
+    seen: list[int] = []
+    real = loading.measure_bandwidths
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "measure_bandwidths", spy)
+    before = torch.get_num_threads()
+    with Step3Runtime.load(bundle, device="cpu", dtype="bfloat16", vision=False, threads=1):
+        pass
+    assert seen == [1] and torch.get_num_threads() == before
