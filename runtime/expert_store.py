@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +32,7 @@ from step3_edge.runtime.expert_cache import ExpertCache, Key
 from step3_edge.runtime.stacked_experts import StackedExperts
 
 MISS_POLICIES = ("cpu", "copy", "auto")
+STACK_HEADROOM = 2 << 30     # CPU memory left free after the stacked experts' second copy
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]   # x -> (ids, weights)
 
 
@@ -243,16 +245,12 @@ class ExpertStore:
                     self.on_device[key] = home if home is not None and dev.type == "cpu" \
                         else make_mlp(*(read_linear(reader, backend, f"model.layers.{L}.{n}", e)
                                         for n in names))
-        self.stacked: dict[int, StackedExperts] = {}
-        if stacked and dev.type == "cpu" and \
-                len(resident) == len(cfg.moe_layers) * cfg.moe_num_experts:
-            for L in cfg.moe_layers:       # every expert resident: none can miss or leave
-                mlps = [self.on_device[(L, e)] for e in range(cfg.moe_num_experts)]
-                if all(isinstance(m, FusedSwiGLU) for m in mlps):
-                    self.stacked[L] = StackedExperts(mlps, self.bw)
         one = next(iter({**self.on_host, **self.on_device}.values()), None)
         self.expert_bytes = 0 if one is None else \
             sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
+        self.stacked: dict[int, StackedExperts] = {}
+        self.stacked_off = "stacked_experts=False" if not stacked else \
+            "the device is not the CPU" if dev.type != "cpu" else self._stack(cfg, resident)
         home = next(iter(self.on_host.values()), None)    # what CPU compute of a miss reads
         self.host_expert_bytes = self.expert_bytes if home is None else \
             sum(m.compute_nbytes for m in (home.gate_proj, home.up_proj, home.down_proj))
@@ -265,6 +263,24 @@ class ExpertStore:
         self.trace: list[list[dict[str, object]]] | None = None
         self._predicted: dict[int, set[int]] = {}
 
+    def _stack(self, cfg: Step3TextConfig, resident: set[Key]) -> str:
+        """Stack each MoE layer's experts (`StackedExperts`) when every expert is resident
+        (none can miss or leave), bf16-prepacked, and a second copy leaves free memory;
+        else the reason it does not."""
+        if len(resident) < len(cfg.moe_layers) * cfg.moe_num_experts:
+            return "this store does not hold every routed expert resident"
+        need = len(resident) * self.expert_bytes
+        free = psutil.virtual_memory().available
+        if need > free - STACK_HEADROOM:
+            return (f"a second copy of the experts ({need / 2**30:.2f} GiB) would leave less "
+                    f"than {STACK_HEADROOM / 2**30:.0f} GiB of {free / 2**30:.2f} GiB free")
+        mlps = {L: [self.on_device[(L, e)] for e in range(cfg.moe_num_experts)]
+                for L in cfg.moe_layers}
+        if not all(isinstance(m, FusedSwiGLU) for ms in mlps.values() for m in ms):
+            return "the experts are not oneDNN-prepacked bf16"
+        self.stacked = {L: StackedExperts(ms, self.bw) for L, ms in mlps.items()}
+        return ""
+
     # ------------------------------------------------------------------ bookkeeping
     def reset_stats(self) -> None:
         self.stats = StoreStats()
@@ -275,7 +291,7 @@ class ExpertStore:
         """Counters (`StoreStats`) plus the store's settings, as `Step3Runtime.stats` shows."""
         out = self.stats.to_dict()
         out.update(resident=len(self.resident), policy=self.cache.policy, miss=self.miss,
-                   stacked_layers=len(self.stacked),
+                   stacked_layers=len(self.stacked), stacked_off=self.stacked_off,
                    stacked_bytes=sum(s.nbytes for s in self.stacked.values()),
                    prefetch=self.prefetch_on, expert_bytes=self.expert_bytes,
                    host_expert_bytes=self.host_expert_bytes,

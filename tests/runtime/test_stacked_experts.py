@@ -90,6 +90,7 @@ def test_runtime_decode_batch_bit_identical_with_and_without_stacking(bundle: Pa
         with Step3Runtime.load(bundle, stacked_experts=on, **kw) as rt:
             eng = rt.engine
             assert len(eng.ffn.store.stacked) == (2 if on else 0)   # tiny: 2 MoE layers
+            assert eng.ffn.store.stacked_off == ("" if on else "stacked_experts=False")
             with torch.inference_mode(), rt.scheduler.engine_lock:
                 seqs = [eng.attn.kv.allocate(len(p) + 4) for p in prompts]
                 for s, p in zip(seqs, prompts):
@@ -107,12 +108,26 @@ def test_runtime_decode_batch_bit_identical_with_and_without_stacking(bundle: Pa
     assert torch.equal(logits[True], logits[False])
 
 
-def test_stacking_only_where_nothing_can_miss(bundle: Path) -> None:
+def test_stacking_only_where_nothing_can_miss(bundle: Path, monkeypatch) -> None:
+    """Stacked only when no expert can miss (a miss would bypass the stack), the weights are
+    prepacked bf16, and a second copy leaves memory free; stats say why not."""
     kw = dict(device="cpu", bandwidths=FIXED_BW, vision=False)
-    with Step3Runtime.load(bundle, dtype="bfloat16", resident=0.5, **kw) as rt:
-        assert rt.engine.ffn.store.stacked == {}          # a miss would bypass the stack
-    with Step3Runtime.load(bundle, dtype="float32", **kw) as rt:
-        assert rt.engine.ffn.store.stacked == {}          # float32: no prepacked oneDNN GEMM
+    cases = [({"dtype": "bfloat16", "resident": 0.5}, "does not hold every routed expert"),
+             ({"dtype": "float32"}, "not oneDNN-prepacked bf16"),
+             ({"dtype": "bfloat16", "stacked_experts": False}, "stacked_experts=False")]
+    for opts, why in cases:
+        with Step3Runtime.load(bundle, **kw, **opts) as rt:
+            assert rt.engine.ffn.store.stacked == {}
+            assert why in rt.stats()["experts"]["stacked_off"]
+    from step3_edge.runtime import expert_store
+
+    class Tight:                      # 1 GiB available: under the 2 GiB left free
+        available = 1 << 30
+
+    monkeypatch.setattr(expert_store.psutil, "virtual_memory", lambda: Tight)
+    with Step3Runtime.load(bundle, dtype="bfloat16", **kw) as rt:
+        assert rt.engine.ffn.store.stacked == {}
+        assert "GiB free" in rt.stats()["experts"]["stacked_off"]
     with pytest.raises(ConfigError, match="stacked_experts"):
         Step3Runtime.load(bundle, stacked_experts="yes", **kw)
 
