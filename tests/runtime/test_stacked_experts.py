@@ -149,3 +149,21 @@ def test_start_up_rates_are_measured_at_the_engine_threads(bundle: Path, monkeyp
     with Step3Runtime.load(bundle, device="cpu", dtype="bfloat16", vision=False, threads=1):
         pass
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_afd_ffn_rank_stacks_and_matches_one_process(bundle: Path) -> None:
+    """Under AFD the FFN rank (one rank: every expert in its store) stacks too: bf16 greedy
+    tokens of a decode batch equal the one-process runtime's, and the rank reports stacked
+    layer calls."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    prompts = [torch.randint(3, 250, (int(n),), generator=g).tolist()
+               for n in torch.randint(4, 20, (10,), generator=g)]
+    kw = dict(dtype="bfloat16", device="cpu", bandwidths=FIXED_BW, vision=False)
+    with Step3Runtime.load(bundle, **kw) as rt:
+        want = [o.token_ids for o in rt.generate(prompts, max_new_tokens=6)]
+    with Step3Runtime.load(bundle, afd=True, ffn_ranks=1, micro_batches=1, afd_threads=1,
+                           afd_timeout=60, **kw) as rt:
+        got = [o.token_ids for o in rt.generate(prompts, max_new_tokens=6)]
+        s = rt.stats()["experts"]
+    assert got == want
+    assert s["stacked"] > 0 and s["ranks"][0]["stacked_layers"] == 2
