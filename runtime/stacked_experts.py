@@ -11,7 +11,7 @@ result. `mini`, 16 rows, 2 threads: 5.2 -> 2.7 ms per layer (1 thread: 7.1 -> 5.
 
 Which path a layer call takes follows `CostModel`'s terms, from the bandwidths measured at
 start-up: the stack reads all E experts at half the copy rate; one by one, each chosen expert
-costs `cpu_overhead` plus its own read. With 2 threads here the stack pays from ~20 chosen
+costs `cpu_overhead` plus its own read. With 2 threads here the stack pays from ~18-20 chosen
 experts of 48, with 1 thread (half the bandwidth) from ~27.
 
 Each (expert, row) output is the same oneDNN reduction as that expert's own `FusedSwiGLU`, so
