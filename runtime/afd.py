@@ -33,9 +33,9 @@ import torch.multiprocessing as mp
 from step3_edge.errors import ConfigError
 from step3_edge.runtime import afd_ffn
 from step3_edge.runtime.afd_engine import AFDEngine, split_segments
-from step3_edge.runtime.afd_protocol import (MAX_MICRO_BATCHES, PROTOCOL, STEP_SLOTS,
-                                             AFDWorkerError, Wire, make_groups, partition,
-                                             peer_name)
+from step3_edge.runtime.afd_protocol import (MAX_MICRO_BATCHES, PROTOCOL, START_TIMEOUT,
+                                             STEP_SLOTS, AFDWorkerError, Wire, make_groups,
+                                             partition, peer_name)
 from step3_edge.runtime.engine import AttentionWorker
 from step3_edge.runtime.planner import Plan
 
@@ -184,8 +184,9 @@ def _spawn(backend: str, timeout: float, threads: int, devices: list[str], m: in
     """Start one worker process per device (attention ranks 1..m-1, then FFN ranks) and join
     the process group as rank 0."""
     world = len(devices) + 1
+    start = max(timeout, START_TIMEOUT)
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout))
+                          timeout=datetime.timedelta(seconds=start))
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=afd_ffn.spawned_main, daemon=True,
                          args=(r, world, "127.0.0.1", store.port, backend, timeout, threads,
@@ -194,7 +195,7 @@ def _spawn(backend: str, timeout: float, threads: int, devices: list[str], m: in
              for r in range(1, world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + start
     keys = [f"step3-afd-up-{r}" for r in range(1, world)]
     while not store.check(keys):                 # started workers check in, dead ones fail
         dead = _dead(procs, m)

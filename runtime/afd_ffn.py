@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from step3_edge.runtime.afd_protocol import (IDLE, OP_RESET, OP_SHUTDOWN, OP_STATS, OP_STEP,
-                                             OP_TRACE, AFDWorkerError, Wire, answer_handshake,
+                                             OP_TRACE, START_TIMEOUT, AFDWorkerError, Wire,
+                                             answer_handshake,
                                              open_worker_bundle,
                                              make_groups, message_bytes, unpack)
 from step3_edge.runtime.engine import Shard
@@ -34,7 +35,7 @@ def spawned_main(rank: int, world: int, host: str, port: int, backend: str, time
     if backend == "nccl" and device:
         torch.cuda.set_device(torch.device(device))
     store = dist.TCPStore(host, port, world, is_master=False,
-                          timeout=datetime.timedelta(seconds=timeout))
+                          timeout=datetime.timedelta(seconds=max(timeout, START_TIMEOUT)))
     store.set(f"step3-afd-up-{rank}", str(os.getpid()))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))

@@ -43,6 +43,9 @@ HEADER = 64                          # int64 control header: [op, args...]
 STEP_SLOTS = HEADER - 2              # [OP_STEP, M, n_00 .. n_0(M-1), n_10 ..]: A*M <= this
 MAX_MICRO_BATCHES = 14               # per attention rank
 IDLE = datetime.timedelta(days=365)  # a worker rank may wait this long for the next request
+START_TIMEOUT = 60.0                 # spawned workers get at least this long to start (import
+                                     # torch, join); a dead one fails at once, and afd_timeout
+                                     # bounds a step's waits
 REMEDY = ("see that worker's log (stderr) for its error; check its memory and device, raise "
           "afd_timeout if it is only slow, then load the runtime again")
 

@@ -18,8 +18,8 @@ from step3_edge.manifest import Manifest, load_manifest
 from step3_edge.model import Step3MoE
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.engine import AttentionWorker, FFNWorker, Shard
-from step3_edge.runtime.expert_store import (Bandwidths, ExpertStore, Router,
-                                             measure_bandwidths, read_linear)
+from step3_edge.runtime.cost_model import Bandwidths, measure_bandwidths
+from step3_edge.runtime.expert_store import ExpertStore, Router, read_linear
 from step3_edge.runtime.planner import Plan, expert_order
 
 MAX_DEFAULT_KV_TOKENS = 1 << 18   # cap when the plan leaves a whole CPU's memory to KV

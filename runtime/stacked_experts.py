@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from step3_edge.runtime.expert_store import Bandwidths, FusedSwiGLU
+    from step3_edge.runtime.cost_model import Bandwidths
+    from step3_edge.runtime.expert_store import FusedSwiGLU
 
 MAX_ROWS = 32           # rows (tokens) up to which every expert may run on every row
 

@@ -129,7 +129,7 @@ def test_cuda_seeded_sampling_is_reproducible(bundle: Path, prompts) -> None:
 
 
 def test_cuda_startup_bandwidth_probe() -> None:
-    from step3_edge.runtime.expert_store import measure_bandwidths
+    from step3_edge.runtime.cost_model import measure_bandwidths
 
     bw = measure_bandwidths(torch.device("cuda"), torch.bfloat16)
     assert bw.measured

@@ -11,7 +11,7 @@ from step3_edge.model import attention_mask, rope_cos_sin
 from step3_edge.quantize.schemes import fp8_to_float
 from step3_edge.runtime.expert_cache import (AGING, ExpertCache, replay, top_experts,
                                              trace_counts)
-from step3_edge.runtime.expert_store import Bandwidths, CostModel
+from step3_edge.runtime.cost_model import Bandwidths, CostModel
 from step3_edge.runtime.kv import GroupCache, KVPool, plan_step
 
 

@@ -14,7 +14,8 @@ from step3_edge.errors import ConfigError
 from step3_edge.quantize.schemes import get_scheme
 from step3_edge.runtime import Step3Runtime
 from step3_edge.runtime.backends import TorchBackend
-from step3_edge.runtime.expert_store import Bandwidths, make_mlp
+from step3_edge.runtime.cost_model import Bandwidths
+from step3_edge.runtime.expert_store import make_mlp
 from step3_edge.runtime.stacked_experts import MAX_ROWS, StackedExperts
 
 BF16 = TorchBackend("cpu", torch.bfloat16)
