@@ -152,6 +152,7 @@ def test_start_up_rates_are_measured_at_the_engine_threads(bundle: Path, monkeyp
     assert seen == [1] and torch.get_num_threads() == before
 
 
+@needs_packed
 def test_afd_ffn_rank_stacks_and_matches_one_process(bundle: Path) -> None:
     """Under AFD the FFN rank (one rank: every expert in its store) stacks too: bf16 greedy
     tokens of a decode batch equal the one-process runtime's, and the rank reports stacked
