@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from step3_edge.runtime.cost_model import Bandwidths
+from step3_edge.runtime.cost_model import Bandwidths
+
+if TYPE_CHECKING:        # expert_store imports this module
     from step3_edge.runtime.expert_store import FusedSwiGLU
 
 MAX_ROWS = 32           # rows (tokens) up to which every expert may run on every row
