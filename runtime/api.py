@@ -48,6 +48,10 @@ OVERRIDES: dict[str, str] = {
     "stacked_experts": "on a CPU with every routed expert resident and bf16 weights, also "
                        "keep each layer's experts stacked (a second copy) and run decode-sized "
                        "batches through two GEMMs instead of two per expert (default True)",
+    "native_gemv": "on a CPU with AVX512-BF16, run bf16 linears of decode-sized calls "
+                   "(<= 8 rows) through the native GEMV built on first use with the C "
+                   "compiler (runtime/native.py): None (default: where it builds), False "
+                   "(oneDNN only: the reference's exact bits), True (required)",
     "prefix_cache": "reuse the KV blocks of finished sequences for prompts that start with "
                     "the same tokens and images (default True)",
     "bandwidths": "Bandwidths or dict to skip the start-up measurement",
@@ -94,6 +98,8 @@ def _check_options(o: dict[str, Any]) -> None:
     for k in FLAGS:
         if k in o and not isinstance(o[k], bool):
             raise ConfigError(f"{k}={o[k]!r}", f"give {k} as True or False")
+    if o.get("native_gemv") not in (None, True, False):
+        raise ConfigError(f"native_gemv={o['native_gemv']!r}", "give None, True or False")
     if o.get("afd_backend") not in (None, "gloo", "nccl"):
         raise ConfigError(f"afd_backend={o['afd_backend']!r}", "use 'gloo' or 'nccl'")
     t = o.get("afd_timeout")
@@ -135,7 +141,8 @@ class Step3Runtime:
         manifest, plan, cfg, reader = open_bundle(bundle, bool(o.get("verify", False)))
         o["backend"] = choose_backend(o, manifest)
         backend = make_backend(o["backend"], o.get("device"), o.get("dtype"),
-                               manifest=manifest, threads=o.get("ort_threads"))
+                               manifest=manifest, threads=o.get("ort_threads"),
+                               native_gemv=o.get("native_gemv"))
         kv_dtype, kv_tokens = kv_settings(o, backend.dtype, plan, cfg)
         afd = o.get("afd", False)
         if afd:

@@ -25,12 +25,14 @@ from torch import nn
 
 from step3_edge.errors import ConfigError
 from step3_edge.quantize.schemes import Scheme, get_scheme
+from step3_edge.runtime import native
 
 FP8 = torch.float8_e4m3fn
 # (scheme, device type) -> kernel; "dequantized" means upcast once at load (no fast kernel).
 KERNELS: dict[tuple[str, str], str] = {
     ("bf16", "cpu"): "oneDNN prepacked bf16 linear (reordered once at load; F.linear on the "
-                     "upcast weight for fp32 compute)",
+                     "upcast weight for fp32 compute), and the native AVX512-BF16 GEMV for "
+                     "calls of up to 8 rows where the CPU and a C compiler allow (native.py)",
     ("bf16", "cuda"): "F.linear (bf16 as stored; upcast at load for fp32 compute)",
     ("int8_per_channel", "cpu"): "torch._weight_int8pack_mm (weight-only int8)",
     ("int8_per_channel", "cuda"): "torch._int_mm (dynamic per-row int8 activations)",
@@ -77,12 +79,41 @@ class Linear(nn.Module, ABC):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if x.dim() == 2:
+            return self.matmul(x)
         lead = x.shape[:-1]
         return self.matmul(x.reshape(-1, x.shape[-1])).view(*lead, self.shape[0])
 
     @abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
         """The kernel: x [M, in] times the stored weight."""
+
+    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x [M, in] times the weight, written into `out` [M, out] (any float dtype)."""
+        return out.copy_(self.matmul(x))
+
+
+class PackedBf16:
+    """bf16 weights [rows_i, K] used as one [sum(rows_i), K] matrix (one linear, or a fused
+    q|k|v or gate|up): oneDNN's prepacked GEMM (reordered once at load; bit-identical to
+    `F.linear`), and for calls of at most `native.MAX_ROWS` rows the native GEMV
+    (`native.py`) on the weights as stored, where the backend has it (bf16 rounding of a
+    float32 sum like oneDNN's, not bit-identical: README, "Decode speed")."""
+
+    def __init__(self, weights: list[torch.Tensor], use_native: bool) -> None:
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        self.native = native.Weights([t.contiguous() for t in weights]) if use_native else None
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] -> [M, rows] bf16, or written into `out` ([M, rows], any float dtype)."""
+        if x.dim() != 2 and out is None:
+            return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+        if self.native is not None and x.shape[0] <= native.MAX_ROWS and \
+                x.dtype == torch.bfloat16:
+            return self.native.matmul(x, out)
+        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        return y if out is None else out.copy_(y)
 
 
 class DenseLinear(Linear):
@@ -96,12 +127,13 @@ class DenseLinear(Linear):
         if w.dtype != backend.dtype or scheme.name != "bf16":
             w = scheme.dequantize(parts, self.shape).to(backend.dtype)
         self.weight = w                                                 # [out, in]
-        self.packed: torch.Tensor | None = None
+        self.packed: PackedBf16 | None = None
         if w.dtype == torch.bfloat16 and backend.caps.get("mkldnn_bf16_packed"):
             # oneDNN's blocked layout, reordered once: 1.3-2.7x faster than F.linear on the
             # same bf16 bytes for decode shapes, and bit-identical (tests/runtime/test_backends)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-            self.kernel = kernel.replace("F.linear", "oneDNN prepacked bf16 linear")
+            self.packed = backend.pack_bf16([w])
+            self.kernel = kernel.replace("F.linear", "oneDNN prepacked bf16 linear" + (
+                " + native GEMV (<= 8 rows)" if self.packed.native else ""))
 
     @property
     def compute_nbytes(self) -> int:
@@ -109,9 +141,13 @@ class DenseLinear(Linear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None,
-                                                      "none", [], "")
+            return self.packed(x)
         return F.linear(x, self.weight)
+
+    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(x, out)
+        return out.copy_(F.linear(x, self.weight))
 
 
 class Int8WeightOnly(Linear):
@@ -203,14 +239,28 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
-                 ) -> None:
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 native_gemv: bool | None = None) -> None:
+        """`native_gemv`: use the native decode GEMV for bf16 weights on the CPU (None: where
+        it is available; False: never; True: required)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self.used: Counter[str] = Counter()
         self.caps = self._probe()
+        self.native_note = ""
+        if self.device.type == "cpu" and dtype == torch.bfloat16 and native_gemv is not False:
+            self.caps["native_gemv"] = native.kernel() is not None
+            self.native_note = native.unavailable_reason()
+            if native_gemv and not self.caps["native_gemv"]:
+                raise ConfigError(f"native_gemv=True, but the native GEMV cannot run here "
+                                  f"({self.native_note})",
+                                  "leave native_gemv unset (oneDNN is used instead)")
+
+    def pack_bf16(self, weights: list[torch.Tensor]) -> PackedBf16:
+        """bf16 weights [rows_i, K] as one prepacked matrix (`PackedBf16`)."""
+        return PackedBf16(weights, bool(self.caps.get("native_gemv")))
 
     def _probe(self) -> dict[str, bool]:
         """Which fast kernels run here, found by trying each once on a small matrix."""
@@ -267,9 +317,12 @@ class TorchBackend:
 
     def describe(self) -> dict[str, Any]:
         """Device, dtype, probed kernels and how many weights went to each kernel."""
-        return {"backend": self.name, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "capabilities": self.caps,
-                "kernels": dict(self.used)}
+        out = {"backend": self.name, "device": str(self.device),
+               "dtype": str(self.dtype).removeprefix("torch."), "capabilities": self.caps,
+               "kernels": dict(self.used)}
+        if self.native_note:
+            out["native_gemv_unavailable"] = self.native_note
+        return out
 
 
 def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:
@@ -297,11 +350,11 @@ def default_device() -> str:
 
 def make_backend(name: str = "torch", device: str | None = None,
                  dtype: torch.dtype | str | None = None, *, manifest: Any = None,
-                 threads: int | None = None) -> Any:
+                 threads: int | None = None, native_gemv: bool | None = None) -> Any:
     """The backend called `name` on `device` (default: CUDA when present, else the CPU),
     computing in `dtype` (default bf16; the graph backends compute in float32). ONNX Runtime and
     TensorRT need the bundle's `manifest` (its subgraphs / engines); `threads` are ONNX
-    Runtime's intra-op threads."""
+    Runtime's intra-op threads; `native_gemv` is the torch backend's (`TorchBackend`)."""
     if isinstance(dtype, str):
         if dtype.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"compute dtype {dtype!r}", "use float32, bfloat16 or float16")
@@ -315,7 +368,7 @@ def make_backend(name: str = "torch", device: str | None = None,
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available",
                           "pass device='cpu' or run on a machine with a CUDA GPU")
     if name == "torch":
-        return TorchBackend(device, dtype or torch.bfloat16)
+        return TorchBackend(device, dtype or torch.bfloat16, native_gemv)
     if name == "onnxruntime":
         from step3_edge.runtime.ort_backend import OrtBackend
 

@@ -26,7 +26,7 @@ from step3_edge.config import Step3Config, Step3TextConfig
 from step3_edge.errors import PromptError
 from step3_edge.model import (RMSNorm, Step3DecoderLayer, Step3ForConditionalGeneration,
                               apply_rope, mfa_attention)
-from step3_edge.runtime.backends import TorchBackend
+from step3_edge.runtime.backends import PackedBf16, TorchBackend
 from step3_edge.runtime.expert_cache import Key
 from step3_edge.runtime.expert_store import ExpertStore, make_mlp, read_linear
 from step3_edge.runtime.kv import GroupCache, KVPool, SeqKV, StepBatch, plan_step
@@ -91,18 +91,18 @@ class Frontend(nn.Module):
         return self._encode(images)
 
 
-def _fuse_qkv(attn: nn.Module) -> torch.Tensor | None:
-    """q_proj, k_proj and v_proj as one prepacked bf16 GEMM [share_q + 2d, h] (when all three
+def _fuse_qkv(attn: nn.Module) -> PackedBf16 | None:
+    """q_proj, k_proj and v_proj as one prepacked bf16 matrix [share_q + 2d, h] (when all three
     are prepacked; bit-identical to three GEMMs), else None."""
     lins = (attn.q_proj, attn.k_proj, attn.v_proj)
     if any(getattr(lin, "packed", None) is None for lin in lins):
         return None
     for lin in lins:
         lin.packed = None                     # the fused copy replaces theirs
-    return torch.ops.mkldnn._reorder_linear_weight(torch.cat([lin.weight for lin in lins]), 1)
+    return lins[0].backend.pack_bf16([lin.weight for lin in lins])
 
 
-def _attention_side(layer: Step3DecoderLayer, qkv: torch.Tensor, h: torch.Tensor,
+def _attention_side(layer: Step3DecoderLayer, qkv: PackedBf16, h: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                     cache: GroupCache) -> tuple[torch.Tensor, torch.Tensor]:
     """`Step3DecoderLayer.attention_side` with q/k/v projected by one GEMM: the reference's
@@ -111,8 +111,7 @@ def _attention_side(layer: Step3DecoderLayer, qkv: torch.Tensor, h: torch.Tensor
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
     n, d, sq = a.cfg.num_attention_heads, a.cfg.head_dim, a.cfg.share_q_dim
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(b * t, -1), qkv, None, "none", [], "")
-    y = y.view(b, t, -1)                                                    # [b, t, sq + 2d]
+    y = qkv(x.reshape(b * t, -1)).view(b, t, -1)                            # [b, t, sq + 2d]
     q = a.wq(a.inter_norm(y[..., :sq])).view(b, t, n, d).transpose(1, 2)     # [b, n, t, d]
     qk = apply_rope(torch.cat([q, y[..., sq:sq + d][:, None]], 1), cos, sin)  # [b, n+1, t, d]
     q, k = qk[:, :n], qk[:, n]                  # one rope for both (elementwise: same bits)
@@ -192,10 +191,9 @@ class AttentionWorker:
         """Final norm and lm_head on residual rows [S, h] -> float32 logits [S, vocab], in
         `out` when given, else in a buffer reused by the next call (consume it first: a
         fresh [16, 128K] float32 tensor costs ~3 ms of page faults per step)."""
-        y = self.lm_head(self.norm(h))                                      # [S, vocab]
         if out is None:
-            out = self.logits_buffer(y.shape[0])
-        return out.copy_(y)
+            out = self.logits_buffer(h.shape[0])
+        return self.lm_head.matmul_into(self.norm(h), out)
 
     def logits_buffer(self, rows: int) -> torch.Tensor:
         """A reused float32 [rows, vocab] buffer for `logits`."""

@@ -70,21 +70,19 @@ def make_mlp(gate: nn.Module, up: nn.Module, down: nn.Module) -> Step3MLP:
 
 
 class FusedSwiGLU(Step3MLP):
-    """`Step3MLP` with gate and up as one prepacked bf16 GEMM [2m, h] (bit-identical to two
-    GEMMs; tests/runtime/test_backends.py). The separate linears are kept for their stored
+    """`Step3MLP` with gate and up as one prepacked bf16 matrix [2m, h] (`PackedBf16`;
+    bit-identical to two GEMMs under oneDNN; tests/runtime/test_backends.py). The separate linears are kept for their stored
     parts (copies, byte counts) but drop their own packed copies."""
 
     def __init__(self, gate: Linear, up: Linear, down: Linear) -> None:
         nn.Module.__init__(self)
         self.gate_proj, self.up_proj, self.down_proj = gate, up, down
         self.m = gate.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(
-            torch.cat([gate.weight, up.weight]), 1)                      # [2m, h] blocked
+        self.packed = gate.backend.pack_bf16([gate.weight, up.weight])   # [2m, h]
         gate.packed = up.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                 # [n, h] -> [n, h]
-        gu = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none",
-                                                [], "")                  # [n, 2m]
+        gu = self.packed(x)                                              # [n, 2m]
         return self.down_proj(F.silu(gu[..., :self.m]) * gu[..., self.m:])
 
 

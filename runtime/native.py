@@ -1,0 +1,147 @@
+"""The decode GEMV kernel (`native/gemv_bf16.c`): built on first use with the system C compiler,
+cached per user, and called through ctypes on the tensors' own memory.
+
+Used by the torch CPU backend for bf16 weights when a call has at most `MAX_ROWS` rows (decode
+batches): there oneDNN's per-call cost and its read rate of large weights dominate the step
+(README, "Decode speed"). Larger batches and prefill keep oneDNN's prepacked GEMM.
+
+Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compiler, or with
+`STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
+backend stays on oneDNN. The source is the package's own file; the shared object is written
+aside and renamed into place (`fsutil`), keyed by a hash of the source and the flags, under
+`$STEP3_EDGE_CACHE` (default `$XDG_CACHE_HOME/step3-edge` or `~/.cache/step3-edge`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native") / "gemv_bf16.c"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
+         "-fPIC"]
+MAX_ROWS = 8            # rows of x per call (the kernel keeps 2 accumulators per row)
+# Below this many weight elements a call runs on the calling thread alone: waking the OpenMP
+# team costs more than it saves (bench/bench_native_gemv.py measured the crossover).
+THREADED_MIN_ELEMENTS = 1 << 20
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("STEP3_EDGE_CACHE") or \
+        os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                     "step3-edge")
+    return Path(root) / "native"
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"gemv_bf16-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".gemv_bf16-", suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@cache
+def _load() -> tuple[ctypes._CFuncPtr | None, str]:
+    if os.environ.get("STEP3_EDGE_NATIVE", "1") == "0":
+        return None, "disabled by STEP3_EDGE_NATIVE=0"
+    if not _cpu_has_avx512_bf16():
+        return None, "this CPU has no AVX512-BF16"
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler (cc / gcc) on PATH"
+    try:
+        fn = ctypes.CDLL(str(_build(cc))).s3e_gemv_bf16
+    except subprocess.CalledProcessError as e:
+        return None, f"building {SOURCE.name} failed: {e.stderr.strip()[-300:]}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"building or loading {SOURCE.name} failed: {e}"
+    fn.restype = None
+    fn.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I, ctypes.c_int, ctypes.c_int]
+    if not _self_test(fn):
+        return None, f"{SOURCE.name} gave wrong results on a self-test"
+    return fn, ""
+
+
+def kernel() -> ctypes._CFuncPtr | None:
+    """The loaded kernel, or None where it cannot run here (`unavailable_reason`)."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str:
+    return _load()[1]
+
+
+class Weights:
+    """One or more bf16 [rows, K] weights used as one [sum(rows), K] matrix (a fused q|k|v or
+    gate|up), held by reference: no copy is made."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        assert all(p.dtype == torch.bfloat16 and p.dim() == 2 and p.is_contiguous()
+                   and p.shape[1] == parts[0].shape[1] for p in parts)
+        self.parts = parts                               # kept alive: the kernel reads them
+        self.k = parts[0].shape[1]
+        self.rows = sum(p.shape[0] for p in parts)
+        self._ptrs = (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
+        self._rows = (ctypes.c_int64 * len(parts))(*[p.shape[0] for p in parts])
+        self._threaded = self.rows * self.k >= THREADED_MIN_ELEMENTS
+
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x bf16 [M <= MAX_ROWS, K] -> bf16 [M, rows], or into `out` ([M, >= rows] float32
+        or bf16, rows contiguous; float32 receives the bf16-rounded value)."""
+        fn = kernel()
+        m = x.shape[0]
+        assert fn is not None and x.dtype == torch.bfloat16 and 0 < m <= MAX_ROWS
+        x = x.contiguous()
+        if out is None:
+            out = torch.empty(m, self.rows, dtype=torch.bfloat16)
+        threads = torch.get_num_threads() if self._threaded else 1
+        fn(x.data_ptr(), m, self.k, self._ptrs, self._rows, len(self.parts), out.data_ptr(),
+           out.stride(0), out.dtype == torch.float32, threads)
+        return out
+
+
+def _self_test(fn: ctypes._CFuncPtr) -> bool:
+    """A random product (with a tail of K and two segments) against float64."""
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(5, 80, generator=g).bfloat16(), torch.randn(7, 80, generator=g).bfloat16()]
+    x = torch.randn(3, 80, generator=g).bfloat16()
+    ptrs = (ctypes.c_void_p * 2)(*[t.data_ptr() for t in w])
+    rows = (ctypes.c_int64 * 2)(5, 7)
+    y = torch.empty(3, 12)
+    fn(x.data_ptr(), 3, 80, ptrs, rows, 2, y.data_ptr(), 12, 1, 1)
+    ref = x.double() @ torch.cat(w).double().T
+    return bool(torch.allclose(y.double(), ref, rtol=2 ** -7, atol=1e-3))

@@ -1,0 +1,110 @@
+/* Decode-sized bf16 GEMV for x86 CPUs with AVX512-BF16 (built and loaded by ../native.py).
+ *
+ * y[m, r] = sum_k x[m, k] * W[r, k] for a few rows of x (M <= 8) and a weight given as one or
+ * more row segments (a fused q|k|v or gate|up is its parts' own [rows, K] tensors, not a
+ * concatenated copy). Products of bf16 pairs are accumulated in float32 (VDPBF16PS), the sum
+ * is rounded once to bf16 (round to nearest even) or, with out_f32, stored as float32 holding
+ * that same bf16 value (the lm_head writes straight into the float32 logits buffer).
+ *
+ * Why: oneDNN's prepacked kernel costs 15-35 us per decode-sized call on the VMs measured and
+ * reads large weights (the 132 MB lm_head) at ~60% of a plain read. This loop walks each
+ * weight row front to back, so the hardware prefetcher sees one stream per thread, and the rows
+ * are split across the calling thread's OpenMP team (torch's own libgomp, already loaded).
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline uint16_t round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline __m512bh load_bf16(const uint16_t* p, int64_t n) { /* n in 1..32 */
+    if (n >= 32) return (__m512bh)_mm512_loadu_si512(p);
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+}
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* One weight row against M (<= 8) rows of x: sums[m] = dot(x[m], w). Two accumulators per row
+ * of x (even and odd 32-wide steps) hide VDPBF16PS's latency when M is 1. M is a constant in
+ * every caller (run_rows_m below), so the loops over m unroll and acc stays in registers. */
+INLINE void row_dot(const uint16_t* w, const uint16_t* x, const int64_t M, int64_t K,
+                    float* sums) {
+    __m512 acc0[8], acc1[8];
+    for (int64_t m = 0; m < M; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+        for (int64_t m = 0; m < M; m++) {
+            acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+            acc1[m] = _mm512_dpbf16_ps(acc1[m], w1,
+                                       (__m512bh)_mm512_loadu_si512(x + m * K + k + 32));
+        }
+    }
+    for (; k < K; k += 32) {
+        __m512bh wv = load_bf16(w + k, K - k);
+        for (int64_t m = 0; m < M; m++)
+            acc0[m] = _mm512_dpbf16_ps(acc0[m], wv, load_bf16(x + m * K + k, K - k));
+    }
+    for (int64_t m = 0; m < M; m++) sums[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+}
+
+/* Rows [lo, hi) of the segments laid end to end. */
+INLINE void run_rows_m(const uint16_t* x, const int64_t M, int64_t K, const uint16_t* const* segs,
+                       const int64_t* seg_rows, int64_t nseg, void* y, int64_t ldy, int out_f32,
+                       int64_t lo, int64_t hi) {
+    float sums[8];
+    int64_t base = 0;
+    for (int64_t s = 0; s < nseg && base < hi; base += seg_rows[s], s++) {
+        int64_t a = lo > base ? lo : base, b = hi < base + seg_rows[s] ? hi : base + seg_rows[s];
+        for (int64_t r = a; r < b; r++) {
+            row_dot(segs[s] + (r - base) * K, x, M, K, sums);
+            for (int64_t m = 0; m < M; m++) {
+                if (out_f32) {
+                    uint32_t u = (uint32_t)round_bf16(sums[m]) << 16;
+                    memcpy((float*)y + m * ldy + r, &u, 4);
+                } else {
+                    ((uint16_t*)y)[m * ldy + r] = round_bf16(sums[m]);
+                }
+            }
+        }
+    }
+}
+
+static void run_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* const* segs,
+                     const int64_t* seg_rows, int64_t nseg, void* y, int64_t ldy, int out_f32,
+                     int64_t lo, int64_t hi) {
+    switch (M) {
+#define CASE(n) case n: run_rows_m(x, n, K, segs, seg_rows, nseg, y, ldy, out_f32, lo, hi); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    }
+}
+
+/* Entry point. x: bf16 [M, K] contiguous; segs[s]: bf16 [seg_rows[s], K] contiguous;
+ * y: [M, ldy] bf16 (or float32 with out_f32), columns 0 .. sum(seg_rows) written;
+ * threads: the OpenMP team to split rows over (1 = the calling thread alone). */
+void s3e_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* const* segs,
+                   const int64_t* seg_rows, int64_t nseg, void* y, int64_t ldy, int out_f32,
+                   int threads) {
+    int64_t rows = 0;
+    for (int64_t s = 0; s < nseg; s++) rows += seg_rows[s];
+    if (threads <= 1) {
+        run_rows(x, M, K, segs, seg_rows, nseg, y, ldy, out_f32, 0, rows);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        int64_t per = ((rows + T - 1) / T + 15) & ~(int64_t)15; /* whole cache lines of y */
+        int64_t lo = t * per, hi = lo + per < rows ? lo + per : rows;
+        if (lo < hi) run_rows(x, M, K, segs, seg_rows, nseg, y, ldy, out_f32, lo, hi);
+    }
+}

@@ -1,0 +1,146 @@
+"""The native decode GEMV (runtime/native.py): its products against float64, against oneDNN,
+its float32 output, the build cache, the refusals, and the runtime's logits with it on against
+oneDNN's. Skipped where it cannot build (no AVX512-BF16 or no C compiler), except the
+refusals."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from runtime_helpers import FIXED_BW
+
+from step3_edge.errors import ConfigError
+from step3_edge.runtime import Step3Runtime, native
+from step3_edge.runtime.backends import PackedBf16, TorchBackend
+
+needs_native = pytest.mark.skipif(native.kernel() is None,
+                                  reason=f"native GEMV unavailable: {native.unavailable_reason()}")
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+def _check_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y (bf16 or float32) = x @ w.T up to one bf16 rounding of a float32 sum: |y - exact| <=
+    2^-8 |exact| (the rounding, with slack) + K 2^-23 sum|x w| (float32 accumulation)."""
+    exact = x.double() @ w.double().T
+    bound = exact.abs() * 2 ** -8 + x.shape[1] * 2 ** -23 * (x.double().abs() @ w.double().abs().T)
+    assert y.shape == exact.shape
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+@needs_native
+@pytest.mark.parametrize("k", [32, 80, 128, 200, 512])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_native_gemv_against_float64(k: int, m: int) -> None:
+    """Random shapes, K with and without a 32-element tail, 1-3 row segments (a fused q|k|v),
+    and the threaded split (a weight above THREADED_MIN_ELEMENTS)."""
+    g = _gen()
+    for rows in ([7], [64, 16, 16], [3, 250]):
+        ws = [torch.randn(r, k, generator=g).bfloat16() for r in rows]
+        x = torch.randn(m, k, generator=g).bfloat16()
+        nw = native.Weights(ws)
+        for threaded in (False, True):
+            nw._threaded = threaded
+            _check_product(nw.matmul(x), x, torch.cat(ws))
+
+
+@needs_native
+def test_native_float32_output_is_the_bf16_value() -> None:
+    """Into a float32 buffer (the logits) the kernel writes the bf16-rounded sum, as
+    `bf16 result .float()` would, and leaves columns past its rows alone."""
+    g = _gen()
+    w, x = torch.randn(300, 96, generator=g).bfloat16(), torch.randn(3, 96, generator=g).bfloat16()
+    nw = native.Weights([w])
+    out = torch.full((3, 310), 7.0)
+    nw.matmul(x, out[:, :300])
+    assert torch.equal(out[:, :300], nw.matmul(x).float())
+    assert (out[:, 300:] == 7.0).all()
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 4, 8, 9])
+def test_packed_bf16_native_against_onednn(m: int) -> None:
+    """PackedBf16 takes the native kernel up to MAX_ROWS rows and oneDNN above; both round a
+    float32 sum, so they differ by at most one bf16 step and agree almost everywhere."""
+    g = _gen()
+    ws = [torch.randn(256, 512, generator=g).bfloat16(), torch.randn(64, 512, generator=g).bfloat16()]
+    x = torch.randn(m, 512, generator=g).bfloat16()
+    on, off = PackedBf16(ws, True), PackedBf16(ws, False)
+    a, b = on(x), off(x)
+    ulp = 2.0 ** (torch.floor(torch.log2(b.float().abs().clamp(min=1e-30))) - 7)
+    assert ((a.float() - b.float()).abs() <= ulp).all()
+    assert (a == b).float().mean() > 0.95
+    if m > native.MAX_ROWS:
+        assert torch.equal(a, b)                                    # oneDNN both times
+    assert torch.equal(on(x.view(m, 1, 512)), a.view(m, 1, -1))       # [..., K] inputs
+
+
+@needs_native
+def test_build_is_cached_and_written_aside(tmp_path: Path, monkeypatch) -> None:
+    """A build into an empty cache leaves one shared object (no temporary files) that loads;
+    a second build finds it instead of compiling."""
+    monkeypatch.setenv("STEP3_EDGE_CACHE", str(tmp_path))
+    cc = shutil.which("cc") or shutil.which("gcc")
+    lib = native._build(cc)
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.name]
+    ctypes.CDLL(str(lib)).s3e_gemv_bf16
+    mtime = os.stat(lib).st_mtime_ns
+    assert native._build(cc) == lib and os.stat(lib).st_mtime_ns == mtime
+
+
+def test_unavailable_native_gemv_falls_back_or_refuses(monkeypatch) -> None:
+    """Where the kernel cannot run, the backend says why and stays on oneDNN; asking for it
+    is refused with the reason."""
+    monkeypatch.setattr(native, "_load", lambda: (None, "this CPU has no AVX512-BF16"))
+    be = TorchBackend("cpu", torch.bfloat16)
+    assert not be.caps["native_gemv"]
+    assert be.describe()["native_gemv_unavailable"] == "this CPU has no AVX512-BF16"
+    lin = be.linear("bf16", {"": torch.randn(64, 128).bfloat16()}, (64, 128))
+    assert lin.packed is None or lin.packed.native is None
+    with pytest.raises(ConfigError, match="no AVX512-BF16"):
+        TorchBackend("cpu", torch.bfloat16, native_gemv=True)
+    assert "native_gemv" not in TorchBackend("cpu", torch.float32).caps   # fp32: never used
+
+
+def test_native_gemv_option_is_checked(bundle: Path) -> None:
+    with pytest.raises(ConfigError, match="native_gemv"):
+        Step3Runtime.load(bundle, native_gemv="yes")
+
+
+@needs_native
+def test_runtime_logits_with_native_gemv_match_onednn(bundle: Path) -> None:
+    """bf16 tiny bundle, a prompt and 4 greedy decode steps fed the same tokens: logits with
+    the native GEMV within 2% of their range of oneDNN's (bf16 rounding differences carried
+    through 4 layers; a wrong row or segment would be off by the whole range), the same
+    greedy token wherever oneDNN's top two are further apart than that, and the decode
+    linears served by the native kernel."""
+    g = _gen()
+    prompt = torch.randint(3, 250, (int(torch.randint(5, 30, (), generator=g)),), generator=g)
+    steps: dict[bool, list[torch.Tensor]] = {}
+    toks = torch.randint(3, 250, (4,), generator=g).tolist()
+    for on in (True, False):
+        with Step3Runtime.load(bundle, dtype="bfloat16", device="cpu", bandwidths=FIXED_BW,
+                               vision=False, native_gemv=on) as rt, torch.inference_mode(), \
+                rt.scheduler.engine_lock:
+            eng = rt.engine
+            kernels = " ".join(eng.attn.backend.describe()["kernels"])
+            assert ("native GEMV" in kernels) == on
+            seq = eng.attn.kv.allocate(len(prompt) + 8)
+            out = [eng.run([(seq, len(prompt))], eng.attn.embed_tokens(prompt.tolist())).clone()]
+            for t in toks:
+                out.append(eng.run([(seq, 1)], eng.attn.embed_tokens([t])).clone())
+            steps[on] = out
+            eng.attn.kv.release(seq)
+    for a, b in zip(steps[True], steps[False]):
+        span = (b.max() - b.min()).item()
+        assert (a - b).abs().max() <= 0.02 * span
+        top2 = b.topk(2, -1).values[0]
+        if top2[0] - top2[1] > 0.04 * span:
+            assert a.argmax() == b.argmax()
