@@ -47,9 +47,11 @@ OVERRIDES: dict[str, str] = {
     "max_prefill_tokens": "prompt tokens per step (default 2048; longer prompts are chunked)",
     "stacked_experts": "on a CPU with every routed expert resident and bf16 weights, also "
                        "keep each layer's experts stacked (a second copy) and run decode-sized "
-                       "batches through two GEMMs instead of two per expert (default True)",
+                       "batches through two GEMMs instead of two per expert: None (default: "
+                       "unless the native GEMV runs the experts, which is faster per expert), "
+                       "True, False",
     "native_gemv": "on a CPU with AVX512-BF16, run bf16 linears of decode-sized calls "
-                   "(<= 8 rows) through the native GEMV built on first use with the C "
+                   "(<= 2 rows) through the native GEMV built on first use with the C "
                    "compiler (runtime/native.py): None (default: where it builds), False "
                    "(oneDNN only: the reference's exact bits), True (required)",
     "prefix_cache": "reuse the KV blocks of finished sequences for prompts that start with "
@@ -84,7 +86,8 @@ OVERRIDES: dict[str, str] = {
 
 COUNTS = ("threads", "max_batch", "max_prefill_tokens", "ffn_ranks", "afd_threads",
           "ort_threads", "micro_batches")
-FLAGS = ("prefetch", "verify", "vision", "sync_timing", "prefix_cache", "stacked_experts")
+FLAGS = ("prefetch", "verify", "vision", "sync_timing", "prefix_cache")
+TRISTATE = ("stacked_experts", "native_gemv")        # None (decided at load), True or False
 
 
 def _check_options(o: dict[str, Any]) -> None:
@@ -98,8 +101,9 @@ def _check_options(o: dict[str, Any]) -> None:
     for k in FLAGS:
         if k in o and not isinstance(o[k], bool):
             raise ConfigError(f"{k}={o[k]!r}", f"give {k} as True or False")
-    if o.get("native_gemv") not in (None, True, False):
-        raise ConfigError(f"native_gemv={o['native_gemv']!r}", "give None, True or False")
+    for k in TRISTATE:
+        if o.get(k) not in (None, True, False):
+            raise ConfigError(f"{k}={o[k]!r}", f"give {k} as None, True or False")
     if o.get("afd_backend") not in (None, "gloo", "nccl"):
         raise ConfigError(f"afd_backend={o['afd_backend']!r}", "use 'gloo' or 'nccl'")
     t = o.get("afd_timeout")

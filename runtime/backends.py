@@ -32,7 +32,7 @@ FP8 = torch.float8_e4m3fn
 KERNELS: dict[tuple[str, str], str] = {
     ("bf16", "cpu"): "oneDNN prepacked bf16 linear (reordered once at load; F.linear on the "
                      "upcast weight for fp32 compute), and the native AVX512-BF16 GEMV for "
-                     "calls of up to 8 rows where the CPU and a C compiler allow (native.py)",
+                     "calls of up to 2 rows where the CPU and a C compiler allow (native.py)",
     ("bf16", "cuda"): "F.linear (bf16 as stored; upcast at load for fp32 compute)",
     ("int8_per_channel", "cpu"): "torch._weight_int8pack_mm (weight-only int8)",
     ("int8_per_channel", "cuda"): "torch._int_mm (dynamic per-row int8 activations)",
@@ -133,7 +133,7 @@ class DenseLinear(Linear):
             # same bf16 bytes for decode shapes, and bit-identical (tests/runtime/test_backends)
             self.packed = backend.pack_bf16([w])
             self.kernel = kernel.replace("F.linear", "oneDNN prepacked bf16 linear" + (
-                " + native GEMV (<= 8 rows)" if self.packed.native else ""))
+                " + native GEMV (<= 2 rows)" if self.packed.native else ""))
 
     @property
     def compute_nbytes(self) -> int:

@@ -117,10 +117,11 @@ class ExpertStore:
                  resident: set[Key], *, policy: str = "lfu", miss: str = "auto",
                  prefetch: bool = False, bandwidths: Bandwidths | None = None,
                  routers: dict[int, Router] | None = None, owned: set[Key] | None = None,
-                 stacked: bool = True) -> None:
+                 stacked: bool | None = None) -> None:
         """`owned`: the experts this store serves (an FFN rank's shard; default: all).
         `stacked`: stack the layers' experts for decode-sized batches where that is exact
-        and nothing can miss (`StackedExperts`)."""
+        and nothing can miss (`StackedExperts`); None: unless the backend's native GEMV runs
+        the experts (per expert it beats the stack: README, "Decode speed")."""
         if miss not in MISS_POLICIES:
             raise ConfigError(f"unknown miss policy {miss!r}",
                               f"choose one of: {', '.join(MISS_POLICIES)}")
@@ -161,8 +162,11 @@ class ExpertStore:
         self.expert_bytes = 0 if one is None else \
             sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
         self.stacked: dict[int, StackedExperts] = {}
-        self.stacked_off = "stacked_experts=False" if not stacked else \
-            "the device is not the CPU" if dev.type != "cpu" else self._stack(cfg, resident)
+        self.stacked_off = "stacked_experts=False" if stacked is False else \
+            "the device is not the CPU" if dev.type != "cpu" else \
+            "the native GEMV runs the experts (faster per expert than the stack)" \
+            if stacked is None and backend.caps.get("native_gemv") else \
+            self._stack(cfg, resident)
         home = next(iter(self.on_host.values()), None)    # what CPU compute of a miss reads
         self.host_expert_bytes = self.expert_bytes if home is None else \
             sum(m.compute_nbytes for m in (home.gate_proj, home.up_proj, home.down_proj))

@@ -207,5 +207,5 @@ def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: T
                         bandwidths=bw,
                         routers=routers,
                         owned=None if shard is None else set(shard.experts),
-                        stacked=bool(o.get("stacked_experts", True)))
+                        stacked=o.get("stacked_experts"))
     return FFNWorker(cfg, reader, backend, store, shard)

@@ -1,14 +1,15 @@
 """The decode GEMV kernel (`native/gemv_bf16.c`): built on first use with the system C compiler,
 cached per user, and called through ctypes on the tensors' own memory.
 
-Used by the torch CPU backend for bf16 weights when a call has at most `MAX_ROWS` rows (decode
-batches): there oneDNN's per-call cost and its read rate of large weights dominate the step
-(README, "Decode speed"). Larger batches and prefill keep oneDNN's prepacked GEMM.
+Used by the torch CPU backend for bf16 weights when a call has at most `MAX_ROWS` rows (batch-1
+and batch-2 decode, and the experts that one or two rows of a larger batch chose): there
+oneDNN's per-call cost and its read rate of large weights dominate the step (README, "Decode
+speed"). Larger calls and prefill keep oneDNN's prepacked GEMM.
 
 Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compiler, or with
 `STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
 backend stays on oneDNN. The source is the package's own file; the shared object is written
-aside and renamed into place (`fsutil`), keyed by a hash of the source and the flags, under
+aside and renamed into place, keyed by a hash of the source and the flags, under
 `$STEP3_EDGE_CACHE` (default `$XDG_CACHE_HOME/step3-edge` or `~/.cache/step3-edge`).
 """
 
@@ -29,7 +30,12 @@ import torch
 SOURCE = Path(__file__).with_name("native") / "gemv_bf16.c"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
          "-fPIC"]
-MAX_ROWS = 8            # rows of x per call (the kernel keeps 2 accumulators per row)
+# Rows of x per call (the kernel takes up to 8). Each weight load feeds one VDPBF16PS per row,
+# so from ~3 rows the kernel is compute-bound where oneDNN's blocked GEMM is not: on a 2-vCPU
+# AMD EPYC (bench_native_gemv.py, one mini step's weights) native / oneDNN ms per step were
+# 1 row 5.1-5.4 / 10.5-12.3, 2 rows 7.2-8.7 / 11.8-12.9, 3 rows 8.1-8.9 / 9.2-9.7,
+# 4 rows 15.5 / 10.5-12.1, 16 rows 14.4-21.8 / 12.6-15.6.
+MAX_ROWS = 2
 # Below this many weight elements a call runs on the calling thread alone: waking the OpenMP
 # team costs more than it saves (bench/bench_native_gemv.py measured the crossover).
 THREADED_MIN_ELEMENTS = 1 << 20
@@ -120,11 +126,11 @@ class Weights:
         self._threaded = self.rows * self.k >= THREADED_MIN_ELEMENTS
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x bf16 [M <= MAX_ROWS, K] -> bf16 [M, rows], or into `out` ([M, >= rows] float32
+        """x bf16 [M <= 8, K] -> bf16 [M, rows], or into `out` ([M, >= rows] float32
         or bf16, rows contiguous; float32 receives the bf16-rounded value)."""
         fn = kernel()
         m = x.shape[0]
-        assert fn is not None and x.dtype == torch.bfloat16 and 0 < m <= MAX_ROWS
+        assert fn is not None and x.dtype == torch.bfloat16 and 0 < m <= 8
         x = x.contiguous()
         if out is None:
             out = torch.empty(m, self.rows, dtype=torch.bfloat16)

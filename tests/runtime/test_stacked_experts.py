@@ -12,7 +12,7 @@ from runtime_helpers import FIXED_BW
 
 from step3_edge.errors import ConfigError
 from step3_edge.quantize.schemes import get_scheme
-from step3_edge.runtime import Step3Runtime
+from step3_edge.runtime import Step3Runtime, native
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.cost_model import Bandwidths
 from step3_edge.runtime.expert_store import make_mlp
@@ -113,13 +113,16 @@ def test_runtime_decode_batch_bit_identical_with_and_without_stacking(bundle: Pa
 
 def test_stacking_only_where_nothing_can_miss(bundle: Path, monkeypatch) -> None:
     """Stacked only when no expert can miss (a miss would bypass the stack), the weights are
-    prepacked bf16, and a second copy leaves memory free; stats say why not."""
-    kw = dict(device="cpu", bandwidths=FIXED_BW, vision=False)
+    prepacked bf16, a second copy leaves memory free, and (by default) the native GEMV does
+    not run the experts; stats say why not."""
+    kw = dict(device="cpu", bandwidths=FIXED_BW, vision=False, native_gemv=False)
     cases = [({"dtype": "bfloat16", "resident": 0.5}, "does not hold every routed expert"),
              ({"dtype": "float32"}, "not oneDNN-prepacked bf16"),
              ({"dtype": "bfloat16", "stacked_experts": False}, "stacked_experts=False")]
+    if native.kernel() is not None:       # by default the native GEMV's per-expert path
+        cases.append(({"dtype": "bfloat16", "native_gemv": None}, "native GEMV runs"))
     for opts, why in cases:
-        with Step3Runtime.load(bundle, **kw, **opts) as rt:
+        with Step3Runtime.load(bundle, **{**kw, **opts}) as rt:
             assert rt.engine.ffn.store.stacked == {}
             assert why in rt.stats()["experts"]["stacked_off"]
     from step3_edge.runtime import expert_store
@@ -162,7 +165,8 @@ def test_afd_ffn_rank_stacks_and_matches_one_process(bundle: Path) -> None:
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     prompts = [torch.randint(3, 250, (int(n),), generator=g).tolist()
                for n in torch.randint(4, 20, (10,), generator=g)]
-    kw = dict(dtype="bfloat16", device="cpu", bandwidths=FIXED_BW, vision=False)
+    kw = dict(dtype="bfloat16", device="cpu", bandwidths=FIXED_BW, vision=False,
+              stacked_experts=True)           # also beside the native GEMV, where it runs
     with Step3Runtime.load(bundle, **kw) as rt:
         want = [o.token_ids for o in rt.generate(prompts, max_new_tokens=6)]
     with Step3Runtime.load(bundle, afd=True, ffn_ranks=1, micro_batches=1, afd_threads=1,
