@@ -5,8 +5,7 @@
    GEMVs, 38 MB, then the 132 MB lm_head), so that each layer's weights come from DRAM as they
    do in the engine; with the native kernel threaded above several element counts (what
    `native.THREADED_MIN_ELEMENTS` was chosen from);
-3. the lm_head alone: GB/s against a plain 2-thread read of the same bytes is not measured
-   here (see bench_runtime's copy bandwidth); printed as GB/s.
+3. the lm_head alone (132 MB), GB/s of each.
 
     python bench/bench_native_gemv.py [--reps 5] [--rows 1]
 """

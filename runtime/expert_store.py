@@ -71,8 +71,9 @@ def make_mlp(gate: nn.Module, up: nn.Module, down: nn.Module) -> Step3MLP:
 
 class FusedSwiGLU(Step3MLP):
     """`Step3MLP` with gate and up as one prepacked bf16 matrix [2m, h] (`PackedBf16`;
-    bit-identical to two GEMMs under oneDNN; tests/runtime/test_backends.py). The separate linears are kept for their stored
-    parts (copies, byte counts) but drop their own packed copies."""
+    bit-identical to two GEMMs under oneDNN; tests/runtime/test_backends.py). The separate
+    linears are kept for their stored parts (copies, byte counts) but drop their own packed
+    copies."""
 
     def __init__(self, gate: Linear, up: Linear, down: Linear) -> None:
         nn.Module.__init__(self)
