@@ -41,8 +41,9 @@ from step3_edge.runtime.planner import Plan
 
 __all__ = ["AFDEngine", "split_segments", "start_afd", "attention_rank_count", "main"]
 DEFAULT_TIMEOUT = 300.0
+# the load options an FFN rank needs
 FFN_OPTIONS = ("backend", "resident", "cache", "miss", "prefetch", "expert_counts", "bandwidths",
-               "verify", "ort_threads", "stacked_experts", "native_gemv")   # what an FFN rank needs
+               "verify", "ort_threads", "stacked_experts", "native_kernels")
 
 
 # ---------------------------------------------------------------------------- launching

@@ -99,7 +99,7 @@ def open_worker_bundle(hello: dict[str, Any], wire: "Wire") -> tuple[Any, Any, A
     manifest, plan, cfg, reader = open_bundle(hello["bundle"], bool(o.get("verify")))
     dev = hello.get("device") or (str(wire.device) if wire.backend == "nccl" else "cpu")
     backend = make_backend(o.get("backend", "torch"), dev, hello["dtype"], manifest=manifest,
-                           threads=o.get("ort_threads"), native_gemv=o.get("native_gemv"))
+                           threads=o.get("ort_threads"), native_kernels=o.get("native_kernels"))
     return manifest, plan, cfg, reader, backend
 
 

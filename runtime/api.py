@@ -50,10 +50,11 @@ OVERRIDES: dict[str, str] = {
                        "batches through two GEMMs instead of two per expert: None (default: "
                        "unless the native GEMV runs the experts, which is faster per expert), "
                        "True, False",
-    "native_gemv": "on a CPU with AVX512-BF16, run bf16 linears of decode-sized calls "
-                   "(<= 2 rows) through the native GEMV built on first use with the C "
-                   "compiler (runtime/native.py): None (default: where it builds), False "
-                   "(oneDNN only: the reference's exact bits), True (required)",
+    "native_kernels": "on a CPU with AVX512-BF16 under bf16 compute, run bf16 linears of "
+                      "decode-sized calls (<= 2 rows) and the RMSNorms through the native "
+                      "kernels built on first use with the C compiler (runtime/native.py): "
+                      "None (default: where they build), False (torch / oneDNN only: the "
+                      "reference's exact bits), True (required)",
     "prefix_cache": "reuse the KV blocks of finished sequences for prompts that start with "
                     "the same tokens and images (default True)",
     "bandwidths": "Bandwidths or dict to skip the start-up measurement",
@@ -87,7 +88,7 @@ OVERRIDES: dict[str, str] = {
 COUNTS = ("threads", "max_batch", "max_prefill_tokens", "ffn_ranks", "afd_threads",
           "ort_threads", "micro_batches")
 FLAGS = ("prefetch", "verify", "vision", "sync_timing", "prefix_cache")
-TRISTATE = ("stacked_experts", "native_gemv")        # None (decided at load), True or False
+TRISTATE = ("stacked_experts", "native_kernels")    # None (decided at load), True or False
 
 
 def _check_options(o: dict[str, Any]) -> None:
@@ -146,7 +147,7 @@ class Step3Runtime:
         o["backend"] = choose_backend(o, manifest)
         backend = make_backend(o["backend"], o.get("device"), o.get("dtype"),
                                manifest=manifest, threads=o.get("ort_threads"),
-                               native_gemv=o.get("native_gemv"))
+                               native_kernels=o.get("native_kernels"))
         kv_dtype, kv_tokens = kv_settings(o, backend.dtype, plan, cfg)
         afd = o.get("afd", False)
         if afd:

@@ -240,9 +240,10 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 native_gemv: bool | None = None) -> None:
-        """`native_gemv`: use the native decode GEMV for bf16 weights on the CPU (None: where
-        it is available; False: never; True: required)."""
+                 native_kernels: bool | None = None) -> None:
+        """`native_kernels`: under bf16 compute on the CPU, use the native decode kernels
+        (`native.py`: the GEMV for bf16 weights, the RMSNorm) (None: where they build; False:
+        never; True: required)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -250,17 +251,17 @@ class TorchBackend:
         self.used: Counter[str] = Counter()
         self.caps = self._probe()
         self.native_note = ""
-        if self.device.type == "cpu" and dtype == torch.bfloat16 and native_gemv is not False:
-            self.caps["native_gemv"] = native.kernel() is not None
+        if self.device.type == "cpu" and dtype == torch.bfloat16 and native_kernels is not False:
+            self.caps["native_kernels"] = native.kernel() is not None
             self.native_note = native.unavailable_reason()
-            if native_gemv and not self.caps["native_gemv"]:
-                raise ConfigError(f"native_gemv=True, but the native GEMV cannot run here "
+            if native_kernels and not self.caps["native_kernels"]:
+                raise ConfigError(f"native_kernels=True, but the native kernels cannot run here "
                                   f"({self.native_note})",
-                                  "leave native_gemv unset (oneDNN is used instead)")
+                                  "leave native_kernels unset (oneDNN is used instead)")
 
     def pack_bf16(self, weights: list[torch.Tensor]) -> PackedBf16:
         """bf16 weights [rows_i, K] as one prepacked matrix (`PackedBf16`)."""
-        return PackedBf16(weights, bool(self.caps.get("native_gemv")))
+        return PackedBf16(weights, bool(self.caps.get("native_kernels")))
 
     def _probe(self) -> dict[str, bool]:
         """Which fast kernels run here, found by trying each once on a small matrix."""
@@ -321,7 +322,7 @@ class TorchBackend:
                "dtype": str(self.dtype).removeprefix("torch."), "capabilities": self.caps,
                "kernels": dict(self.used)}
         if self.native_note:
-            out["native_gemv_unavailable"] = self.native_note
+            out["native_unavailable"] = self.native_note
         return out
 
 
@@ -350,11 +351,11 @@ def default_device() -> str:
 
 def make_backend(name: str = "torch", device: str | None = None,
                  dtype: torch.dtype | str | None = None, *, manifest: Any = None,
-                 threads: int | None = None, native_gemv: bool | None = None) -> Any:
+                 threads: int | None = None, native_kernels: bool | None = None) -> Any:
     """The backend called `name` on `device` (default: CUDA when present, else the CPU),
     computing in `dtype` (default bf16; the graph backends compute in float32). ONNX Runtime and
     TensorRT need the bundle's `manifest` (its subgraphs / engines); `threads` are ONNX
-    Runtime's intra-op threads; `native_gemv` is the torch backend's (`TorchBackend`)."""
+    Runtime's intra-op threads; `native_kernels` is the torch backend's (`TorchBackend`)."""
     if isinstance(dtype, str):
         if dtype.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"compute dtype {dtype!r}", "use float32, bfloat16 or float16")
@@ -368,7 +369,7 @@ def make_backend(name: str = "torch", device: str | None = None,
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available",
                           "pass device='cpu' or run on a machine with a CUDA GPU")
     if name == "torch":
-        return TorchBackend(device, dtype or torch.bfloat16, native_gemv)
+        return TorchBackend(device, dtype or torch.bfloat16, native_kernels)
     if name == "onnxruntime":
         from step3_edge.runtime.ort_backend import OrtBackend
 

@@ -166,7 +166,7 @@ class ExpertStore:
         self.stacked_off = "stacked_experts=False" if stacked is False else \
             "the device is not the CPU" if dev.type != "cpu" else \
             "the native GEMV runs the experts (faster per expert than the stack)" \
-            if stacked is None and backend.caps.get("native_gemv") else \
+            if stacked is None and backend.caps.get("native_kernels") else \
             self._stack(cfg, resident)
         home = next(iter(self.on_host.values()), None)    # what CPU compute of a miss reads
         self.host_expert_bytes = self.expert_bytes if home is None else \

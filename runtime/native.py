@@ -1,10 +1,12 @@
-"""The decode GEMV kernel (`native/gemv_bf16.c`): built on first use with the system C compiler,
-cached per user, and called through ctypes on the tensors' own memory.
+"""The decode-step kernels (`native/decode_bf16.c`: a GEMV and an RMSNorm): built on first use
+with the system C compiler, cached per user, and called through ctypes on the tensors' own
+memory.
 
-Used by the torch CPU backend for bf16 weights when a call has at most `MAX_ROWS` rows (batch-1
-and batch-2 decode, and the experts that one or two rows of a larger batch chose): there
-oneDNN's per-call cost and its read rate of large weights dominate the step (README, "Decode
-speed"). Larger calls and prefill keep oneDNN's prepacked GEMM.
+The GEMV is used by the torch CPU backend for bf16 weights when a call has at most `MAX_ROWS`
+rows (batch-1 and batch-2 decode, and the experts that one or two rows of a larger batch
+chose): there oneDNN's per-call cost and its read rate of large weights dominate the step (README, "Decode
+speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. The RMSNorm replaces the
+reference's ~10 torch ops per norm (`NativeRMSNorm`) under bf16 compute.
 
 Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compiler, or with
 `STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
@@ -27,17 +29,17 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native") / "gemv_bf16.c"
+SOURCE = Path(__file__).with_name("native") / "decode_bf16.c"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
-         "-fPIC"]
+         "-fPIC", "-lm"]
 # Rows of x per call (the kernel takes up to 8). Each weight load feeds one VDPBF16PS per row,
 # so from ~3 rows the kernel is compute-bound where oneDNN's blocked GEMM is not: on a 2-vCPU
-# AMD EPYC (bench_native_gemv.py, one mini step's weights) native / oneDNN ms per step were
+# AMD EPYC (bench_native_kernels.py, one mini step's weights) native / oneDNN ms per step were
 # 1 row 5.1-5.4 / 10.5-12.3, 2 rows 7.2-8.7 / 11.8-12.9, 3 rows 8.1-8.9 / 9.2-9.7,
 # 4 rows 15.5 / 10.5-12.1, 16 rows 14.4-21.8 / 12.6-15.6.
 MAX_ROWS = 2
 # Below this many weight elements a call runs on the calling thread alone: waking the OpenMP
-# team costs more than it saves (bench/bench_native_gemv.py measured the crossover).
+# team costs more than it saves (bench/bench_native_kernels.py measured the crossover).
 THREADED_MIN_ELEMENTS = 1 << 20
 
 _P = ctypes.c_void_p
@@ -64,11 +66,11 @@ def _cpu_has_avx512_bf16() -> bool:
 def _build(cc: str) -> Path:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"gemv_bf16-{key}.so"
+    lib = cache_dir() / f"{SOURCE.stem}-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gemv_bf16-", suffix=".so", dir=lib.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{SOURCE.stem}-", suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
         subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True,
@@ -80,8 +82,20 @@ def _build(cc: str) -> Path:
     return lib
 
 
+class Kernels:
+    """The loaded shared object's entry points, typed."""
+
+    def __init__(self, so: ctypes.CDLL) -> None:
+        self.gemv = so.s3e_gemv_bf16
+        self.gemv.restype = None
+        self.gemv.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I, ctypes.c_int, ctypes.c_int]
+        self.rmsnorm = so.s3e_rmsnorm_bf16
+        self.rmsnorm.restype = None
+        self.rmsnorm.argtypes = [_P, _I, _P, _P, _I, _I, ctypes.c_float]
+
+
 @cache
-def _load() -> tuple[ctypes._CFuncPtr | None, str]:
+def _load() -> tuple[Kernels | None, str]:
     if os.environ.get("STEP3_EDGE_NATIVE", "1") == "0":
         return None, "disabled by STEP3_EDGE_NATIVE=0"
     if not _cpu_has_avx512_bf16():
@@ -90,20 +104,18 @@ def _load() -> tuple[ctypes._CFuncPtr | None, str]:
     if cc is None:
         return None, "no C compiler (cc / gcc) on PATH"
     try:
-        fn = ctypes.CDLL(str(_build(cc))).s3e_gemv_bf16
+        k = Kernels(ctypes.CDLL(str(_build(cc))))
     except subprocess.CalledProcessError as e:
         return None, f"building {SOURCE.name} failed: {e.stderr.strip()[-300:]}"
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except (OSError, AttributeError, subprocess.TimeoutExpired) as e:
         return None, f"building or loading {SOURCE.name} failed: {e}"
-    fn.restype = None
-    fn.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I, ctypes.c_int, ctypes.c_int]
-    if not _self_test(fn):
+    if not _self_test(k):
         return None, f"{SOURCE.name} gave wrong results on a self-test"
-    return fn, ""
+    return k, ""
 
 
-def kernel() -> ctypes._CFuncPtr | None:
-    """The loaded kernel, or None where it cannot run here (`unavailable_reason`)."""
+def kernel() -> Kernels | None:
+    """The loaded kernels, or None where they cannot run here (`unavailable_reason`)."""
     return _load()[0]
 
 
@@ -128,26 +140,47 @@ class Weights:
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x bf16 [M <= 8, K] -> bf16 [M, rows], or into `out` ([M, >= rows] float32
         or bf16, rows contiguous; float32 receives the bf16-rounded value)."""
-        fn = kernel()
+        k = kernel()
         m = x.shape[0]
-        assert fn is not None and x.dtype == torch.bfloat16 and 0 < m <= 8
+        assert k is not None and x.dtype == torch.bfloat16 and 0 < m <= 8
         x = x.contiguous()
         if out is None:
             out = torch.empty(m, self.rows, dtype=torch.bfloat16)
         threads = torch.get_num_threads() if self._threaded else 1
-        fn(x.data_ptr(), m, self.k, self._ptrs, self._rows, len(self.parts), out.data_ptr(),
+        k.gemv(x.data_ptr(), m, self.k, self._ptrs, self._rows, len(self.parts), out.data_ptr(),
            out.stride(0), out.dtype == torch.float32, threads)
         return out
 
 
-def _self_test(fn: ctypes._CFuncPtr) -> bool:
-    """A random product (with a tail of K and two segments) against float64."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference RMSNorm of bf16 x [..., n] (last dim contiguous; rows may be strided)
+    with a float32 weight [n] -> bf16 [..., n]."""
+    k = kernel()
+    assert k is not None and x.dtype == torch.bfloat16 and weight.dtype == torch.float32
+    n = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, n)        # a view where the rows allow it
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    k.rmsnorm(x2.data_ptr(), x2.stride(0) if x2.shape[0] > 1 else n, weight.data_ptr(),
+              y.data_ptr(), x2.shape[0], n, eps)
+    return y
+
+
+def _self_test(k: Kernels) -> bool:
+    """A random product (with a tail of K and two segments) against float64, and a random
+    RMSNorm against torch's."""
     g = torch.Generator().manual_seed(0)
     w = [torch.randn(5, 80, generator=g).bfloat16(), torch.randn(7, 80, generator=g).bfloat16()]
     x = torch.randn(3, 80, generator=g).bfloat16()
     ptrs = (ctypes.c_void_p * 2)(*[t.data_ptr() for t in w])
     rows = (ctypes.c_int64 * 2)(5, 7)
     y = torch.empty(3, 12)
-    fn(x.data_ptr(), 3, 80, ptrs, rows, 2, y.data_ptr(), 12, 1, 1)
+    k.gemv(x.data_ptr(), 3, 80, ptrs, rows, 2, y.data_ptr(), 12, 1, 1)
     ref = x.double() @ torch.cat(w).double().T
-    return bool(torch.allclose(y.double(), ref, rtol=2 ** -7, atol=1e-3))
+    nw = torch.rand(80, generator=g) + 0.5
+    yn = torch.empty(3, 80, dtype=torch.bfloat16)
+    k.rmsnorm(x.data_ptr(), 80, nw.data_ptr(), yn.data_ptr(), 3, 80, 1e-5)
+    want = torch.nn.functional.rms_norm(x.float(), (80,), nw, 1e-5)
+    return bool(torch.allclose(y.double(), ref, rtol=2 ** -7, atol=1e-3)) and \
+        bool(torch.allclose(yn.float(), want, rtol=2 ** -7, atol=1e-6))

@@ -59,7 +59,7 @@ def test_bf16_weights_stay_bf16_under_bf16_compute() -> None:
 
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_prepacked_bf16_is_bit_identical_to_f_linear(m: int) -> None:
-    be = TorchBackend("cpu", torch.bfloat16, native_gemv=False)
+    be = TorchBackend("cpu", torch.bfloat16, native_kernels=False)
     if not be.caps.get("mkldnn_bf16_packed"):
         pytest.skip("no oneDNN bf16 on this CPU")
     for out, inp in ((256, 512), (1536, 512), (512, 1536), (48, 512), (96, 256)):

@@ -1,7 +1,7 @@
-"""The native decode GEMV (runtime/native.py): its products against float64, against oneDNN,
-its float32 output, the build cache, the refusals, and the runtime's logits with it on against
-oneDNN's. Skipped where it cannot build (no AVX512-BF16 or no C compiler), except the
-refusals."""
+"""The native decode kernels (runtime/native.py): the GEMV's products against float64, against
+oneDNN, its float32 output; the RMSNorm against the reference's; the build cache, the refusals,
+and the runtime's logits with them on against torch / oneDNN's. Skipped where they cannot build
+(no AVX512-BF16 or no C compiler), except the refusals."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import torch
 from runtime_helpers import FIXED_BW
 
 from step3_edge.errors import ConfigError
+from step3_edge.model import RMSNorm
 from step3_edge.runtime import Step3Runtime, native
 from step3_edge.runtime.backends import PackedBf16, TorchBackend
+from step3_edge.runtime.engine import NativeRMSNorm
 
 needs_native = pytest.mark.skipif(native.kernel() is None,
                                   reason=f"native GEMV unavailable: {native.unavailable_reason()}")
@@ -38,7 +40,7 @@ def _check_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
 @needs_native
 @pytest.mark.parametrize("k", [32, 80, 128, 200, 512])
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
-def test_native_gemv_against_float64(k: int, m: int) -> None:
+def test_native_kernels_against_float64(k: int, m: int) -> None:
     """Random shapes, K with and without a 32-element tail, 1-3 row segments (a fused q|k|v),
     and the threaded split (a weight above THREADED_MIN_ELEMENTS)."""
     g = _gen()
@@ -70,7 +72,7 @@ def test_packed_bf16_native_against_onednn(m: int) -> None:
     """PackedBf16 takes the native kernel up to MAX_ROWS rows and oneDNN above; both round a
     float32 sum, so they differ by at most one bf16 step and agree almost everywhere."""
     g = _gen()
-    ws = [torch.randn(256, 512, generator=g).bfloat16(), torch.randn(64, 512, generator=g).bfloat16()]
+    ws = [torch.randn(r, 512, generator=g).bfloat16() for r in (256, 64)]
     x = torch.randn(m, 512, generator=g).bfloat16()
     on, off = PackedBf16(ws, True), PackedBf16(ws, False)
     a, b = on(x), off(x)
@@ -83,6 +85,25 @@ def test_packed_bf16_native_against_onednn(m: int) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("shape", [(1, 512), (3, 96), (2, 5, 100), (1, 1, 7)])
+def test_native_rms_norm_against_the_reference(shape: tuple[int, ...]) -> None:
+    """bf16 rows (contiguous, and strided like the q slice of a fused q|k|v output): within one
+    bf16 rounding of the reference module's float32 result, and equal to its bf16 output
+    almost everywhere."""
+    g = _gen()
+    n = shape[-1]
+    ref = RMSNorm(n, 1e-5)
+    ref.weight.data = torch.rand(n, generator=g) + 0.5
+    wide = torch.randn(*shape[:-1], n + 40, generator=g).bfloat16()
+    for x in (wide[..., :n].contiguous(), wide[..., :n]):
+        got = native.rms_norm(x, ref.weight.data, 1e-5)
+        exact = torch.nn.functional.rms_norm(x.double(), (n,), ref.weight.data.double(), 1e-5)
+        assert got.shape == x.shape and got.dtype == torch.bfloat16
+        assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+        assert (got == ref(x)).float().mean() > 0.95
+
+
+@needs_native
 def test_build_is_cached_and_written_aside(tmp_path: Path, monkeypatch) -> None:
     """A build into an empty cache leaves one shared object (no temporary files) that loads;
     a second build finds it instead of compiling."""
@@ -90,48 +111,49 @@ def test_build_is_cached_and_written_aside(tmp_path: Path, monkeypatch) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     lib = native._build(cc)
     assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.name]
-    ctypes.CDLL(str(lib)).s3e_gemv_bf16
+    native.Kernels(ctypes.CDLL(str(lib)))                   # both entry points are there
     mtime = os.stat(lib).st_mtime_ns
     assert native._build(cc) == lib and os.stat(lib).st_mtime_ns == mtime
 
 
-def test_unavailable_native_gemv_falls_back_or_refuses(monkeypatch) -> None:
+def test_unavailable_native_kernels_falls_back_or_refuses(monkeypatch) -> None:
     """Where the kernel cannot run, the backend says why and stays on oneDNN; asking for it
     is refused with the reason."""
     monkeypatch.setattr(native, "_load", lambda: (None, "this CPU has no AVX512-BF16"))
     be = TorchBackend("cpu", torch.bfloat16)
-    assert not be.caps["native_gemv"]
-    assert be.describe()["native_gemv_unavailable"] == "this CPU has no AVX512-BF16"
+    assert not be.caps["native_kernels"]
+    assert be.describe()["native_unavailable"] == "this CPU has no AVX512-BF16"
     lin = be.linear("bf16", {"": torch.randn(64, 128).bfloat16()}, (64, 128))
     assert lin.packed is None or lin.packed.native is None
     with pytest.raises(ConfigError, match="no AVX512-BF16"):
-        TorchBackend("cpu", torch.bfloat16, native_gemv=True)
-    assert "native_gemv" not in TorchBackend("cpu", torch.float32).caps   # fp32: never used
+        TorchBackend("cpu", torch.bfloat16, native_kernels=True)
+    assert "native_kernels" not in TorchBackend("cpu", torch.float32).caps   # fp32: never used
 
 
-def test_native_gemv_option_is_checked(bundle: Path) -> None:
-    with pytest.raises(ConfigError, match="native_gemv"):
-        Step3Runtime.load(bundle, native_gemv="yes")
+def test_native_kernels_option_is_checked(bundle: Path) -> None:
+    with pytest.raises(ConfigError, match="native_kernels"):
+        Step3Runtime.load(bundle, native_kernels="yes")
 
 
 @needs_native
-def test_runtime_logits_with_native_gemv_match_onednn(bundle: Path) -> None:
+def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path) -> None:
     """bf16 tiny bundle, a prompt and 4 greedy decode steps fed the same tokens: logits with
-    the native GEMV within 2% of their range of oneDNN's (bf16 rounding differences carried
+    the native kernels within 2% of their range of torch / oneDNN's (bf16 rounding differences carried
     through 4 layers; a wrong row or segment would be off by the whole range), the same
     greedy token wherever oneDNN's top two are further apart than that, and the decode
-    linears served by the native kernel."""
+    linears and norms served by the native kernels."""
     g = _gen()
     prompt = torch.randint(3, 250, (int(torch.randint(5, 30, (), generator=g)),), generator=g)
     steps: dict[bool, list[torch.Tensor]] = {}
     toks = torch.randint(3, 250, (4,), generator=g).tolist()
     for on in (True, False):
         with Step3Runtime.load(bundle, dtype="bfloat16", device="cpu", bandwidths=FIXED_BW,
-                               vision=False, native_gemv=on) as rt, torch.inference_mode(), \
+                               vision=False, native_kernels=on) as rt, torch.inference_mode(), \
                 rt.scheduler.engine_lock:
             eng = rt.engine
             kernels = " ".join(eng.attn.backend.describe()["kernels"])
             assert ("native GEMV" in kernels) == on
+            assert isinstance(eng.attn.norm, NativeRMSNorm) == on
             seq = eng.attn.kv.allocate(len(prompt) + 8)
             out = [eng.run([(seq, len(prompt))], eng.attn.embed_tokens(prompt.tolist())).clone()]
             for t in toks:

@@ -200,7 +200,7 @@ def test_bf16_logits_bit_identical_to_reference(bundle: Path, text_ckpt: Path) -
     ref = Step3ForConditionalGeneration.from_pretrained(text_ckpt, dtype=torch.bfloat16)
     ids = torch.randint(3, 250, (1, 19), generator=torch.Generator().manual_seed(5))
     with Step3Runtime.load(bundle, dtype="bfloat16", device="cpu", bandwidths=FIXED_BW,
-                           kv_dtype="bfloat16", vision=False, native_gemv=False) as rt, \
+                           kv_dtype="bfloat16", vision=False, native_kernels=False) as rt, \
             torch.inference_mode(), \
             rt.scheduler.engine_lock:
         eng = rt.engine

@@ -18,7 +18,7 @@ from step3_edge.runtime.cost_model import Bandwidths
 from step3_edge.runtime.expert_store import make_mlp
 from step3_edge.runtime.stacked_experts import MAX_ROWS, StackedExperts
 
-BF16 = TorchBackend("cpu", torch.bfloat16, native_gemv=False)   # oneDNN: exact bits
+BF16 = TorchBackend("cpu", torch.bfloat16, native_kernels=False)   # oneDNN: exact bits
 needs_packed = pytest.mark.skipif(not BF16.caps.get("mkldnn_bf16_packed"),
                                   reason="no oneDNN bf16 on this CPU")
 
@@ -88,7 +88,7 @@ def test_runtime_decode_batch_bit_identical_with_and_without_stacking(bundle: Pa
                for n in torch.randint(4, 20, (12,), generator=g)]
     logits = {}
     kw = dict(dtype="bfloat16", device="cpu", bandwidths=FIXED_BW, vision=False,
-              native_gemv=False)
+              native_kernels=False)
     for on in (True, False):
         with Step3Runtime.load(bundle, stacked_experts=on, **kw) as rt:
             eng = rt.engine
@@ -115,12 +115,12 @@ def test_stacking_only_where_nothing_can_miss(bundle: Path, monkeypatch) -> None
     """Stacked only when no expert can miss (a miss would bypass the stack), the weights are
     prepacked bf16, a second copy leaves memory free, and (by default) the native GEMV does
     not run the experts; stats say why not."""
-    kw = dict(device="cpu", bandwidths=FIXED_BW, vision=False, native_gemv=False)
+    kw = dict(device="cpu", bandwidths=FIXED_BW, vision=False, native_kernels=False)
     cases = [({"dtype": "bfloat16", "resident": 0.5}, "does not hold every routed expert"),
              ({"dtype": "float32"}, "not oneDNN-prepacked bf16"),
              ({"dtype": "bfloat16", "stacked_experts": False}, "stacked_experts=False")]
     if native.kernel() is not None:       # by default the native GEMV's per-expert path
-        cases.append(({"dtype": "bfloat16", "native_gemv": None}, "native GEMV runs"))
+        cases.append(({"dtype": "bfloat16", "native_kernels": None}, "native GEMV runs"))
     for opts, why in cases:
         with Step3Runtime.load(bundle, **{**kw, **opts}) as rt:
             assert rt.engine.ffn.store.stacked == {}

@@ -7,7 +7,7 @@
    `native.THREADED_MIN_ELEMENTS` was chosen from);
 3. the lm_head alone (132 MB), GB/s of each.
 
-    python bench/bench_native_gemv.py [--reps 5] [--rows 1]
+    python bench/bench_native_kernels.py [--reps 5] [--rows 1]
 """
 
 from __future__ import annotations

@@ -1,17 +1,21 @@
-/* Decode-sized bf16 GEMV for x86 CPUs with AVX512-BF16 (built and loaded by ../native.py).
+/* Decode-step kernels for x86 CPUs with AVX512-BF16 (built and loaded by ../native.py).
  *
- * y[m, r] = sum_k x[m, k] * W[r, k] for a few rows of x (M <= 8) and a weight given as one or
- * more row segments (a fused q|k|v or gate|up is its parts' own [rows, K] tensors, not a
- * concatenated copy). Products of bf16 pairs are accumulated in float32 (VDPBF16PS), the sum
- * is rounded once to bf16 (round to nearest even) or, with out_f32, stored as float32 holding
- * that same bf16 value (the lm_head writes straight into the float32 logits buffer).
- *
+ * s3e_gemv_bf16: y[m, r] = sum_k x[m, k] * W[r, k] for the few rows of x of a decode step
+ * (M <= 8) and a weight given as one or more row segments (a fused q|k|v or gate|up is its
+ * parts' own [rows, K] tensors, not a concatenated copy). Products of bf16 pairs are
+ * accumulated in float32 (VDPBF16PS), the sum is rounded once to bf16 (round to nearest even)
+ * or, with out_f32, stored as float32 holding that same bf16 value (the lm_head writes
+ * straight into the float32 logits buffer).
  * Why: oneDNN's prepacked kernel costs 15-35 us per decode-sized call on the VMs measured and
  * reads large weights (the 132 MB lm_head) at ~60% of a plain read. This loop walks each
  * weight row front to back, so the hardware prefetcher sees one stream per thread, and the rows
  * are split across the calling thread's OpenMP team (torch's own libgomp, already loaded).
+ *
+ * s3e_rmsnorm_bf16: the reference RMSNorm (float32 x * rsqrt(mean(x^2) + eps) * w, rounded
+ * to bf16) of bf16 rows in one call, where torch spends ~10 small ops (~15-25 us).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -106,5 +110,38 @@ void s3e_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* cons
         int64_t per = ((rows + T - 1) / T + 15) & ~(int64_t)15; /* whole cache lines of y */
         int64_t lo = t * per, hi = lo + per < rows ? lo + per : rows;
         if (lo < hi) run_rows(x, M, K, segs, seg_rows, nseg, y, ldy, out_f32, lo, hi);
+    }
+}
+
+static inline __m512 bf16_to_f32(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+/* x: bf16 rows [rows, n] with row stride ldx; w: float32 [n]; y: bf16 [rows, n] contiguous. */
+void s3e_rmsnorm_bf16(const uint16_t* x, int64_t ldx, const float* w, uint16_t* y,
+                      int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t* xr = x + r * ldx;
+        uint16_t* yr = y + r * n;
+        __m512 ss = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512 v = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(xr + i)));
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        float sum = _mm512_reduce_add_ps(ss);
+        for (; i < n; i++) {
+            uint32_t u = (uint32_t)xr[i] << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            sum += f * f;
+        }
+        float inv = 1.0f / sqrtf(sum / (float)n + eps);
+        for (i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)xr[i] << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            yr[i] = round_bf16((f * inv) * w[i]);
+        }
     }
 }
