@@ -2,7 +2,8 @@
 
 1. memory bandwidth of this machine (a large tensor copy, read + write bytes / s);
 2. decode tokens/s at batch 1 and 16 with all experts resident, against the roofline
-   (weight + KV bytes read per decode step / bandwidth), and the reference PyTorch model;
+   (weight + KV bytes read per decode step / bandwidth), with and without the native decode
+   kernels (runtime/native.py), and the reference PyTorch model;
    also batch 1 after a 4,000-token prompt (where attention and the KV cache weigh in);
 3. the same with 50% and 25% of the experts resident: misses computed on the CPU, or copied
    into the device cache (LFU, the default policy) (on a CPU-only machine both are the same memory: "CPU compute" is
@@ -175,7 +176,8 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
     This VM's copy bandwidth moves between ~35 and ~70 GB/s from one minute to the next, so
     each rate is paired with a bandwidth measured just before it, and each row reports the
     median over `reps` of the fraction of roofline of its pairs."""
-    modes = {"all resident": {}, "50% cpu-compute": {"resident": 0.5, "miss": "cpu",
+    modes = {"all resident": {}, "no native kernels": {"native_kernels": False},
+             "50% cpu-compute": {"resident": 0.5, "miss": "cpu",
                                                      "cache": "static"},
              "50% copy-lfu": {"resident": 0.5, "miss": "copy", "cache": "lfu"},
              "25% cpu-compute": {"resident": 0.25, "miss": "cpu", "cache": "static"},
@@ -236,6 +238,14 @@ def decode_section(args: argparse.Namespace, ckpt: Path, bundle: Path, res: dict
               f"{row['experts_per_step']:.1f} experts/step); hit {row['hit_rate']:.2f}, "
               f"CPU-computed {row['cpu_computed']}, copied {row['copied']} "
               f"({row['bytes_copied'] / 1e6:.1f} MB)" + _first(row))
+    for b in (1, 16):
+        on, off = (res["decode"].get(f"{m}, batch {b}") for m in ("all resident",
+                                                                  "no native kernels"))
+        if on and off:
+            x = res.setdefault("native_speedup", {})[f"batch {b}"] = \
+                on["tokens_per_s"] / off["tokens_per_s"]
+            print(f"all resident, batch {b}: with the native kernels {x:.2f}x without "
+                  f"(oneDNN and torch ops; stacked experts at batch 16)")
     rt = rts["all resident"]                # a profile, then a trace on other prompts
     rt.reset_stats()
     for p in prompts(8, seed=2):

@@ -118,7 +118,8 @@ def _attention_side(layer: Step3DecoderLayer, qkv: PackedBf16, h: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                     cache: GroupCache) -> tuple[torch.Tensor, torch.Tensor]:
     """`Step3DecoderLayer.attention_side` with q/k/v projected by one GEMM: the reference's
-    ops in the reference's order otherwise (same bits)."""
+    ops in the reference's order otherwise (same bits), except where the native kernels run
+    (`native.py`: with the GEMV, also the norms and a decode step's attention)."""
     a = layer.self_attn
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
@@ -128,7 +129,10 @@ def _attention_side(layer: Step3DecoderLayer, qkv: PackedBf16, h: torch.Tensor,
     qk = apply_rope(torch.cat([q, y[..., sq:sq + d][:, None]], 1), cos, sin)  # [b, n+1, t, d]
     q, k = qk[:, :n], qk[:, n]                  # one rope for both (elementwise: same bits)
     k, v = cache.update(layer.layer, k, y[..., sq + d:])                     # [b, S, d]
-    out = mfa_attention(q, k, v, mask, d ** -0.5)                           # [b, n, t, d]
+    if qkv.native is not None and native.decode_attention_fits(q, k, v, mask):
+        out = native.decode_attention(q, k, v, d ** -0.5)                    # [b, n, 1, d]
+    else:
+        out = mfa_attention(q, k, v, mask, d ** -0.5)                       # [b, n, t, d]
     h = h + a.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
     return h, layer.post_attention_layernorm(h)
 

@@ -1,4 +1,5 @@
-"""The decode-step kernels (`native/decode_bf16.c`: a GEMV and an RMSNorm): built on first use
+"""The decode-step kernels (`native/decode_bf16.c`: a GEMV, an RMSNorm, one-query attention):
+built on first use
 with the system C compiler, cached per user, and called through ctypes on the tensors' own
 memory.
 
@@ -6,7 +7,9 @@ The GEMV is used by the torch CPU backend for bf16 weights when a call has at mo
 rows (batch-1 and batch-2 decode, and the experts that one or two rows of a larger batch
 chose): there oneDNN's per-call cost and its read rate of large weights dominate the step (README, "Decode
 speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. The RMSNorm replaces the
-reference's ~10 torch ops per norm (`NativeRMSNorm`) under bf16 compute.
+reference's ~10 torch ops per norm (`NativeRMSNorm`) under bf16 compute, and the attention
+of a decode step's one query per sequence against float32 keys and values (an fp8 KV pool's)
+replaces `mfa_attention`'s ~10 (`decode_attention`).
 
 Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compiler, or with
 `STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
@@ -92,6 +95,10 @@ class Kernels:
         self.rmsnorm = so.s3e_rmsnorm_bf16
         self.rmsnorm.restype = None
         self.rmsnorm.argtypes = [_P, _I, _P, _P, _I, _I, ctypes.c_float]
+        self.attention = so.s3e_decode_attention
+        self.attention.restype = None
+        self.attention.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P,
+                                   _P]
 
 
 @cache
@@ -165,6 +172,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     k.rmsnorm(x2.data_ptr(), x2.stride(0) if x2.shape[0] > 1 else n, weight.data_ptr(),
               y.data_ptr(), x2.shape[0], n, eps)
     return y
+
+
+# Keys up to which `decode_attention` beats `mfa_attention` (one thread, scalar exp, against
+# two threads of MKL: 8 heads of 64 at S = 64 / 256 / 384 / 500: 14 / 41 / 50 / 112 us
+# against 67 / 50 / 57 / 85 us on the 2-vCPU AMD EPYC of session 11).
+ATTENTION_MAX_KEYS = 384
+
+
+def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None) -> bool:
+    """Whether `decode_attention` takes this call: one bf16 query per sequence, no mask, at
+    most ATTENTION_MAX_KEYS float32 keys and values with contiguous rows (same strides),
+    head_dim a multiple of 16 up to 512."""
+    d = q.shape[-1]
+    return mask is None and q.shape[2] == 1 and k.shape[1] <= ATTENTION_MAX_KEYS and \
+        q.dtype == torch.bfloat16 and \
+        k.dtype == v.dtype == torch.float32 and d % 16 == 0 and d <= 512 and \
+        q.stride(-1) == 1 and k.stride(-1) == 1 and k.stride(-2) == d and \
+        v.stride() == k.stride()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
+    """`mfa_attention` for q bf16 [B, H, 1, d] against k, v float32 [B, S, d] (same strides;
+    `decode_attention_fits`) -> bf16 [B, H, 1, d]: float32 scores, softmax and sums, the
+    bf16 rounding of the result; another summation order than the reference's bmm."""
+    b, h, _, d = q.shape
+    s = k.shape[1]
+    out = torch.empty(b, h, 1, d, dtype=torch.bfloat16)
+    scratch = torch.empty(s)
+    kernel().attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+                       k.stride(0), b, h, s, d, scale, out.data_ptr(), scratch.data_ptr())
+    return out
 
 
 def _self_test(k: Kernels) -> bool:

@@ -15,7 +15,7 @@ import torch
 from runtime_helpers import FIXED_BW
 
 from step3_edge.errors import ConfigError
-from step3_edge.model import RMSNorm
+from step3_edge.model import RMSNorm, mfa_attention
 from step3_edge.runtime import Step3Runtime, native
 from step3_edge.runtime.backends import PackedBf16, TorchBackend
 from step3_edge.runtime.engine import NativeRMSNorm
@@ -104,6 +104,30 @@ def test_native_rms_norm_against_the_reference(shape: tuple[int, ...]) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("b,n,s,d", [(1, 8, 1, 64), (1, 8, 57, 64), (3, 4, 200, 32),
+                                     (2, 2, 384, 256)])
+def test_decode_attention_against_mfa_attention(b: int, n: int, s: int, d: int) -> None:
+    """One query per sequence (q a slice of a [b, n+1, 1, d] rope output, as in the engine)
+    against float32 keys / values side by side in one [2, b, S, d] tensor (an fp8 pool's
+    gather): within a bf16 step of the reference's function; masks, several queries, more
+    keys than ATTENTION_MAX_KEYS and bf16 keys are not taken."""
+    g = _gen()
+    q = torch.randn(b, n + 1, 1, d, generator=g).bfloat16()[:, :n]
+    kv = torch.randn(2, b, s, d, generator=g) * 2
+    assert native.decode_attention_fits(q, kv[0], kv[1], None)
+    got = native.decode_attention(q, kv[0], kv[1], d ** -0.5)
+    want = mfa_attention(q, kv[0], kv[1], None, d ** -0.5)
+    ulp = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp(min=1e-30))) - 7)
+    assert got.shape == want.shape and ((got.float() - want.float()).abs() <= ulp).all()
+    many = torch.randn(2, b, native.ATTENTION_MAX_KEYS + 1, d)
+    assert not native.decode_attention_fits(q, many[0], many[1], None)
+    assert not native.decode_attention_fits(q, kv[0], kv[1], torch.ones(b, 1, 1, s).bool())
+    assert not native.decode_attention_fits(q, kv[0].bfloat16(), kv[1].bfloat16(), None)
+    q2 = torch.randn(b, n, 2, d).bfloat16()
+    assert not native.decode_attention_fits(q2, kv[0], kv[1], None)
+
+
+@needs_native
 def test_build_is_cached_and_written_aside(tmp_path: Path, monkeypatch) -> None:
     """A build into an empty cache leaves one shared object (no temporary files) that loads;
     a second build finds it instead of compiling."""
@@ -136,12 +160,15 @@ def test_native_kernels_option_is_checked(bundle: Path) -> None:
 
 
 @needs_native
-def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path) -> None:
+def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypatch) -> None:
     """bf16 tiny bundle, a prompt and 4 greedy decode steps fed the same tokens: logits with
     the native kernels within 2% of their range of torch / oneDNN's (bf16 rounding differences carried
     through 4 layers; a wrong row or segment would be off by the whole range), the same
     greedy token wherever oneDNN's top two are further apart than that, and the decode
-    linears and norms served by the native kernels."""
+    linears, norms and attention served by the native kernels."""
+    calls = []
+    attention = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or attention(*a))
     g = _gen()
     prompt = torch.randint(3, 250, (int(torch.randint(5, 30, (), generator=g)),), generator=g)
     steps: dict[bool, list[torch.Tensor]] = {}
@@ -160,6 +187,7 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path) -> None:
                 out.append(eng.run([(seq, 1)], eng.attn.embed_tokens([t])).clone())
             steps[on] = out
             eng.attn.kv.release(seq)
+    assert len(calls) == 4 * 4                  # 4 decode steps x 4 layers (fp8 KV: float32)
     for a, b in zip(steps[True], steps[False]):
         span = (b.max() - b.min()).item()
         assert (a - b).abs().max() <= 0.02 * span
