@@ -98,7 +98,7 @@ class Kernels:
         self.attention = so.s3e_decode_attention
         self.attention.restype = None
         self.attention.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P,
-                                   _P]
+                                   _P, ctypes.c_int]
 
 
 @cache
@@ -174,20 +174,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-# Keys up to which `decode_attention` beats `mfa_attention` (one thread, scalar exp, against
-# two threads of MKL: 8 heads of 64 at S = 64 / 256 / 384 / 500: 14 / 41 / 50 / 112 us
-# against 67 / 50 / 57 / 85 us on the 2-vCPU AMD EPYC of session 11).
-ATTENTION_MAX_KEYS = 384
+# `decode_attention` splits heads over the OpenMP team from this many q x K elements (8 heads
+# of 64, against `mfa_attention`'s ~31-45 us up to S = 512 on session 11's 2-vCPU AMD EPYC:
+# S = 64 / 512 / 4,096 took 9.3 / 31 / 267 us on one thread, 8.8 / 20 / 131 on two; mfa
+# 31 / 45 / 195).
+ATTENTION_THREADED_MIN = 1 << 16
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor | None) -> bool:
-    """Whether `decode_attention` takes this call: one bf16 query per sequence, no mask, at
-    most ATTENTION_MAX_KEYS float32 keys and values with contiguous rows (same strides),
-    head_dim a multiple of 16 up to 512."""
+    """Whether `decode_attention` takes this call: one bf16 query per sequence, no mask,
+    float32 keys and values with contiguous rows (same strides), head_dim a multiple of 16 up
+    to 512."""
     d = q.shape[-1]
-    return mask is None and q.shape[2] == 1 and k.shape[1] <= ATTENTION_MAX_KEYS and \
-        q.dtype == torch.bfloat16 and \
+    return mask is None and q.shape[2] == 1 and q.dtype == torch.bfloat16 and \
         k.dtype == v.dtype == torch.float32 and d % 16 == 0 and d <= 512 and \
         q.stride(-1) == 1 and k.stride(-1) == 1 and k.stride(-2) == d and \
         v.stride() == k.stride()
@@ -201,9 +201,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     b, h, _, d = q.shape
     s = k.shape[1]
     out = torch.empty(b, h, 1, d, dtype=torch.bfloat16)
-    scratch = torch.empty(s)
+    scratch = torch.empty(b * h * s)
+    threads = torch.get_num_threads() if b * h * s * d >= ATTENTION_THREADED_MIN else 1
     kernel().attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
-                       k.stride(0), b, h, s, d, scale, out.data_ptr(), scratch.data_ptr())
+                       k.stride(0), b, h, s, d, scale, out.data_ptr(), scratch.data_ptr(),
+                       threads)
     return out
 
 

@@ -150,47 +150,72 @@ void s3e_rmsnorm_bf16(const uint16_t* x, int64_t ldx, const float* w, uint16_t* 
     }
 }
 
+/* exp(x) for x <= 0 (scores less their maximum): Cody-Waite reduction to r in
+ * [-ln2/2, ln2/2] and Cephes' degree-6 polynomial, ~1 ulp; below -87 it returns ~1e-38. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One head of one sequence: qh bf16 [D]; kb, vb float32 [S, D]; e: float32 scratch [S]. */
+static void attend(const uint16_t* qh, const float* kb, const float* vb, int64_t S, int64_t D,
+                   float scale, uint16_t* o, float* e) {
+    float qs[512], acc[512];
+    for (int64_t d = 0; d < D; d++) {
+        uint32_t u = (uint32_t)qh[d] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        qs[d] = f * scale;
+        acc[d] = 0.0f;
+    }
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+        const float* kj = kb + j * D;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(qs + d), _mm512_loadu_ps(kj + d), a);
+        e[j] = _mm512_reduce_add_ps(a);
+        mx = e[j] > mx ? e[j] : mx;
+    }
+    __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx);
+    for (int64_t j = 0; j < S; j += 16) {
+        __mmask16 live = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
+        __m512 x = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, e + j), m));
+        _mm512_mask_storeu_ps(e + j, live, x);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, x));
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    for (int64_t j = 0; j < S; j++) {
+        const __m512 p = _mm512_set1_ps(e[j] * inv);
+        const float* vj = vb + j * D;
+        for (int64_t d = 0; d < D; d += 16)
+            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + d),
+                                                     _mm512_loadu_ps(acc + d)));
+    }
+    for (int64_t d = 0; d < D; d++) o[d] = round_bf16(acc[d]);
+}
+
 /* q: bf16, head h of sequence b at q + b * qsb + h * qsh (D contiguous, D % 16 == 0,
  * D <= 512); k, v: float32 rows of sequence b at k + b * kvsb + j * D (j < S); out: bf16
- * [B, H, D]; scratch: float32 [S]. */
+ * [B, H, D]; scratch: float32 [B * H * S]; heads split over `threads` OpenMP threads. */
 void s3e_decode_attention(const uint16_t* q, int64_t qsb, int64_t qsh, const float* k,
                           const float* v, int64_t kvsb, int64_t B, int64_t H, int64_t S,
-                          int64_t D, float scale, uint16_t* out, float* scratch) {
-    float qs[512], acc[512];
-    for (int64_t b = 0; b < B; b++) {
-        const float* kb = k + b * kvsb;
-        const float* vb = v + b * kvsb;
-        for (int64_t h = 0; h < H; h++) {
-            const uint16_t* qh = q + b * qsb + h * qsh;
-            for (int64_t d = 0; d < D; d++) {
-                uint32_t u = (uint32_t)qh[d] << 16;
-                float f;
-                memcpy(&f, &u, 4);
-                qs[d] = f * scale;
-            }
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < S; j++) {
-                const float* kj = kb + j * D;
-                __m512 a = _mm512_setzero_ps();
-                for (int64_t d = 0; d < D; d += 16)
-                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qs + d), _mm512_loadu_ps(kj + d), a);
-                float s = _mm512_reduce_add_ps(a);
-                scratch[j] = s;
-                mx = s > mx ? s : mx;
-            }
-            float sum = 0.0f;
-            for (int64_t j = 0; j < S; j++) {
-                scratch[j] = expf(scratch[j] - mx);
-                sum += scratch[j];
-            }
-            for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-            for (int64_t j = 0; j < S; j++) {
-                const float p = scratch[j] / sum;
-                const float* vj = vb + j * D;
-                for (int64_t d = 0; d < D; d++) acc[d] += p * vj[d];
-            }
-            uint16_t* o = out + (b * H + h) * D;
-            for (int64_t d = 0; d < D; d++) o[d] = round_bf16(acc[d]);
-        }
+                          int64_t D, float scale, uint16_t* out, float* scratch, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H;
+        attend(q + b * qsb + h * qsh, k + b * kvsb, v + b * kvsb, S, D, scale, out + bh * D,
+               scratch + bh * S);
     }
 }

@@ -105,22 +105,23 @@ def test_native_rms_norm_against_the_reference(shape: tuple[int, ...]) -> None:
 
 @needs_native
 @pytest.mark.parametrize("b,n,s,d", [(1, 8, 1, 64), (1, 8, 57, 64), (3, 4, 200, 32),
-                                     (2, 2, 384, 256)])
-def test_decode_attention_against_mfa_attention(b: int, n: int, s: int, d: int) -> None:
+                                     (2, 2, 384, 256), (1, 8, 3000, 64)])
+def test_decode_attention_against_mfa_attention(b: int, n: int, s: int, d: int,
+                                                monkeypatch) -> None:
     """One query per sequence (q a slice of a [b, n+1, 1, d] rope output, as in the engine)
     against float32 keys / values side by side in one [2, b, S, d] tensor (an fp8 pool's
-    gather): within a bf16 step of the reference's function; masks, several queries, more
-    keys than ATTENTION_MAX_KEYS and bf16 keys are not taken."""
+    gather), on one thread and split over the team: within a bf16 step of the reference's
+    function; masks, several queries and bf16 keys are not taken."""
     g = _gen()
     q = torch.randn(b, n + 1, 1, d, generator=g).bfloat16()[:, :n]
     kv = torch.randn(2, b, s, d, generator=g) * 2
     assert native.decode_attention_fits(q, kv[0], kv[1], None)
-    got = native.decode_attention(q, kv[0], kv[1], d ** -0.5)
     want = mfa_attention(q, kv[0], kv[1], None, d ** -0.5)
     ulp = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp(min=1e-30))) - 7)
-    assert got.shape == want.shape and ((got.float() - want.float()).abs() <= ulp).all()
-    many = torch.randn(2, b, native.ATTENTION_MAX_KEYS + 1, d)
-    assert not native.decode_attention_fits(q, many[0], many[1], None)
+    for threaded in (1 << 62, 0):
+        monkeypatch.setattr(native, "ATTENTION_THREADED_MIN", threaded)
+        got = native.decode_attention(q, kv[0], kv[1], d ** -0.5)
+        assert got.shape == want.shape and ((got.float() - want.float()).abs() <= ulp).all()
     assert not native.decode_attention_fits(q, kv[0], kv[1], torch.ones(b, 1, 1, s).bool())
     assert not native.decode_attention_fits(q, kv[0].bfloat16(), kv[1].bfloat16(), None)
     q2 = torch.randn(b, n, 2, d).bfloat16()
