@@ -167,6 +167,8 @@ class AttentionWorker:
         self.norm = _norm(reader, "model.norm.weight", t.rms_norm_eps, backend)
         self.lm_head = read_linear(reader, backend, "lm_head.weight")
         self.kv = KVPool(t, kv_tokens, kv_dtype or backend.dtype, dev)
+        self.kv.native_gather = bool(backend.caps.get("native_kernels")) and \
+            self.kv.dtype == torch.float8_e4m3fn and t.head_dim % 16 == 0
         self._logits: torch.Tensor | None = None
 
     def routers(self) -> dict[int, object]:

@@ -29,6 +29,7 @@ from step3_edge.config import Step3TextConfig
 from step3_edge.errors import PromptError
 from step3_edge.model import attention_mask, rope_cos_sin
 from step3_edge.quantize.schemes import cast_fp8, fp8_to_float
+from step3_edge.runtime import native
 
 BLOCK = 16  # tokens per KV block
 
@@ -93,6 +94,8 @@ class KVPool:
         self._init_blocks(capacity_tokens)
         shape = (cfg.num_hidden_layers, 2, (self.num_blocks + 1) * BLOCK, cfg.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        # fp8 rows gathered by the native kernel (set by the attention worker where it runs)
+        self.native_gather = False
 
     def _init_blocks(self, capacity_tokens: int) -> None:
         """Block bookkeeping: free blocks, reference counts, the prefix cache."""
@@ -300,7 +303,9 @@ class GroupCache:
             pool = pool.view(torch.uint8)
             new = cast_fp8(new.float()).view(torch.uint8)     # saturates: no NaN stored
             pool.index_copy_(1, g.write, new)
-            got = fp8_to_float(pool.index_select(1, g.gather.reshape(-1)))  # [2, b*S, d]
+            idx = g.gather.reshape(-1)
+            got = native.fp8_gather(pool, idx) if self.pool.native_gather \
+                else fp8_to_float(pool.index_select(1, idx))                 # [2, b*S, d]
         else:
             pool.index_copy_(1, g.write, new.to(pool.dtype))
             got = pool.index_select(1, g.gather.reshape(-1)).to(k.dtype)

@@ -1,5 +1,5 @@
-"""The decode-step kernels (`native/decode_bf16.c`: a GEMV, an RMSNorm, one-query attention):
-built on first use
+"""The decode-step kernels (`native/decode_bf16.c`: a GEMV, an RMSNorm, one-query attention,
+an fp8 KV gather): built on first use
 with the system C compiler, cached per user, and called through ctypes on the tensors' own
 memory.
 
@@ -9,7 +9,8 @@ chose): there oneDNN's per-call cost and its read rate of large weights dominate
 speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. The RMSNorm replaces the
 reference's ~10 torch ops per norm (`NativeRMSNorm`) under bf16 compute, and the attention
 of a decode step's one query per sequence against float32 keys and values (an fp8 KV pool's)
-replaces `mfa_attention`'s ~10 (`decode_attention`).
+replaces `mfa_attention`'s ~10 (`decode_attention`); an fp8 pool's K/V rows are gathered and
+decoded in one call (`fp8_gather`, bit-exact) instead of an index_select and four ops.
 
 Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compiler, or with
 `STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
@@ -99,6 +100,9 @@ class Kernels:
         self.attention.restype = None
         self.attention.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P,
                                    _P, ctypes.c_int]
+        self.fp8_gather = so.s3e_fp8_gather
+        self.fp8_gather.restype = None
+        self.fp8_gather.argtypes = [_P, _I, _I, _P, _I, _P, ctypes.c_int]
 
 
 @cache
@@ -206,6 +210,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     kernel().attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
                        k.stride(0), b, h, s, d, scale, out.data_ptr(), scratch.data_ptr(),
                        threads)
+    return out
+
+
+def fp8_gather(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` [N] (int64) of an fp8 KV pool's raw bytes [2, slots, d] (uint8 or
+    float8_e4m3fn, contiguous, d % 16 == 0) -> float32 [2, N, d], bit for bit
+    `fp8_to_float(pool.index_select(1, idx))`. The indices must be valid slots."""
+    _, slots, d = pool.shape
+    n = idx.numel()
+    out = torch.empty(2, n, d)
+    threads = torch.get_num_threads() if 2 * n * d >= ATTENTION_THREADED_MIN else 1
+    kernel().fp8_gather(pool.data_ptr(), slots, d, idx.data_ptr(), n, out.data_ptr(), threads)
     return out
 
 

@@ -219,3 +219,24 @@ void s3e_decode_attention(const uint16_t* q, int64_t qsb, int64_t qsh, const flo
                scratch + bh * S);
     }
 }
+
+/* An fp8 (e4m3fn) KV pool's rows gathered and decoded: pool int8 [2, slots, d] (K and V
+ * planes), idx [n] slot numbers -> out float32 [2, n, d], bit for bit as
+ * `quantize.schemes.fp8_to_float` (sign-extend, shift the 7 magnitude bits to fp32's bits
+ * 20-26, keep them and the sign, scale by 2^120; the NaN bytes read as +-480). d % 16 == 0. */
+void s3e_fp8_gather(const int8_t* pool, int64_t slots, int64_t d, const int64_t* idx,
+                    int64_t n, float* out, int threads) {
+    const __m512i mask = _mm512_set1_epi32((int32_t)0x87F00000u);
+    const __m512 scale = _mm512_set1_ps(0x1p120f);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t r = 0; r < 2 * n; r++) {
+        const int64_t plane = r / n, i = r % n;
+        const int8_t* src = pool + (plane * slots + idx[i]) * d;
+        float* dst = out + r * d;
+        for (int64_t c = 0; c < d; c += 16) {
+            __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + c)));
+            v = _mm512_and_si512(_mm512_slli_epi32(v, 20), mask);
+            _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_castsi512_ps(v), scale));
+        }
+    }
+}

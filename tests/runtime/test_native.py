@@ -129,6 +129,25 @@ def test_decode_attention_against_mfa_attention(b: int, n: int, s: int, d: int,
 
 
 @needs_native
+@pytest.mark.parametrize("n", [1, 37, 5000])
+def test_fp8_gather_is_bit_exact(n: int, monkeypatch) -> None:
+    """Random rows of a pool holding every fp8 byte (NaN bytes included), gathered and decoded
+    on one thread and over the team: the bits of `fp8_to_float(index_select(...))`."""
+    from step3_edge.quantize.schemes import fp8_to_float
+
+    g = _gen()
+    pool = torch.randint(0, 256, (2, 600, 64), generator=g, dtype=torch.uint8)
+    pool[0, :4] = torch.arange(256, dtype=torch.uint8).view(4, 64)
+    idx = torch.randint(0, 600, (n,), generator=g)
+    idx[0] = 1
+    want = fp8_to_float(pool.index_select(1, idx))
+    for threaded in (1 << 62, 0):
+        monkeypatch.setattr(native, "ATTENTION_THREADED_MIN", threaded)
+        got = native.fp8_gather(pool.view(torch.float8_e4m3fn), idx)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_native
 def test_build_is_cached_and_written_aside(tmp_path: Path, monkeypatch) -> None:
     """A build into an empty cache leaves one shared object (no temporary files) that loads;
     a second build finds it instead of compiling."""
@@ -166,10 +185,12 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
     the native kernels within 2% of their range of torch / oneDNN's (bf16 rounding differences carried
     through 4 layers; a wrong row or segment would be off by the whole range), the same
     greedy token wherever oneDNN's top two are further apart than that, and the decode
-    linears, norms and attention served by the native kernels."""
+    linears, norms, attention and KV reads served by the native kernels."""
     calls = []
     attention = native.decode_attention
     monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or attention(*a))
+    gathers, gather = [], native.fp8_gather
+    monkeypatch.setattr(native, "fp8_gather", lambda *a: gathers.append(1) or gather(*a))
     g = _gen()
     prompt = torch.randint(3, 250, (int(torch.randint(5, 30, (), generator=g)),), generator=g)
     steps: dict[bool, list[torch.Tensor]] = {}
@@ -189,6 +210,7 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
             steps[on] = out
             eng.attn.kv.release(seq)
     assert len(calls) == 4 * 4                  # 4 decode steps x 4 layers (fp8 KV: float32)
+    assert gathers                              # the fp8 pool read by the native gather
     for a, b in zip(steps[True], steps[False]):
         span = (b.max() - b.min()).item()
         assert (a - b).abs().max() <= 0.02 * span
