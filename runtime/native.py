@@ -1,12 +1,12 @@
 """The decode-step kernels (`native/decode_bf16.c`: a GEMV, an RMSNorm, one-query attention,
-an fp8 KV gather): built on first use
-with the system C compiler, cached per user, and called through ctypes on the tensors' own
-memory.
+an fp8 KV gather): built on first use with the system C compiler, cached per user, and called
+through ctypes on the tensors' own memory.
 
 The GEMV is used by the torch CPU backend for bf16 weights when a call has at most `MAX_ROWS`
 rows (batch-1 and batch-2 decode, and the experts that one or two rows of a larger batch
-chose): there oneDNN's per-call cost and its read rate of large weights dominate the step (README, "Decode
-speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. The RMSNorm replaces the
+chose): there oneDNN's per-call cost and its read rate of large weights dominate the step
+(README, "Decode speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. The RMSNorm
+replaces the
 reference's ~10 torch ops per norm (`NativeRMSNorm`) under bf16 compute, and the attention
 of a decode step's one query per sequence against float32 keys and values (an fp8 KV pool's)
 replaces `mfa_attention`'s ~10 (`decode_attention`); an fp8 pool's K/V rows are gathered and
@@ -158,8 +158,8 @@ class Weights:
         if out is None:
             out = torch.empty(m, self.rows, dtype=torch.bfloat16)
         threads = torch.get_num_threads() if self._threaded else 1
-        k.gemv(x.data_ptr(), m, self.k, self._ptrs, self._rows, len(self.parts), out.data_ptr(),
-           out.stride(0), out.dtype == torch.float32, threads)
+        k.gemv(x.data_ptr(), m, self.k, self._ptrs, self._rows, len(self.parts),
+               out.data_ptr(), out.stride(0), out.dtype == torch.float32, threads)
         return out
 
 
@@ -178,11 +178,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-# `decode_attention` splits heads over the OpenMP team from this many q x K elements (8 heads
-# of 64, against `mfa_attention`'s ~31-45 us up to S = 512 on session 11's 2-vCPU AMD EPYC:
-# S = 64 / 512 / 4,096 took 9.3 / 31 / 267 us on one thread, 8.8 / 20 / 131 on two; mfa
-# 31 / 45 / 195).
-ATTENTION_THREADED_MIN = 1 << 16
+# `decode_attention` (q x K elements) and `fp8_gather` (values out) split their work over the
+# OpenMP team from this size. Attention of 8 heads of 64 on session 11's 2-vCPU AMD EPYC:
+# S = 64 / 512 / 4,096 took 9.3 / 31 / 267 us on one thread, 8.8 / 20 / 131 on two
+# (`mfa_attention`: 31 / 45 / 195).
+TEAM_MIN_ELEMENTS = 1 << 16
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -206,7 +206,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     s = k.shape[1]
     out = torch.empty(b, h, 1, d, dtype=torch.bfloat16)
     scratch = torch.empty(b * h * s)
-    threads = torch.get_num_threads() if b * h * s * d >= ATTENTION_THREADED_MIN else 1
+    threads = torch.get_num_threads() if b * h * s * d >= TEAM_MIN_ELEMENTS else 1
     kernel().attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
                        k.stride(0), b, h, s, d, scale, out.data_ptr(), scratch.data_ptr(),
                        threads)
@@ -220,7 +220,7 @@ def fp8_gather(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     _, slots, d = pool.shape
     n = idx.numel()
     out = torch.empty(2, n, d)
-    threads = torch.get_num_threads() if 2 * n * d >= ATTENTION_THREADED_MIN else 1
+    threads = torch.get_num_threads() if 2 * n * d >= TEAM_MIN_ELEMENTS else 1
     kernel().fp8_gather(pool.data_ptr(), slots, d, idx.data_ptr(), n, out.data_ptr(), threads)
     return out
 

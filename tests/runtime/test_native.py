@@ -119,7 +119,7 @@ def test_decode_attention_against_mfa_attention(b: int, n: int, s: int, d: int,
     want = mfa_attention(q, kv[0], kv[1], None, d ** -0.5)
     ulp = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp(min=1e-30))) - 7)
     for threaded in (1 << 62, 0):
-        monkeypatch.setattr(native, "ATTENTION_THREADED_MIN", threaded)
+        monkeypatch.setattr(native, "TEAM_MIN_ELEMENTS", threaded)
         got = native.decode_attention(q, kv[0], kv[1], d ** -0.5)
         assert got.shape == want.shape and ((got.float() - want.float()).abs() <= ulp).all()
     assert not native.decode_attention_fits(q, kv[0], kv[1], torch.ones(b, 1, 1, s).bool())
@@ -142,7 +142,7 @@ def test_fp8_gather_is_bit_exact(n: int, monkeypatch) -> None:
     idx[0] = 1
     want = fp8_to_float(pool.index_select(1, idx))
     for threaded in (1 << 62, 0):
-        monkeypatch.setattr(native, "ATTENTION_THREADED_MIN", threaded)
+        monkeypatch.setattr(native, "TEAM_MIN_ELEMENTS", threaded)
         got = native.fp8_gather(pool.view(torch.float8_e4m3fn), idx)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
@@ -182,10 +182,10 @@ def test_native_kernels_option_is_checked(bundle: Path) -> None:
 @needs_native
 def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypatch) -> None:
     """bf16 tiny bundle, a prompt and 4 greedy decode steps fed the same tokens: logits with
-    the native kernels within 2% of their range of torch / oneDNN's (bf16 rounding differences carried
-    through 4 layers; a wrong row or segment would be off by the whole range), the same
-    greedy token wherever oneDNN's top two are further apart than that, and the decode
-    linears, norms, attention and KV reads served by the native kernels."""
+    the native kernels within 2% of their range of torch / oneDNN's (bf16 rounding
+    differences carried through 4 layers; a wrong row or segment would be off by the whole
+    range), the same greedy token wherever oneDNN's top two are further apart than that, and
+    the decode linears, norms, attention and KV reads served by the native kernels."""
     calls = []
     attention = native.decode_attention
     monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or attention(*a))
