@@ -147,7 +147,7 @@ class DenseLinear(Linear):
     def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return self.packed(x, out)
-        return out.copy_(F.linear(x, self.weight))
+        return super().matmul_into(x, out)
 
 
 class Int8WeightOnly(Linear):
@@ -248,6 +248,7 @@ class TorchBackend:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
+        self.native_kernels = native_kernels       # as asked (a CUDA backend's host takes it)
         self.used: Counter[str] = Counter()
         self.caps = self._probe()
         self.native_note = ""

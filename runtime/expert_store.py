@@ -131,7 +131,8 @@ class ExpertStore:
         self.owned = owned
         resident = resident if owned is None else resident & owned
         dev = backend.device
-        self.host = backend if dev.type == "cpu" else TorchBackend("cpu", backend.dtype)
+        self.host = backend if dev.type == "cpu" else \
+            TorchBackend("cpu", backend.dtype, backend.native_kernels)
         pinned = resident if policy == "static" else ()
         self.cache = ExpertCache(0 if policy == "static" else len(resident), policy, pinned,
                                  initial=sorted(resident))
@@ -163,11 +164,7 @@ class ExpertStore:
         self.expert_bytes = 0 if one is None else \
             sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
         self.stacked: dict[int, StackedExperts] = {}
-        self.stacked_off = "stacked_experts=False" if stacked is False else \
-            "the device is not the CPU" if dev.type != "cpu" else \
-            "the native GEMV runs the experts (faster per expert than the stack)" \
-            if stacked is None and backend.caps.get("native_kernels") else \
-            self._stack(cfg, resident)
+        self.stacked_off = self._stack(cfg, resident, stacked)
         home = next(iter(self.on_host.values()), None)    # what CPU compute of a miss reads
         self.host_expert_bytes = self.expert_bytes if home is None else \
             sum(m.compute_nbytes for m in (home.gate_proj, home.up_proj, home.down_proj))
@@ -180,10 +177,17 @@ class ExpertStore:
         self.trace: list[list[dict[str, object]]] | None = None
         self._predicted: dict[int, set[int]] = {}
 
-    def _stack(self, cfg: Step3TextConfig, resident: set[Key]) -> str:
-        """Stack each MoE layer's experts (`StackedExperts`) when every expert is resident
-        (none can miss or leave), bf16-prepacked, and a second copy leaves free memory;
-        else the reason it does not."""
+    def _stack(self, cfg: Step3TextConfig, resident: set[Key], asked: bool | None) -> str:
+        """Stack each MoE layer's experts (`StackedExperts`) when asked (None: unless the
+        native GEMV runs the experts), on the CPU, every expert is resident (none can miss or
+        leave), bf16-prepacked, and a second copy leaves free memory; else the reason it does
+        not."""
+        if asked is False:
+            return "stacked_experts=False"
+        if self.backend.device.type != "cpu":
+            return "the device is not the CPU"
+        if asked is None and self.backend.caps.get("native_kernels"):
+            return "the native GEMV runs the experts (faster per expert than the stack)"
         if len(resident) < len(cfg.moe_layers) * cfg.moe_num_experts:
             return "this store does not hold every routed expert resident"
         need = len(resident) * self.expert_bytes

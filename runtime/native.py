@@ -6,11 +6,11 @@ The GEMV is used by the torch CPU backend for bf16 weights when a call has at mo
 rows (batch-1 and batch-2 decode, and the experts that one or two rows of a larger batch
 chose): there oneDNN's per-call cost and its read rate of large weights dominate the step
 (README, "Decode speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. The RMSNorm
-replaces the
-reference's ~10 torch ops per norm (`NativeRMSNorm`) under bf16 compute, and the attention
-of a decode step's one query per sequence against float32 keys and values (an fp8 KV pool's)
-replaces `mfa_attention`'s ~10 (`decode_attention`); an fp8 pool's K/V rows are gathered and
-decoded in one call (`fp8_gather`, bit-exact) instead of an index_select and four ops.
+replaces the reference's ~10 torch ops per norm (`NativeRMSNorm`) under bf16 compute, and the
+attention of a decode step's one query per sequence against float32 keys and values (an fp8 KV
+pool's) replaces `mfa_attention`'s ~10 (`decode_attention`); an fp8 pool's K/V rows are
+gathered and decoded in one call (`fp8_gather`, bit-exact) instead of an index_select and four
+ops.
 
 Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compiler, or with
 `STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
@@ -86,23 +86,25 @@ def _build(cc: str) -> Path:
     return lib
 
 
+_F, _N = ctypes.c_float, ctypes.c_int
+# attribute -> (C symbol, argument types); every entry point returns void
+_ENTRY_POINTS = {
+    "gemv": ("s3e_gemv_bf16", [_P, _I, _I, _P, _P, _I, _P, _I, _N, _N]),
+    "rmsnorm": ("s3e_rmsnorm_bf16", [_P, _I, _P, _P, _I, _I, _F]),
+    "attention": ("s3e_decode_attention", [_P, _I, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P,
+                                           _N]),
+    "fp8_gather": ("s3e_fp8_gather", [_P, _I, _I, _P, _I, _P, _N]),
+}
+
+
 class Kernels:
-    """The loaded shared object's entry points, typed."""
+    """The loaded shared object's entry points, typed (`_ENTRY_POINTS`)."""
 
     def __init__(self, so: ctypes.CDLL) -> None:
-        self.gemv = so.s3e_gemv_bf16
-        self.gemv.restype = None
-        self.gemv.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I, ctypes.c_int, ctypes.c_int]
-        self.rmsnorm = so.s3e_rmsnorm_bf16
-        self.rmsnorm.restype = None
-        self.rmsnorm.argtypes = [_P, _I, _P, _P, _I, _I, ctypes.c_float]
-        self.attention = so.s3e_decode_attention
-        self.attention.restype = None
-        self.attention.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P,
-                                   _P, ctypes.c_int]
-        self.fp8_gather = so.s3e_fp8_gather
-        self.fp8_gather.restype = None
-        self.fp8_gather.argtypes = [_P, _I, _I, _P, _I, _P, ctypes.c_int]
+        for name, (symbol, argtypes) in _ENTRY_POINTS.items():
+            fn = getattr(so, symbol)
+            fn.restype, fn.argtypes = None, argtypes
+            setattr(self, name, fn)
 
 
 @cache
@@ -147,19 +149,19 @@ class Weights:
         self._ptrs = (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
         self._rows = (ctypes.c_int64 * len(parts))(*[p.shape[0] for p in parts])
         self._threaded = self.rows * self.k >= THREADED_MIN_ELEMENTS
+        self._gemv = kernel().gemv                       # looked up once, not per call
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x bf16 [M <= 8, K] -> bf16 [M, rows], or into `out` ([M, >= rows] float32
         or bf16, rows contiguous; float32 receives the bf16-rounded value)."""
-        k = kernel()
         m = x.shape[0]
-        assert k is not None and x.dtype == torch.bfloat16 and 0 < m <= 8
+        assert x.dtype == torch.bfloat16 and 0 < m <= 8
         x = x.contiguous()
         if out is None:
             out = torch.empty(m, self.rows, dtype=torch.bfloat16)
         threads = torch.get_num_threads() if self._threaded else 1
-        k.gemv(x.data_ptr(), m, self.k, self._ptrs, self._rows, len(self.parts),
-               out.data_ptr(), out.stride(0), out.dtype == torch.float32, threads)
+        self._gemv(x.data_ptr(), m, self.k, self._ptrs, self._rows, len(self.parts),
+                   out.data_ptr(), out.stride(0), out.dtype == torch.float32, threads)
         return out
 
 

@@ -32,6 +32,13 @@ static inline uint16_t round_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline __m512bh load_bf16(const uint16_t* p, int64_t n) { /* n in 1..32 */
     if (n >= 32) return (__m512bh)_mm512_loadu_si512(p);
     return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
@@ -75,12 +82,10 @@ INLINE void run_rows_m(const uint16_t* x, const int64_t M, int64_t K, const uint
         for (int64_t r = a; r < b; r++) {
             row_dot(segs[s] + (r - base) * K, x, M, K, sums);
             for (int64_t m = 0; m < M; m++) {
-                if (out_f32) {
-                    uint32_t u = (uint32_t)round_bf16(sums[m]) << 16;
-                    memcpy((float*)y + m * ldy + r, &u, 4);
-                } else {
+                if (out_f32)
+                    ((float*)y)[m * ldy + r] = bf16_to_float(round_bf16(sums[m]));
+                else
                     ((uint16_t*)y)[m * ldy + r] = round_bf16(sums[m]);
-                }
             }
         }
     }
@@ -134,19 +139,9 @@ void s3e_rmsnorm_bf16(const uint16_t* x, int64_t ldx, const float* w, uint16_t* 
             ss = _mm512_fmadd_ps(v, v, ss);
         }
         float sum = _mm512_reduce_add_ps(ss);
-        for (; i < n; i++) {
-            uint32_t u = (uint32_t)xr[i] << 16;
-            float f;
-            memcpy(&f, &u, 4);
-            sum += f * f;
-        }
+        for (; i < n; i++) sum += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
         float inv = 1.0f / sqrtf(sum / (float)n + eps);
-        for (i = 0; i < n; i++) {
-            uint32_t u = (uint32_t)xr[i] << 16;
-            float f;
-            memcpy(&f, &u, 4);
-            yr[i] = round_bf16((f * inv) * w[i]);
-        }
+        for (i = 0; i < n; i++) yr[i] = round_bf16((bf16_to_float(xr[i]) * inv) * w[i]);
     }
 }
 
@@ -173,10 +168,7 @@ static void attend(const uint16_t* qh, const float* kb, const float* vb, int64_t
                    float scale, uint16_t* o, float* e) {
     float qs[512], acc[512];
     for (int64_t d = 0; d < D; d++) {
-        uint32_t u = (uint32_t)qh[d] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        qs[d] = f * scale;
+        qs[d] = bf16_to_float(qh[d]) * scale;
         acc[d] = 0.0f;
     }
     float mx = -INFINITY;
