@@ -119,19 +119,21 @@ def _attention_side(layer: Step3DecoderLayer, qkv: PackedBf16, h: torch.Tensor,
                     cache: GroupCache) -> tuple[torch.Tensor, torch.Tensor]:
     """`Step3DecoderLayer.attention_side` with q/k/v projected by one GEMM: the reference's
     ops in the reference's order otherwise (same bits), except where the native kernels run
-    (`native.py`: with the GEMV, also the norms and a decode step's attention)."""
+    (`native.py`: with the GEMV, also the norms and a decode step's RoPE, KV write and
+    attention)."""
     a = layer.self_attn
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
     n, d, sq = a.cfg.num_attention_heads, a.cfg.head_dim, a.cfg.share_q_dim
     y = qkv(x.reshape(b * t, -1)).view(b, t, -1)                            # [b, t, sq + 2d]
-    q = a.wq(a.inter_norm(y[..., :sq])).view(b, t, n, d).transpose(1, 2)     # [b, n, t, d]
-    qk = apply_rope(torch.cat([q, y[..., sq:sq + d][:, None]], 1), cos, sin)  # [b, n+1, t, d]
-    q, k = qk[:, :n], qk[:, n]                  # one rope for both (elementwise: same bits)
-    k, v = cache.update(layer.layer, k, y[..., sq + d:])                     # [b, S, d]
-    if qkv.native is not None and native.decode_attention_fits(q, k, v, mask):
-        out = native.decode_attention(q, k, v, d ** -0.5)                    # [b, n, 1, d]
-    else:
+    q = a.wq(a.inter_norm(y[..., :sq]))                                      # [b, t, n * d]
+    out = cache.decode_attention(layer.layer, y.view(b, -1), sq, q.view(b, -1), n, d ** -0.5) \
+        if qkv.native is not None and t == 1 else None                      # [b, n, 1, d]
+    if out is None:
+        q = q.view(b, t, n, d).transpose(1, 2)                               # [b, n, t, d]
+        qk = apply_rope(torch.cat([q, y[..., sq:sq + d][:, None]], 1), cos, sin)
+        q, k = qk[:, :n], qk[:, n]              # one rope for both (elementwise: same bits)
+        k, v = cache.update(layer.layer, k, y[..., sq + d:])                 # [b, S, d]
         out = mfa_attention(q, k, v, mask, d ** -0.5)                       # [b, n, t, d]
     h = h + a.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
     return h, layer.post_attention_layernorm(h)
@@ -167,8 +169,8 @@ class AttentionWorker:
         self.norm = _norm(reader, "model.norm.weight", t.rms_norm_eps, backend)
         self.lm_head = read_linear(reader, backend, "lm_head.weight")
         self.kv = KVPool(t, kv_tokens, kv_dtype or backend.dtype, dev)
-        self.kv.native_gather = bool(backend.caps.get("native_kernels")) and \
-            self.kv.dtype == torch.float8_e4m3fn and t.head_dim % 16 == 0
+        self.kv.native = bool(backend.caps.get("native_kernels")) and \
+            self.kv.dtype in native.KV_KINDS and t.head_dim % 16 == 0 and t.head_dim <= 512
         self._logits: torch.Tensor | None = None
 
     def routers(self) -> dict[int, object]:

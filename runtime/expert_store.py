@@ -26,6 +26,7 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3TextConfig
 from step3_edge.errors import ConfigError
 from step3_edge.model import Step3MLP
+from step3_edge.runtime import native
 from step3_edge.runtime.backends import Linear, TorchBackend
 from step3_edge.runtime.cost_model import Bandwidths, CostModel, measure_bandwidths
 from step3_edge.runtime.expert_cache import ExpertCache, Key
@@ -73,7 +74,9 @@ class FusedSwiGLU(Step3MLP):
     """`Step3MLP` with gate and up as one prepacked bf16 matrix [2m, h] (`PackedBf16`;
     bit-identical to two GEMMs under oneDNN; tests/runtime/test_backends.py). The separate
     linears are kept for their stored parts (copies, byte counts) but drop their own packed
-    copies."""
+    copies. Where the backend has the native kernels, calls of at most `native.MAX_ROWS` rows
+    run the whole MLP in one native call (`native.SwiGLU`, also what `ExpertStore` sums a
+    layer's routed experts with)."""
 
     def __init__(self, gate: Linear, up: Linear, down: Linear) -> None:
         nn.Module.__init__(self)
@@ -81,8 +84,14 @@ class FusedSwiGLU(Step3MLP):
         self.m = gate.shape[0]
         self.packed = gate.backend.pack_bf16([gate.weight, up.weight])   # [2m, h]
         gate.packed = up.packed = None
+        down_native = getattr(down, "packed", None) is not None and down.packed.native
+        self.native = native.SwiGLU(gate.weight, up.weight, down.weight) \
+            if self.packed.native is not None and down_native else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                 # [n, h] -> [n, h]
+        if self.native is not None and x.dim() == 2 and x.shape[0] <= native.MAX_ROWS and \
+                x.dtype == torch.bfloat16:
+            return self.native(x)
         gu = self.packed(x)                                              # [n, 2m]
         return self.down_proj(F.silu(gu[..., :self.m]) * gu[..., self.m:])
 
@@ -165,6 +174,11 @@ class ExpertStore:
             sum(m.nbytes for m in (one.gate_proj, one.up_proj, one.down_proj))
         self.stacked: dict[int, StackedExperts] = {}
         self.stacked_off = self._stack(cfg, resident, stacked)
+        # one native call per layer for a few rows (`_native_sum`): CPU experts with the
+        # native SwiGLU, unless the experts were stacked on request
+        self._native = dev.type == "cpu" and not self.stacked and all(
+            getattr(m, "native", None) is not None
+            for m in [*self.on_device.values(), *self.on_host.values()])
         home = next(iter(self.on_host.values()), None)    # what CPU compute of a miss reads
         self.host_expert_bytes = self.expert_bytes if home is None else \
             sum(m.compute_nbytes for m in (home.gate_proj, home.up_proj, home.down_proj))
@@ -348,6 +362,9 @@ class ExpertStore:
                 per[e], self.expert_bytes, self._flops(per[e]), self.host_expert_bytes)
             self.stats.miss_choices[choice] += 1
             kinds[e] = "copy" if choice == "copy" else "cpu"
+        if uniq and self._native and x.shape[0] <= native.MAX_ROWS and \
+                x.dtype == torch.bfloat16:
+            return self._native_sum(layer, x, ids, w, uniq, kinds, protect)
         out = torch.zeros_like(x, dtype=torch.float32)                   # [N, h]
         if not uniq:
             return out
@@ -367,6 +384,27 @@ class ExpertStore:
         # without the OpenMP region CPU index_add_ opens (~0.3 ms from the scheduler thread)
         out.index_put_((rows,), y.float() * wf[:, None], accumulate=True)
         return out
+
+    def _native_sum(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                    uniq: list[int], kinds: dict[int, str], protect: frozenset[Key]
+                    ) -> torch.Tensor:
+        """`compute`'s sum for a few rows in one native call (`native.swiglu`): the pairs in
+        the same order (by expert, then row and slot), each expert's module where `kinds`
+        says (on a CPU-only machine all are CPU memory)."""
+        mlps = []
+        for e in uniq:
+            key, kind = (layer, e), kinds[e]
+            if kind == "cpu":
+                self.stats.cpu_computed += 1
+                mlps.append(self.on_host[key])
+            else:
+                mlps.append(self._device_mlp(key) if kind == "device"
+                            else self._copy_in(key, True, protect))
+        slot = {e: i for i, e in enumerate(uniq)}
+        k = ids.shape[1]
+        flat, wf = ids.reshape(-1).tolist(), w.reshape(-1).tolist()
+        pairs = sorted((slot[e], i // k, wf[i]) for i, e in enumerate(flat) if e in slot)
+        return native.swiglu(x, [m.native for m in mlps], pairs, torch.float32)
 
     def _each_expert(self, layer: int, x: torch.Tensor, rows: torch.Tensor, uniq: list[int],
                      kinds: dict[int, str], start: list[int], protect: frozenset[Key]

@@ -94,8 +94,9 @@ class KVPool:
         self._init_blocks(capacity_tokens)
         shape = (cfg.num_hidden_layers, 2, (self.num_blocks + 1) * BLOCK, cfg.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
-        # fp8 rows gathered by the native kernel (set by the attention worker where it runs)
-        self.native_gather = False
+        # decode steps' attention and fp8 gathers through the native kernels (set by the
+        # attention worker where they run)
+        self.native = False
 
     def _init_blocks(self, capacity_tokens: int) -> None:
         """Block bookkeeping: free blocks, reference counts, the prefix cache."""
@@ -218,6 +219,7 @@ class Group:
     write: torch.Tensor                 # [b*t] pool slots of the new tokens
     gather: torch.Tensor                # [b, S] pool slots of every key (padding: scratch)
     positions: torch.Tensor             # [b, t] (CPU) = keys already cached per row
+    keys: torch.Tensor                  # [b] keys each row's last new token attends to
 
 
 @dataclass
@@ -282,7 +284,7 @@ def _group(pool: KVPool, start: int, positions: torch.Tensor, valid: torch.Tenso
     dev = pool.device
     b, n = positions.shape
     return Group(start, b, n, cos.to(dev), sin.to(dev), None if mask is None else mask.to(dev),
-                 write.to(dev), gather.to(dev), positions)
+                 write.to(dev), gather.to(dev), positions, positions[:, -1] + 1)
 
 
 class GroupCache:
@@ -304,11 +306,24 @@ class GroupCache:
             new = cast_fp8(new.float()).view(torch.uint8)     # saturates: no NaN stored
             pool.index_copy_(1, g.write, new)
             idx = g.gather.reshape(-1)
-            got = native.fp8_gather(pool, idx) if self.pool.native_gather \
+            got = native.fp8_gather(pool, idx) if self.pool.native \
                 else fp8_to_float(pool.index_select(1, idx))                 # [2, b*S, d]
         else:
             pool.index_copy_(1, g.write, new.to(pool.dtype))
             got = pool.index_select(1, g.gather.reshape(-1)).to(k.dtype)
         got = got.view(2, g.b, -1, d)
         return got[0], got[1]
+
+    def decode_attention(self, layer: int, y: torch.Tensor, koff: int, q: torch.Tensor,
+                         heads: int, scale: float) -> torch.Tensor | None:
+        """A decode group's (t == 1) RoPE, KV write and attention in one native call
+        (`native.decode_mfa`; y bf16 [b, >= koff + 2d] holds the key at koff and the value
+        after it, q bf16 [b, heads * d] is rotated in place) -> [b, heads, 1, d]; None where
+        the pool has no native kernels or the group is not a decode group (then the caller
+        takes `update` and `mfa_attention`)."""
+        g = self.group
+        if not self.pool.native or g.t != 1:
+            return None
+        return native.decode_mfa(y, koff, q, heads, g.cos.view(g.b, -1), g.sin.view(g.b, -1),
+                                 self.pool.kv[layer], g.write, g.gather, g.keys, scale)
 

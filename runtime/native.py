@@ -1,15 +1,17 @@
-"""The decode-step kernels (`native/decode_bf16.c`: a GEMV, an RMSNorm, one-query attention,
-an fp8 KV gather): built on first use with the system C compiler, cached per user, and called
-through ctypes on the tensors' own memory.
+"""The decode-step kernels (`native/decode_bf16.c`: a GEMV, SwiGLU MLPs and routed-expert
+sums, an RMSNorm, a decode step's MFA attention, an fp8 KV gather): built on first use with
+the system C compiler, cached per user, and called through ctypes on the tensors' own memory.
 
 The GEMV is used by the torch CPU backend for bf16 weights when a call has at most `MAX_ROWS`
 rows (batch-1 and batch-2 decode, and the experts that one or two rows of a larger batch
 chose): there oneDNN's per-call cost and its read rate of large weights dominate the step
-(README, "Decode speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. The RMSNorm
-replaces the reference's ~10 torch ops per norm (`NativeRMSNorm`) under bf16 compute, and the
-attention of a decode step's one query per sequence against float32 keys and values (an fp8 KV
-pool's) replaces `mfa_attention`'s ~10 (`decode_attention`); an fp8 pool's K/V rows are
-gathered and decoded in one call (`fp8_gather`, bit-exact) instead of an index_select and four
+(README, "Decode speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. For the same
+calls a SwiGLU MLP runs in one call (`SwiGLU`), and so does a layer's routed experts with their
+routing weights (`swiglu`), where torch spends ~6 ops per MLP and ~12 more to gather, weigh
+and scatter the experts' rows. The RMSNorm replaces the reference's ~10 torch ops per norm
+(`NativeRMSNorm`) under bf16 compute; a decode step's attention (RoPE, the KV write and one
+query per head and sequence) replaces ~25 (`decode_mfa`); an fp8 pool's K/V rows are gathered
+and decoded in one call elsewhere (`fp8_gather`, bit-exact) instead of an index_select and four
 ops.
 
 Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compiler, or with
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native") / "decode_bf16.c"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
+FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
          "-fPIC", "-lm"]
 # Rows of x per call (the kernel takes up to 8). Each weight load feeds one VDPBF16PS per row,
 # so from ~3 rows the kernel is compute-bound where oneDNN's blocked GEMM is not: on a 2-vCPU
@@ -91,9 +93,10 @@ _F, _N = ctypes.c_float, ctypes.c_int
 _ENTRY_POINTS = {
     "gemv": ("s3e_gemv_bf16", [_P, _I, _I, _P, _P, _I, _P, _I, _N, _N]),
     "rmsnorm": ("s3e_rmsnorm_bf16", [_P, _I, _P, _P, _I, _I, _F]),
-    "attention": ("s3e_decode_attention", [_P, _I, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P,
-                                           _N]),
+    "decode_mfa": ("s3e_decode_mfa", [_P, _I, _I, _I, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I,
+                                      _P, _I, _I, _I, _F, _P, _P, _P, _N]),
     "fp8_gather": ("s3e_fp8_gather", [_P, _I, _I, _P, _I, _P, _N]),
+    "swiglu": ("s3e_swiglu_bf16", [_P, _I, _I, _P, _P, _P, _I, _P, _N, _P, _I, _P, _N]),
 }
 
 
@@ -165,6 +168,48 @@ class Weights:
         return out
 
 
+class SwiGLU:
+    """A SwiGLU MLP's bf16 gate, up [m, K] and down [K, m] weights for `swiglu` (held by
+    reference: no copy is made). Called on x [M <= 8, K] it is the reference's `Step3MLP`."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        m, k = gate.shape
+        assert all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (gate, up, down))
+        assert up.shape == (m, k) and down.shape == (k, m)
+        self.weights = (gate, up, down)                  # kept alive: the kernel reads them
+        self.m, self.k = m, k
+        self.entry = (gate.data_ptr(), up.data_ptr(), down.data_ptr(), m)
+        self.elements = 3 * m * k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x bf16 [M, K] -> bf16 [M, K]."""
+        return swiglu(x, [self], [(0, r, 1.0) for r in range(x.shape[0])], torch.bfloat16)
+
+
+def swiglu(x: torch.Tensor, mlps: list[SwiGLU], pairs: list[tuple[int, int, float]],
+           dtype: torch.dtype) -> torch.Tensor:
+    """sum over `pairs` (mlp index, row of x, weight), in their order, of weight * mlp(x[row])
+    for x bf16 [M <= 8, K] -> [M, K] float32 sums (dtype=torch.float32) or those rounded to
+    bf16: a routed-expert layer's `index_put_` of weighted expert outputs, or one MLP with
+    weight 1. Rows without pairs are 0."""
+    m, k = x.shape
+    assert x.dtype == torch.bfloat16 and 0 < m <= 8 and all(e.k == k for e in mlps)
+    x = x.contiguous()
+    n = len(pairs)
+    entries = (ctypes.c_int64 * (4 * len(mlps)))(*[v for e in mlps for v in e.entry])
+    rows = (ctypes.c_int64 * (2 * n))(*[v for i, r, _ in pairs for v in (i, r)])
+    coef = (ctypes.c_float * n)(*[c for _, _, c in pairs])
+    widest = max(e.m for e in mlps)
+    act = torch.empty(n * widest, dtype=torch.bfloat16)
+    out = torch.empty(m, k, dtype=dtype)
+    acc = out if dtype == torch.float32 else torch.empty(m, k)
+    work = sum(mlps[i].elements for i, _, _ in pairs)
+    threads = torch.get_num_threads() if work >= THREADED_MIN_ELEMENTS else 1
+    kernel().swiglu(x.data_ptr(), m, k, entries, rows, coef, n, out.data_ptr(),
+                    dtype == torch.float32, act.data_ptr(), widest, acc.data_ptr(), threads)
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The reference RMSNorm of bf16 x [..., n] (last dim contiguous; rows may be strided)
     with a float32 weight [n] -> bf16 [..., n]."""
@@ -180,38 +225,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-# `decode_attention` (q x K elements) and `fp8_gather` (values out) split their work over the
-# OpenMP team from this size. Attention of 8 heads of 64 on session 11's 2-vCPU AMD EPYC:
+# `decode_mfa` (keys x head_dim x heads) and `fp8_gather` (values out) split their work over
+# the OpenMP team from this size. Attention of 8 heads of 64 on session 11's 2-vCPU AMD EPYC:
 # S = 64 / 512 / 4,096 took 9.3 / 31 / 267 us on one thread, 8.8 / 20 / 131 on two
 # (`mfa_attention`: 31 / 45 / 195).
 TEAM_MIN_ELEMENTS = 1 << 16
+# KV pool dtypes `decode_mfa` reads and writes -> the kernel's code for each
+KV_KINDS = {torch.float8_e4m3fn: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
-def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: torch.Tensor | None) -> bool:
-    """Whether `decode_attention` takes this call: one bf16 query per sequence, no mask,
-    float32 keys and values with contiguous rows (same strides), head_dim a multiple of 16 up
-    to 512."""
-    d = q.shape[-1]
-    return mask is None and q.shape[2] == 1 and q.dtype == torch.bfloat16 and \
-        k.dtype == v.dtype == torch.float32 and d % 16 == 0 and d <= 512 and \
-        q.stride(-1) == 1 and k.stride(-1) == 1 and k.stride(-2) == d and \
-        v.stride() == k.stride()
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                     ) -> torch.Tensor:
-    """`mfa_attention` for q bf16 [B, H, 1, d] against k, v float32 [B, S, d] (same strides;
-    `decode_attention_fits`) -> bf16 [B, H, 1, d]: float32 scores, softmax and sums, the
-    bf16 rounding of the result; another summation order than the reference's bmm."""
-    b, h, _, d = q.shape
-    s = k.shape[1]
-    out = torch.empty(b, h, 1, d, dtype=torch.bfloat16)
-    scratch = torch.empty(b * h * s)
-    threads = torch.get_num_threads() if b * h * s * d >= TEAM_MIN_ELEMENTS else 1
-    kernel().attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
-                       k.stride(0), b, h, s, d, scale, out.data_ptr(), scratch.data_ptr(),
-                       threads)
+def decode_mfa(y: torch.Tensor, koff: int, q: torch.Tensor, heads: int, cos: torch.Tensor,
+               sin: torch.Tensor, pool: torch.Tensor, write: torch.Tensor,
+               gather: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode step's attention for B sequences after the projections, in one call: RoPE
+    of the query heads (q bf16 [B, heads * d], rotated in place) and of the key (y bf16
+    [B, >= koff + 2d]: the key at koff, the value after it), both written to the KV pool
+    (`pool` [2, slots, d] of a `KV_KINDS` dtype, contiguous) at slots `write` [B], then each
+    head against the first lengths[b] keys of `gather` [B, S] -> bf16 [B, heads, 1, d].
+    cos, sin: float32 [B, d]; index tensors int64, contiguous, valid slots; d % 16 == 0,
+    d <= 512. What `apply_rope`, `GroupCache.update` and `mfa_attention` compute: the pool
+    receives the same bytes, the attention sums in another order (float32 throughout)."""
+    b, s = gather.shape
+    d = pool.shape[-1]
+    assert y.dtype == q.dtype == torch.bfloat16 and y.stride(-1) == q.stride(-1) == 1
+    assert pool.is_contiguous() and d % 16 == 0 and d <= 512 and q.shape[-1] == heads * d
+    out = torch.empty(b, heads, 1, d, dtype=torch.bfloat16)
+    kv = torch.empty(b, 2, s, d)
+    scores = torch.empty(b * heads * s)
+    threads = torch.get_num_threads() if b * heads * s * d >= TEAM_MIN_ELEMENTS else 1
+    kernel().decode_mfa(y.data_ptr(), y.stride(0), koff, koff + d, q.data_ptr(), q.stride(0),
+                        cos.data_ptr(), sin.data_ptr(), pool.data_ptr(), KV_KINDS[pool.dtype],
+                        pool.shape[1], write.data_ptr(), gather.data_ptr(), s,
+                        lengths.data_ptr(), b, heads, d, scale, out.data_ptr(), kv.data_ptr(),
+                        scores.data_ptr(), threads)
     return out
 
 

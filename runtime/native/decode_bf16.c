@@ -14,9 +14,14 @@
  * s3e_rmsnorm_bf16: the reference RMSNorm (float32 x * rsqrt(mean(x^2) + eps) * w, rounded
  * to bf16) of bf16 rows in one call, where torch spends ~10 small ops (~15-25 us).
  *
- * s3e_decode_attention: one query per sequence against MFA's single K/V head, as the
- * reference's `mfa_attention` computes it (float32 scores of the scaled query, softmax, float32
- * sum of values, rounded to bf16) in one call instead of ~10 ops.
+ * s3e_decode_mfa: a decode step's attention after the projections (RoPE of the queries and
+ * the key, the key and value written to the KV pool, one query per head and sequence against
+ * MFA's single K/V head) in one call, where torch spends ~25 ops.
+ *
+ * s3e_swiglu_bf16: SwiGLU MLPs (a dense MLP, a shared expert, or the routed experts a decode
+ * step's few rows chose) in one call: gate and up GEMVs, silu(gate) * up, the down GEMV and the
+ * routing-weighted sum over experts, each rounded where the reference's bf16 ops round, where
+ * torch spends ~6 ops per MLP plus ~12 to gather, weigh and scatter routed experts.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -198,37 +203,184 @@ static void attend(const uint16_t* qh, const float* kb, const float* vb, int64_t
     for (int64_t d = 0; d < D; d++) o[d] = round_bf16(acc[d]);
 }
 
-/* q: bf16, head h of sequence b at q + b * qsb + h * qsh (D contiguous, D % 16 == 0,
- * D <= 512); k, v: float32 rows of sequence b at k + b * kvsb + j * D (j < S); out: bf16
- * [B, H, D]; scratch: float32 [B * H * S]; heads split over `threads` OpenMP threads. */
-void s3e_decode_attention(const uint16_t* q, int64_t qsb, int64_t qsh, const float* k,
-                          const float* v, int64_t kvsb, int64_t B, int64_t H, int64_t S,
-                          int64_t D, float scale, uint16_t* out, float* scratch, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        const int64_t b = bh / H, h = bh % H;
-        attend(q + b * qsb + h * qsh, k + b * kvsb, v + b * kvsb, S, D, scale, out + bh * D,
-               scratch + bh * S);
+/* float -> fp8 e4m3fn byte as `cast_fp8` (clamp to +-448, then round to nearest even;
+ * NaN stays NaN): normal results round the float's mantissa to 3 bits in place, subnormal
+ * ones (below 2^-6) are whole multiples of 2^-9. */
+static inline uint8_t float_to_fp8(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return sign | 0x7f;
+    float a = fabsf(f);
+    a = a < 448.0f ? a : 448.0f;
+    if (a < 0x1p-6f) return sign | (uint8_t)rintf(a * 512.0f);
+    memcpy(&u, &a, 4);
+    u += 0x7ffffu + ((u >> 20) & 1u);
+    return sign | (uint8_t)((u >> 20) - ((127 - 7) << 3));
+}
+
+/* fp8 e4m3fn bytes -> float32, bit for bit `quantize.schemes.fp8_to_float` (sign-extend,
+ * shift the 7 magnitude bits to fp32's bits 20-26, keep them and the sign, scale by 2^120;
+ * the NaN bytes read as +-480). n % 16 == 0. */
+static inline void fp8_row_to_float(const int8_t* src, float* dst, int64_t n) {
+    const __m512i mask = _mm512_set1_epi32((int32_t)0x87F00000u);
+    const __m512 scale = _mm512_set1_ps(0x1p120f);
+    for (int64_t c = 0; c < n; c += 16) {
+        __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + c)));
+        v = _mm512_and_si512(_mm512_slli_epi32(v, 20), mask);
+        _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_castsi512_ps(v), scale));
     }
 }
 
-/* An fp8 (e4m3fn) KV pool's rows gathered and decoded: pool int8 [2, slots, d] (K and V
- * planes), idx [n] slot numbers -> out float32 [2, n, d], bit for bit as
- * `quantize.schemes.fp8_to_float` (sign-extend, shift the 7 magnitude bits to fp32's bits
- * 20-26, keep them and the sign, scale by 2^120; the NaN bytes read as +-480). d % 16 == 0. */
+/* RoPE of one bf16 head [D] (rotate-half) as `model.apply_rope`: float32 x * cos + rot * sin
+ * (two products, one sum: no FMA), rounded to bf16; out may be x. */
+static void rope_head(const uint16_t* x, const float* cos, const float* sin, int64_t D,
+                      uint16_t* out) {
+    float xf[512];
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < D; i++) xf[i] = bf16_to_float(x[i]);
+    for (int64_t i = 0; i < D; i++) {
+        const float rot = i < half ? -xf[i + half] : xf[i - half];
+        out[i] = round_bf16(xf[i] * cos[i] + rot * sin[i]);
+    }
+}
+
+enum { KV_FP8 = 0, KV_BF16 = 1, KV_F32 = 2 };
+
+static void store_kv_row(void* pool, int kind, int64_t row, const uint16_t* x, int64_t D) {
+    for (int64_t i = 0; i < D; i++) {
+        if (kind == KV_FP8) ((uint8_t*)pool)[row * D + i] = float_to_fp8(bf16_to_float(x[i]));
+        else if (kind == KV_BF16) ((uint16_t*)pool)[row * D + i] = x[i];
+        else ((float*)pool)[row * D + i] = bf16_to_float(x[i]);
+    }
+}
+
+static void load_kv_row(const void* pool, int kind, int64_t row, float* out, int64_t D) {
+    if (kind == KV_FP8) fp8_row_to_float((const int8_t*)pool + row * D, out, D);
+    else if (kind == KV_BF16)
+        for (int64_t i = 0; i < D; i++) out[i] = bf16_to_float(((const uint16_t*)pool)[row * D + i]);
+    else memcpy(out, (const float*)pool + row * D, (size_t)D * sizeof(float));
+}
+
+/* One decode step of MFA attention for B sequences (one new token each), after the q/k/v and
+ * wq projections: RoPE of the H query heads (in place) and of the key, the key and value
+ * written to the KV pool, then each head's attention over the sequence's keys, as the
+ * reference's `apply_rope`, `GroupCache.update` and `mfa_attention` compute them (float32
+ * scores, softmax and sums; another summation order than its bmm).
+ *   y: bf16 rows at y + b * ldy holding the key at +koff and the value at +voff [D];
+ *   q: bf16 [B, H * D] rows at q + b * ldq (rotated in place);
+ *   cos, sin: float32 [B, D];
+ *   pool: [2, slots, D] of fp8 e4m3fn / bf16 / float32 (kind), K plane then V plane;
+ *   write: [B] slots of the new tokens; gather: [B, ldg] slots of each sequence's keys, of which
+ *   the first lengths[b] (the new one included) are attended;
+ *   out: bf16 [B, H, D]; kvbuf: float32 [B, 2, ldg, D]; scores: float32 [B * H * ldg].
+ * D % 16 == 0, D <= 512. Sequences (then heads) are split over `threads`. */
+void s3e_decode_mfa(const uint16_t* y, int64_t ldy, int64_t koff, int64_t voff, uint16_t* q,
+                    int64_t ldq, const float* cos, const float* sin, void* pool, int kind,
+                    int64_t slots, const int64_t* write, const int64_t* gather, int64_t ldg,
+                    const int64_t* lengths, int64_t B, int64_t H, int64_t D, float scale,
+                    uint16_t* out, float* kvbuf, float* scores, int threads) {
+    const size_t esz = kind == KV_FP8 ? 1 : kind == KV_BF16 ? 2 : 4;
+    void* vplane = (char*)pool + (size_t)slots * (size_t)D * esz;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            uint16_t k[512];
+            rope_head(y + b * ldy + koff, cos + b * D, sin + b * D, D, k);
+            store_kv_row(pool, kind, write[b], k, D);
+            store_kv_row(vplane, kind, write[b], y + b * ldy + voff, D);
+            for (int64_t h = 0; h < H; h++)
+                rope_head(q + b * ldq + h * D, cos + b * D, sin + b * D, D, q + b * ldq + h * D);
+        }
+        /* the implied barrier: every new key is written before any is read back */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < B * ldg; r++) {
+            const int64_t b = r / ldg, j = r % ldg;
+            if (j >= lengths[b]) continue;
+            float* kb = kvbuf + (b * 2 * ldg + j) * D;
+            load_kv_row(pool, kind, gather[r], kb, D);
+            load_kv_row(vplane, kind, gather[r], kb + ldg * D, D);
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H;
+            const float* kb = kvbuf + b * 2 * ldg * D;
+            attend(q + b * ldq + h * D, kb, kb + ldg * D, lengths[b], D, scale, out + bh * D,
+                   scores + bh * ldg);
+        }
+    }
+}
+
+/* An fp8 (e4m3fn) KV pool's rows gathered and decoded (`fp8_row_to_float`): pool int8
+ * [2, slots, d] (K and V planes), idx [n] slot numbers -> out float32 [2, n, d]. d % 16 == 0. */
 void s3e_fp8_gather(const int8_t* pool, int64_t slots, int64_t d, const int64_t* idx,
                     int64_t n, float* out, int threads) {
-    const __m512i mask = _mm512_set1_epi32((int32_t)0x87F00000u);
-    const __m512 scale = _mm512_set1_ps(0x1p120f);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t r = 0; r < 2 * n; r++) {
-        const int64_t plane = r / n, i = r % n;
-        const int8_t* src = pool + (plane * slots + idx[i]) * d;
-        float* dst = out + r * d;
-        for (int64_t c = 0; c < d; c += 16) {
-            __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + c)));
-            v = _mm512_and_si512(_mm512_slli_epi32(v, 20), mask);
-            _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_castsi512_ps(v), scale));
+    for (int64_t r = 0; r < 2 * n; r++)
+        fp8_row_to_float(pool + ((r / n) * slots + idx[r % n]) * d, out + r * d, d);
+}
+/* silu(g) * u as torch computes it on bf16 tensors: g and u rounded to bf16, silu in float32
+ * rounded to bf16, the product in float32 rounded to bf16. */
+static inline uint16_t silu_mul(float g, float u) {
+    const float gb = bf16_to_float(round_bf16(g));
+    const float s = bf16_to_float(round_bf16(gb / (1.0f + expf(-gb))));
+    return round_bf16(s * bf16_to_float(round_bf16(u)));
+}
+
+/* x: bf16 [M, K] contiguous; mlps: [n, 4] int64 (gate, up, down: bf16 [m, K], [m, K], [K, m]
+ * contiguous; m); pairs: [P, 2] int64 (mlp index, row of x), in the order their terms are
+ * summed; coef: float32 [P].
+ * y[r] = sum over the pairs p of row r, in order, of coef[p] * bf16(down @ a_p) with
+ * a_p = silu_mul(gate @ x[r], up @ x[r]); float32 sums (0 + the first term, then in order),
+ * stored as float32 [M, K] (out_f32) or rounded to bf16; rows of x without pairs get 0.
+ * Scratch: act bf16 [P, widest] (widest >= every pair's m), acc float32 [M, K] (unused with
+ * out_f32). The gate/up rows of all pairs, then the output columns, are split over `threads`. */
+void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlps,
+                     const int64_t* pairs, const float* coef, int64_t P, void* y, int out_f32,
+                     uint16_t* act, int64_t widest, float* acc, int threads) {
+    int64_t total = 0;
+    for (int64_t p = 0; p < P; p++) total += mlps[4 * pairs[2 * p] + 3];
+    if (out_f32) acc = (float*)y;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        /* phase 1: a_p[j] for the pairs' gate/up rows laid end to end */
+        const int64_t per1 = (total + T - 1) / T, lo1 = t * per1,
+                      hi1 = lo1 + per1 < total ? lo1 + per1 : total;
+        for (int64_t p = 0, base = 0; p < P && base < hi1; p++) {
+            const int64_t* e = mlps + 4 * pairs[2 * p];
+            const int64_t m = e[3], a = lo1 > base ? lo1 - base : 0,
+                          b = hi1 < base + m ? hi1 - base : m;
+            const uint16_t* xr = x + pairs[2 * p + 1] * K;
+            for (int64_t j = a; j < b; j++) {
+                float g, u;
+                row_dot((const uint16_t*)e[0] + j * K, xr, 1, K, &g);
+                row_dot((const uint16_t*)e[1] + j * K, xr, 1, K, &u);
+                act[p * widest + j] = silu_mul(g, u);
+            }
+            base += m;
         }
+#pragma omp barrier
+        /* phase 2: output columns [lo, hi) of every row, the pairs' terms in order */
+        const int64_t per2 = ((K + T - 1) / T + 15) & ~(int64_t)15, lo = t * per2,
+                      hi = lo + per2 < K ? lo + per2 : K;
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t c = lo; c < hi; c++) acc[r * K + c] = 0.0f;
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t* e = mlps + 4 * pairs[2 * p];
+            const int64_t m = e[3];
+            float* out = acc + pairs[2 * p + 1] * K;
+            const float w = coef[p];
+            for (int64_t c = lo; c < hi; c++) {
+                float d;
+                row_dot((const uint16_t*)e[2] + c * m, act + p * widest, 1, m, &d);
+                out[c] += w * bf16_to_float(round_bf16(d));
+            }
+        }
+        if (!out_f32)
+            for (int64_t r = 0; r < M; r++)
+                for (int64_t c = lo; c < hi; c++)
+                    ((uint16_t*)y)[r * K + c] = round_bf16(acc[r * K + c]);
     }
 }

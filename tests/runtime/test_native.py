@@ -1,6 +1,7 @@
 """The native decode kernels (runtime/native.py): the GEMV's products against float64, against
-oneDNN, its float32 output; the RMSNorm against the reference's; the build cache, the refusals,
-and the runtime's logits with them on against torch / oneDNN's. Skipped where they cannot build
+oneDNN, its float32 output; the SwiGLU MLP and routed sums, the RMSNorm and the decode step's
+attention (RoPE and KV write bit for bit) against the reference's ops; the fp8 gather; the
+build cache, the refusals, and the runtime's logits with them on against torch / oneDNN's. Skipped where they cannot build
 (no AVX512-BF16 or no C compiler), except the refusals."""
 
 from __future__ import annotations
@@ -106,33 +107,117 @@ def test_native_rms_norm_against_the_reference(shape: tuple[int, ...]) -> None:
         assert (got == ref(x)).float().mean() > 0.95
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes, for bit-for-bit comparisons."""
+    return t.contiguous().view(torch.uint8)
+
+
 @needs_native
+@pytest.mark.parametrize("kind", [torch.float8_e4m3fn, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("b,n,s,d", [(1, 8, 1, 64), (1, 8, 57, 64), (3, 4, 200, 32),
                                      (2, 2, 384, 256), (1, 8, 3000, 64)])
-def test_decode_attention_against_mfa_attention(b: int, n: int, s: int, d: int,
-                                                monkeypatch) -> None:
-    """One query per sequence (q a slice of a [b, n+1, 1, d] rope output, as in the engine)
-    against float32 keys / values side by side in one [2, b, S, d] tensor (an fp8 pool's
-    gather), on one thread and split over the team: within a bf16 step (plus float32
-    rounding) of the reference's function; masks, several queries and bf16 keys are not
-    taken."""
+def test_decode_mfa_against_the_reference(kind: torch.dtype, b: int, n: int, s: int, d: int,
+                                          monkeypatch) -> None:
+    """A decode step of b sequences of random lengths up to s over a pool of `kind`, on one
+    thread and over the team: the queries rotated in place and the pool written bit for bit
+    as `apply_rope` and `GroupCache.update` do, and each sequence's attention within a bf16
+    step (plus float32 rounding) of `mfa_attention` over its own keys."""
+    from step3_edge.model import apply_rope, rope_cos_sin
+    from step3_edge.quantize.schemes import cast_fp8, fp8_to_float
+
     g = _gen()
-    q = torch.randn(b, n + 1, 1, d, generator=g).bfloat16()[:, :n]
-    kv = torch.randn(2, b, s, d, generator=g) * 2
-    assert native.decode_attention_fits(q, kv[0], kv[1], None)
-    want = mfa_attention(q, kv[0], kv[1], None, d ** -0.5)
-    # one bf16 step of the result, plus float32 rounding of scores, exp and sums (an output
-    # near 0 is a cancelling sum of values up to max|v|)
-    tol = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp(min=1e-30))) - 7) + \
-        2 ** -14 * kv[1].abs().max()
+    slots, sq = s * b + 64, 3 * d                  # y: [q part | k | v | 5 more]
+    lengths = torch.randint(1, s + 1, (b,), generator=g)
+    lengths[0] = s
+    perm = torch.randperm(slots, generator=g)
+    write = perm[:b].clone()                       # own new slots; the keys before may share
+    gather = perm[b:][torch.randint(0, slots - b, (b, s), generator=g)]
+    gather[torch.arange(b), lengths - 1] = write
+    cos, sin = rope_cos_sin((lengths - 1)[:, None], d, 500000.0)           # [b, 1, d]
+    y = torch.randn(b, sq + 2 * d + 5, generator=g).bfloat16()
+    q0 = torch.randn(b, n * d, generator=g).bfloat16()
+    init = torch.randn(2, slots, d, generator=g) * 2
+    init = cast_fp8(init) if kind == torch.float8_e4m3fn else init.to(kind)
+
+    qr = apply_rope(q0.view(b, 1, n, d).transpose(1, 2), cos, sin)         # [b, n, 1, d]
+    k = apply_rope(y[:, None, None, sq:sq + d], cos, sin)[:, 0, 0]
+    new = torch.stack([k, y[:, sq + d:sq + 2 * d]])                        # [2, b, d]
+    want_pool = init.clone()
+    want_pool[:, write] = cast_fp8(new.float()) if kind == torch.float8_e4m3fn else new.to(kind)
     for threaded in (1 << 62, 0):
         monkeypatch.setattr(native, "TEAM_MIN_ELEMENTS", threaded)
-        got = native.decode_attention(q, kv[0], kv[1], d ** -0.5)
-        assert got.shape == want.shape and ((got.float() - want.float()).abs() <= tol).all()
-    assert not native.decode_attention_fits(q, kv[0], kv[1], torch.ones(b, 1, 1, s).bool())
-    assert not native.decode_attention_fits(q, kv[0].bfloat16(), kv[1].bfloat16(), None)
-    q2 = torch.randn(b, n, 2, d).bfloat16()
-    assert not native.decode_attention_fits(q2, kv[0], kv[1], None)
+        pool, q = init.clone(), q0.clone()
+        got = native.decode_mfa(y, sq, q, n, cos[:, 0], sin[:, 0], pool, write, gather,
+                                lengths, d ** -0.5)
+        assert torch.equal(_raw(q), _raw(qr.transpose(1, 2).reshape(b, n * d)))
+        assert torch.equal(_raw(pool), _raw(want_pool))
+        for i in range(b):
+            rows = pool[:, gather[i, :lengths[i]]]
+            kv = fp8_to_float(rows) if kind == torch.float8_e4m3fn else rows.float()
+            want = mfa_attention(qr[i:i + 1], kv[0][None], kv[1][None], None, d ** -0.5)
+            # one bf16 step of the result, plus float32 rounding of scores, exp and sums (an
+            # output near 0 is a cancelling sum of values up to max|v|)
+            tol = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp(min=1e-30))) - 7) + \
+                2 ** -14 * kv[1].abs().max()
+            assert ((got[i:i + 1].float() - want.float()).abs() <= tol).all()
+
+
+@needs_native
+def test_decode_mfa_writes_fp8_as_cast_fp8() -> None:
+    """Every bf16 bit pattern (NaN, infinities, subnormals, past +-448) as a value written to
+    an fp8 pool: the bytes `cast_fp8` gives."""
+    from step3_edge.quantize.schemes import cast_fp8
+
+    d = 64
+    v = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    b = v.numel() // d
+    y = torch.cat([torch.randn(b, d).bfloat16(), v.view(b, d)], 1)       # [k | v]
+    pool = torch.zeros(2, b + 16, d, dtype=torch.float8_e4m3fn)
+    write = torch.arange(b)
+    ones = torch.ones(b, d)
+    native.decode_mfa(y, 0, torch.randn(b, d).bfloat16(), 1, ones, ones * 0, pool, write,
+                      write[:, None].clone(), torch.ones(b, dtype=torch.long), 0.125)
+    assert torch.equal(_raw(pool[1, :b]), _raw(cast_fp8(v.float()).view(b, d)))
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 2])
+def test_swiglu_against_the_composition(m: int, monkeypatch) -> None:
+    """One MLP (weight 1, bf16 out), and routed experts' weighted sums (float32 out, pairs in
+    order, a row without pairs), on one thread and over the team, against the same math as
+    torch ops around the native GEMV (gate|up, silu * up, down; `y.float() * w` accumulated in
+    pair order): equal but for silu's exp (libm's against torch's), which may move a bf16
+    rounding of an activation."""
+    g = _gen()
+    k = 256
+
+    def mlp(inter: int) -> native.SwiGLU:
+        return native.SwiGLU(*(torch.randn(inter, k, generator=g).bfloat16() / 8
+                               for _ in range(2)), torch.randn(k, inter, generator=g).bfloat16() / 8)
+
+    def composed(e: native.SwiGLU, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = e.weights
+        gu = native.Weights([gate, up]).matmul(x)
+        return native.Weights([down]).matmul(torch.nn.functional.silu(gu[:, :e.m]) *
+                                             gu[:, e.m:])
+
+    experts = [mlp(96), mlp(160), mlp(96)]
+    x = torch.randn(m + 1, k, generator=g).bfloat16()
+    pairs = sorted((int(torch.randint(0, 3, (), generator=g)), r,
+                    float(torch.rand((), generator=g))) for r in range(m) for _ in range(2))
+    want = torch.zeros(m + 1, k)
+    for i, r, c in pairs:
+        want[r] += composed(experts[i], x[r:r + 1])[0].float() * c
+    for threaded in (1 << 62, 0):
+        monkeypatch.setattr(native, "THREADED_MIN_ELEMENTS", threaded)
+        one = experts[1](x[:m])
+        close = composed(experts[1], x[:m])
+        assert one.dtype == torch.bfloat16 and (one == close).float().mean() > 0.97
+        assert ((one.float() - close.float()).abs() <= 0.05 * close.float().abs().max()).all()
+        got = native.swiglu(x, experts, pairs, torch.float32)
+        assert got.dtype == torch.float32 and (got[m] == 0).all()
+        assert (got == want).float().mean() > 0.97
+        assert ((got - want).abs() <= 0.05 * want.abs().max()).all()
 
 
 @needs_native
@@ -192,12 +277,13 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
     the native kernels within 2% of their range of torch / oneDNN's (bf16 rounding
     differences carried through 4 layers; a wrong row or segment would be off by the whole
     range), the same greedy token wherever oneDNN's top two are further apart than that, and
-    the decode linears, norms, attention and KV reads served by the native kernels."""
-    calls = []
-    attention = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or attention(*a))
-    gathers, gather = [], native.fp8_gather
-    monkeypatch.setattr(native, "fp8_gather", lambda *a: gathers.append(1) or gather(*a))
+    the decode linears, norms, MLPs, experts, attention and KV reads served by the native
+    kernels."""
+    counted: dict[str, list] = {}
+    for name in ("decode_mfa", "fp8_gather", "swiglu"):
+        fn = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=fn, _n=name:
+                            counted.setdefault(_n, []).append(a[-1]) or _f(*a))
     g = _gen()
     prompt = torch.randint(3, 250, (int(torch.randint(5, 30, (), generator=g)),), generator=g)
     steps: dict[bool, list[torch.Tensor]] = {}
@@ -216,8 +302,10 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
                 out.append(eng.run([(seq, 1)], eng.attn.embed_tokens([t])).clone())
             steps[on] = out
             eng.attn.kv.release(seq)
-    assert len(calls) == 4 * 4                  # 4 decode steps x 4 layers (fp8 KV: float32)
-    assert gathers                              # the fp8 pool read by the native gather
+    assert len(counted["decode_mfa"]) == 4 * 4                  # 4 decode steps x 4 layers
+    assert counted["fp8_gather"]                # the prompt's attention read the fp8 pool
+    assert torch.float32 in counted["swiglu"]   # routed experts summed in one call
+    assert torch.bfloat16 in counted["swiglu"]  # dense MLPs / shared experts
     for a, b in zip(steps[True], steps[False]):
         span = (b.max() - b.min()).item()
         assert (a - b).abs().max() <= 0.02 * span
