@@ -7,10 +7,12 @@
    `native.THREADED_MIN_ELEMENTS` was chosen from);
 3. the lm_head alone (132 MB), GB/s of each;
 4. RMSNorm of one [1, 512] bf16 row: native against the reference module;
-5. one decode step's attention (8 heads of 64, one query) at S keys: native on one thread and
-   on the team against `mfa_attention`;
+5. one decode step's attention after the projections (RoPE, the fp8 KV write, 8 heads of 64
+   against S keys): `decode_mfa` on one thread and on the team against the torch ops;
 6. an fp8 KV pool's gather and decode at S keys: native against
-   `fp8_to_float(index_select(...))`.
+   `fp8_to_float(index_select(...))`;
+7. one MoE layer's FFN at one row (a shared and 3 routed experts of `mini`): one `swiglu` call
+   against torch ops around oneDNN's prepacked GEMMs.
 
     python bench/bench_native_kernels.py [--reps 5] [--rows 1]
 """
@@ -22,9 +24,10 @@ import time
 
 import torch
 
-from step3_edge.model import RMSNorm, mfa_attention
-from step3_edge.quantize.schemes import fp8_to_float
+from step3_edge.model import RMSNorm, apply_rope, mfa_attention, rope_cos_sin
+from step3_edge.quantize.schemes import cast_fp8, fp8_to_float
 from step3_edge.runtime import native
+from step3_edge.runtime.backends import PackedBf16
 
 # mini's decode weights per layer, in the order the engine reads them (dense first / last layer)
 DENSE = [(384, 512), (512, 256), (512, 512), (3072, 512), (512, 1536)]
@@ -97,15 +100,30 @@ def main() -> None:
         _time(lambda: norm(x), 3000) * 1e6,
         _time(lambda: native.rms_norm(x, norm.weight.data, 1e-5), 3000) * 1e6))
 
-    print("\n5. decode attention, 8 heads of 64 (us): S  mfa_attention  native(1 thread)  "
+    print("\n5. a decode step's attention after the projections, 8 heads of 64, fp8 KV (us): "
+          "S  torch ops (RoPE, KV write, gather, mfa_attention)  native(1 thread)  "
           "native(team)")
     team = native.TEAM_MIN_ELEMENTS
     for s in (64, 512, 4096):
-        q = torch.randn(1, 9, 1, 64).bfloat16()[:, :8]
-        kv = torch.randn(2, 1, s, 64)
-        r = [_time(lambda: mfa_attention(q, kv[0], kv[1], None, 0.125), 300)]
+        pool = cast_fp8(torch.randn(2, s + 16, 64))
+        gather, write = torch.randperm(s + 16)[None, :s], torch.tensor([s - 1])
+        gather[0, -1] = write
+        y, q = torch.randn(1, 128).bfloat16(), torch.randn(1, 512).bfloat16()
+        cos, sin = (t[:, 0] for t in rope_cos_sin(torch.tensor([[s - 1]]), 64, 5e5))
+
+        def reference() -> torch.Tensor:
+            qk = apply_rope(torch.cat([q.view(1, 8, 1, 64), y[:, None, None, :64]], 1),
+                            cos[:, None], sin[:, None])
+            raw = pool.view(torch.uint8)
+            new = torch.stack([qk[:, 8], y[:, None, 64:]]).reshape(2, -1, 64)
+            raw.index_copy_(1, write, cast_fp8(new.float()).view(torch.uint8))
+            kv = fp8_to_float(raw.index_select(1, gather.reshape(-1)))
+            return mfa_attention(qk[:, :8], kv[:1], kv[1:], None, 0.125)
+
+        r = [_time(reference, 300)]
         for native.TEAM_MIN_ELEMENTS in (1 << 62, 0):
-            r.append(_time(lambda: native.decode_attention(q, kv[0], kv[1], 0.125), 300))
+            r.append(_time(lambda: native.decode_mfa(y, 0, q, 8, cos, sin, pool, write, gather,
+                                                     torch.tensor([s]), 0.125), 300))
         native.TEAM_MIN_ELEMENTS = team
         print(f"   {s:>5}  {r[0] * 1e6:6.1f}  {r[1] * 1e6:6.1f}  {r[2] * 1e6:6.1f}")
 
@@ -116,6 +134,29 @@ def main() -> None:
         t = _time(lambda: fp8_to_float(pool.index_select(1, idx)), 300)
         n = _time(lambda: native.fp8_gather(pool, idx), 300)
         print(f"   {s:>5}  {t * 1e6:6.1f}  {n * 1e6:6.1f}")
+
+    print("\n7. one MoE layer's FFN at 1 row, weights in cache (us): a shared expert and 3 routed"
+          " experts of mini (SwiGLU 512 -> 256 -> 512): torch ops around oneDNN  native (1 call)")
+    mlps = [[torch.randn(256, 512).bfloat16() / 16 for _ in range(2)] +
+            [torch.randn(512, 256).bfloat16() / 16] for _ in range(4)]
+    packed = [(PackedBf16(m[:2], False), PackedBf16(m[2:], False)) for m in mlps]
+    handles = [native.SwiGLU(*m) for m in mlps]
+    x, w = torch.randn(1, 512).bfloat16(), torch.rand(3)
+    rows = torch.zeros(3, dtype=torch.long)
+
+    def reference_ffn() -> torch.Tensor:
+        ys = []
+        for gu, down in packed:
+            a = gu(x)
+            ys.append(down(torch.nn.functional.silu(a[:, :256]) * a[:, 256:]))
+        routed = torch.zeros(1, 512).index_put_((rows,), torch.cat(ys[1:]).float() * w[:, None],
+                                                 accumulate=True)
+        return ys[0] + routed.to(torch.bfloat16)
+
+    terms = [(0, 0, 1.0)] + [(i + 1, 0, float(w[i])) for i in range(3)]
+    for rep in range(a.reps):
+        print(f"   rep {rep}  {_time(reference_ffn, 1000) * 1e6:6.1f}  "
+              f"{_time(lambda: native.swiglu(x, handles, terms, torch.bfloat16, 1), 1000) * 1e6:6.1f}")
 
 
 if __name__ == "__main__":

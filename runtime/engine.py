@@ -171,7 +171,27 @@ class AttentionWorker:
         self.kv = KVPool(t, kv_tokens, kv_dtype or backend.dtype, dev)
         self.kv.native = bool(backend.caps.get("native_kernels")) and \
             self.kv.dtype in native.KV_KINDS and t.head_dim % 16 == 0 and t.head_dim <= 512
+        # a decode group of <= native.MAX_ROWS sequences: each layer's attention side and
+        # router in one native call
+        self.blocks = {L: b for L, layer in enumerate(self.layers)
+                       if (b := self._native_block(L, layer)) is not None} \
+            if self.kv.native else {}
         self._logits: torch.Tensor | None = None
+
+    def _native_block(self, L: int, layer: Step3DecoderLayer) -> native.AttentionLayer | None:
+        """`native.AttentionLayer` of a layer whose fused q|k|v, wq, o_proj and router all have
+        the native GEMV, else None."""
+        a, qkv = layer.self_attn, self.qkv[L]
+        lins = [a.wq, a.o_proj] + ([layer.moe.gate] if layer.is_moe else [])
+        gemv = [getattr(getattr(lin, "packed", None), "native", None) for lin in lins]
+        if qkv is None or qkv.native is None or None in gemv:
+            return None
+        t = self.cfg.text_config
+        norms = (layer.input_layernorm, a.inter_norm, layer.post_attention_layernorm)
+        return native.AttentionLayer(tuple(n.weight.data for n in norms), t.rms_norm_eps,
+                                     qkv.native, gemv[0], gemv[1],
+                                     gemv[2] if layer.is_moe else None, t.num_attention_heads,
+                                     t.moe_top_k, t.norm_expert_weight)
 
     def routers(self) -> dict[int, object]:
         """layer -> the reference router (`Step3MoE.route`) of each MoE layer."""
@@ -191,7 +211,11 @@ class AttentionWorker:
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Residual h [N, h] -> (new residual, normed FFN input [N, h], top-k ids / weights
         [N, k] on MoE layers, else None)."""
-        layer = self.layers[L]
+        layer, block, g = self.layers[L], self.blocks.get(L), batch.groups[0]
+        if block is not None and len(batch.groups) == 1 and g.t == 1 and \
+                g.b <= native.MAX_ROWS:
+            return block(h.contiguous(), g.cos.view(g.b, -1), g.sin.view(g.b, -1),
+                         self.kv.kv[L], g.write, g.gather, g.keys)
         hs, xs = [], []
         for g in batch.groups:
             hg = h[g.start:g.start + g.b * g.t].view(g.b, g.t, -1)          # [b, t, h]
@@ -281,8 +305,7 @@ class FFNWorker:
         if ids is None or w is None or L not in self._expert_layers:
             return mlp(x) if mlp is not None else torch.zeros_like(x)
         nxt = L + 1 if self.cfg.is_moe(L + 1) else None
-        routed = self.store.compute(L, x, ids, w, next_layer=nxt)           # float32 [N, h]
-        return routed.to(x.dtype) if mlp is None else mlp(x) + routed.to(x.dtype)
+        return self.store.compute(L, x, ids, w, next_layer=nxt, shared=mlp)
 
     def begin_step(self) -> None:
         self.store.begin_step()
@@ -294,7 +317,7 @@ class FFNWorker:
         self.store.reset_stats()
 
     def expert_counts(self) -> dict[int, list[int]]:
-        return {L: c.tolist() for L, c in self.store.counts.items()}
+        return {L: list(c) for L, c in self.store.counts.items()}
 
     def record_trace(self, on: bool) -> list | None:
         return self.store.record_trace(on)

@@ -96,19 +96,25 @@ class FusedSwiGLU(Step3MLP):
         return self.down_proj(F.silu(gu[..., :self.m]) * gu[..., self.m:])
 
 
-def _sort_pairs(flat: torch.Tensor, n_exp: int) -> tuple[torch.Tensor, list[int]]:
-    """(token, slot) pairs flat [N*k] of expert ids -> their order sorted by expert (stable)
-    and the pairs per expert. Decode-sized batches sort on the host: two tensor ops
-    (argsort, bincount) cost more there than the Python."""
+def _histogram(flat: torch.Tensor, n_exp: int) -> tuple[list[int], list[int] | None]:
+    """(token, slot) pairs flat [N*k] of expert ids -> the pairs per expert, and for
+    decode-sized batches the ids as a list (counted on the host: two tensor ops cost more there
+    than the Python). One sync either way."""
     if flat.numel() > 256:
-        hist = torch.bincount(flat, minlength=n_exp).tolist()            # one sync
-        return torch.argsort(flat, stable=True), hist
-    pairs = flat.tolist()                                                # one sync
+        return torch.bincount(flat, minlength=n_exp).tolist(), None
+    pairs = flat.tolist()
     per = [0] * n_exp
     for e in pairs:
         per[e] += 1
-    order = sorted(range(len(pairs)), key=pairs.__getitem__)             # stable
-    return torch.tensor(order, device=flat.device), per
+    return per, pairs
+
+
+def _sort_pairs(flat: torch.Tensor, pairs: list[int] | None) -> torch.Tensor:
+    """The order of the pairs flat [N*k] (their ids as a list where `_histogram` gave one)
+    sorted by expert, stable."""
+    if pairs is None:
+        return torch.argsort(flat, stable=True)
+    return torch.tensor(sorted(range(len(pairs)), key=pairs.__getitem__), device=flat.device)
 
 
 def read_linear(reader: CheckpointReader, backend: TorchBackend, name: str,
@@ -183,11 +189,7 @@ class ExpertStore:
         self.host_expert_bytes = self.expert_bytes if home is None else \
             sum(m.compute_nbytes for m in (home.gate_proj, home.up_proj, home.down_proj))
         self.stats = StoreStats()
-        self.counts = {L: torch.zeros(cfg.moe_num_experts, dtype=torch.long)
-                       for L in cfg.moe_layers}
-        self._own_mask = {L: torch.tensor([int(owned is None or (L, e) in owned)
-                                           for e in range(cfg.moe_num_experts)])
-                          for L in cfg.moe_layers}
+        self.counts = {L: [0] * cfg.moe_num_experts for L in cfg.moe_layers}   # pairs routed
         self.trace: list[list[dict[str, object]]] | None = None
         self._predicted: dict[int, set[int]] = {}
 
@@ -220,7 +222,7 @@ class ExpertStore:
     def reset_stats(self) -> None:
         self.stats = StoreStats()
         for c in self.counts.values():
-            c.zero_()
+            c[:] = [0] * len(c)
 
     def summary(self) -> dict[str, object]:
         """Counters (`StoreStats`) plus the store's settings, as `Step3Runtime.stats` shows."""
@@ -322,21 +324,25 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ compute
     def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                next_layer: int | None = None) -> torch.Tensor:
-        """sum_k w_k * expert_{ids_k}(x) for x [N, h], ids / w [N, k] -> float32 [N, h].
-        With `next_layer`, that layer's experts are predicted from x and prefetched first.
+                next_layer: int | None = None, shared: nn.Module | None = None
+                ) -> torch.Tensor:
+        """shared(x) + sum_k w_k * expert_{ids_k}(x) for x [N, h], ids / w [N, k] -> [N, h]
+        in x's dtype (the float32 routed sum rounded once, then added to the shared expert's
+        output, as the reference's `Step3MoE` and `share_expert`; without `shared`, the routed
+        sum alone). With `next_layer`, that layer's experts are predicted from x and
+        prefetched first.
 
         The (token, slot) pairs are sorted by expert (stable), gathered once, each expert runs
         on its slice, and one accumulating index_put_ adds in expert order per row: the same
         sums, bit for bit, as the reference's loop of one index_add_ per expert."""
-        n_exp, k = self.cfg.moe_num_experts, ids.shape[1]
-        order, per = _sort_pairs(ids.reshape(-1), n_exp)                 # [N*k], [E]
-        hist = torch.tensor(per)
-        if self.owned is not None:        # a shard: only its experts (ranks sum to the total)
-            hist *= self._own_mask[layer]
-        self.counts[layer] += hist
+        n_exp = self.cfg.moe_num_experts
+        flat = ids.reshape(-1)
+        per, pairs = _histogram(flat, n_exp)                                # [E]
         uniq = [e for e in range(n_exp) if per[e] and
                 (self.owned is None or (layer, e) in self.owned)]
+        counts = self.counts[layer]       # a shard counts its own experts (ranks sum up)
+        for e in uniq:
+            counts[e] += per[e]
         if self.trace is not None and self.trace:
             self.trace[-1].append({"layer": layer, "experts": uniq})
         pred = self._predicted.pop(layer, set())
@@ -345,9 +351,6 @@ class ExpertStore:
         if next_layer is not None:
             self._prefetch(next_layer, x, protect)
             protect |= frozenset((next_layer, e) for e in self._predicted.get(next_layer, ()))
-        start = [0] * (n_exp + 1)
-        for e in range(n_exp):
-            start[e + 1] = start[e] + per[e]
         kinds: dict[int, str] = {}
         for e in uniq:
             key = (layer, e)
@@ -362,18 +365,30 @@ class ExpertStore:
                 per[e], self.expert_bytes, self._flops(per[e]), self.host_expert_bytes)
             self.stats.miss_choices[choice] += 1
             kinds[e] = "copy" if choice == "copy" else "cpu"
-        if uniq and self._native and x.shape[0] <= native.MAX_ROWS and \
+        base = None if shared is None else getattr(shared, "native", None)
+        if uniq and self._native and (shared is None or base is not None) and \
+                pairs is not None and x.shape[0] <= native.MAX_ROWS and \
                 x.dtype == torch.bfloat16:
-            return self._native_sum(layer, x, ids, w, uniq, kinds, protect)
-        out = torch.zeros_like(x, dtype=torch.float32)                   # [N, h]
-        if not uniq:
-            return out
+            return self._native_sum(layer, x, pairs, w, uniq, kinds, protect, base)
+        routed = self._routed(layer, x, flat, pairs, w, uniq, kinds, per, protect) if uniq \
+            else torch.zeros_like(x, dtype=torch.float32)
+        return routed.to(x.dtype) if shared is None else shared(x) + routed.to(x.dtype)
+
+    def _routed(self, layer: int, x: torch.Tensor, flat: torch.Tensor, pairs: list[int] | None,
+                w: torch.Tensor, uniq: list[int], kinds: dict[int, str], per: list[int],
+                protect: frozenset[Key]) -> torch.Tensor:
+        """`compute`'s float32 routed sum [N, h] of the experts `uniq`."""
+        k = w.shape[1]
+        start = [0] * (len(per) + 1)
+        for e, n in enumerate(per):
+            start[e + 1] = start[e] + n
+        order = _sort_pairs(flat, pairs)                                 # [N*k]
         rows = order // k                                                # [N*k] token rows
         wf = w.reshape(-1).index_select(0, order)                        # [N*k]
         stack = self.stacked.get(layer)
         if stack is not None and stack.wanted(x.shape[0], len(uniq)):
             self.stats.stacked += 1
-            y = stack(x, ids.reshape(-1).index_select(0, order), rows)   # [N*k, h]
+            y = stack(x, flat.index_select(0, order), rows)              # [N*k, h]
         else:
             y = self._each_expert(layer, x, rows, uniq, kinds, start, protect)
             if len(uniq) < sum(1 for n in per if n):  # a shard: keep only its experts' pairs
@@ -382,29 +397,30 @@ class ExpertStore:
                 rows, wf = rows.index_select(0, keep), wf.index_select(0, keep)
         # index_put_ accumulates serially in index order, like the reference's index_add_,
         # without the OpenMP region CPU index_add_ opens (~0.3 ms from the scheduler thread)
-        out.index_put_((rows,), y.float() * wf[:, None], accumulate=True)
-        return out
+        out = torch.zeros_like(x, dtype=torch.float32)                   # [N, h]
+        return out.index_put_((rows,), y.float() * wf[:, None], accumulate=True)
 
-    def _native_sum(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                    uniq: list[int], kinds: dict[int, str], protect: frozenset[Key]
-                    ) -> torch.Tensor:
-        """`compute`'s sum for a few rows in one native call (`native.swiglu`): the pairs in
-        the same order (by expert, then row and slot), each expert's module where `kinds`
-        says (on a CPU-only machine all are CPU memory)."""
-        mlps = []
+    def _native_sum(self, layer: int, x: torch.Tensor, pairs: list[int], w: torch.Tensor,
+                    uniq: list[int], kinds: dict[int, str], protect: frozenset[Key],
+                    shared: native.SwiGLU | None) -> torch.Tensor:
+        """`compute` for a few rows in one native call (`native.swiglu`): the shared expert,
+        then the routed pairs in the same order (by expert, then row and slot), each expert's
+        module where `kinds` says (on a CPU-only machine all are CPU memory)."""
+        mlps = [] if shared is None else [shared]
         for e in uniq:
             key, kind = (layer, e), kinds[e]
             if kind == "cpu":
                 self.stats.cpu_computed += 1
-                mlps.append(self.on_host[key])
+                module = self.on_host[key]
             else:
-                mlps.append(self._device_mlp(key) if kind == "device"
-                            else self._copy_in(key, True, protect))
-        slot = {e: i for i, e in enumerate(uniq)}
-        k = ids.shape[1]
-        flat, wf = ids.reshape(-1).tolist(), w.reshape(-1).tolist()
-        pairs = sorted((slot[e], i // k, wf[i]) for i, e in enumerate(flat) if e in slot)
-        return native.swiglu(x, [m.native for m in mlps], pairs, torch.float32)
+                module = self._device_mlp(key) if kind == "device" \
+                    else self._copy_in(key, True, protect)
+            mlps.append(module.native)
+        base = [] if shared is None else [(0, r, 1.0) for r in range(x.shape[0])]
+        slot = {e: len(mlps) - len(uniq) + i for i, e in enumerate(uniq)}   # after shared
+        k, wf = w.shape[1], w.reshape(-1).tolist()
+        terms = sorted((slot[e], i // k, wf[i]) for i, e in enumerate(pairs) if e in slot)
+        return native.swiglu(x, mlps, base + terms, x.dtype, len(base))
 
     def _each_expert(self, layer: int, x: torch.Tensor, rows: torch.Tensor, uniq: list[int],
                      kinds: dict[int, str], start: list[int], protect: frozenset[Key]

@@ -94,9 +94,11 @@ _ENTRY_POINTS = {
     "gemv": ("s3e_gemv_bf16", [_P, _I, _I, _P, _P, _I, _P, _I, _N, _N]),
     "rmsnorm": ("s3e_rmsnorm_bf16", [_P, _I, _P, _P, _I, _I, _F]),
     "decode_mfa": ("s3e_decode_mfa", [_P, _I, _I, _I, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I,
-                                      _P, _I, _I, _I, _F, _P, _P, _P, _N]),
+                                      _P, _I, _I, _I, _F, _P, _P, _P, _I, _N]),
     "fp8_gather": ("s3e_fp8_gather", [_P, _I, _I, _P, _I, _P, _N]),
-    "swiglu": ("s3e_swiglu_bf16", [_P, _I, _I, _P, _P, _P, _I, _P, _N, _P, _I, _P, _N]),
+    "swiglu": ("s3e_swiglu_bf16", [_P, _I, _I, _P, _P, _P, _I, _I, _P, _N, _P, _I, _P, _N]),
+    "attention_block": ("s3e_attention_block", [_P, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I, _P,
+                                                _P, _P, _P, _P, _P, _P, _I, _N, _N]),
 }
 
 
@@ -187,13 +189,16 @@ class SwiGLU:
 
 
 def swiglu(x: torch.Tensor, mlps: list[SwiGLU], pairs: list[tuple[int, int, float]],
-           dtype: torch.dtype) -> torch.Tensor:
+           dtype: torch.dtype, base: int = 0) -> torch.Tensor:
     """sum over `pairs` (mlp index, row of x, weight), in their order, of weight * mlp(x[row])
     for x bf16 [M <= 8, K] -> [M, K] float32 sums (dtype=torch.float32) or those rounded to
     bf16: a routed-expert layer's `index_put_` of weighted expert outputs, or one MLP with
-    weight 1. Rows without pairs are 0."""
+    weight 1. With `base` (bf16 only), the first `base` pairs (a shared expert: one per row,
+    weight 1) are summed apart and added to the bf16 sum of the rest, as `shared(x) +
+    routed.to(torch.bfloat16)`. Rows without pairs are 0."""
     m, k = x.shape
     assert x.dtype == torch.bfloat16 and 0 < m <= 8 and all(e.k == k for e in mlps)
+    assert not base or dtype == torch.bfloat16
     x = x.contiguous()
     n = len(pairs)
     entries = (ctypes.c_int64 * (4 * len(mlps)))(*[v for e in mlps for v in e.entry])
@@ -202,10 +207,10 @@ def swiglu(x: torch.Tensor, mlps: list[SwiGLU], pairs: list[tuple[int, int, floa
     widest = max(e.m for e in mlps)
     act = torch.empty(n * widest, dtype=torch.bfloat16)
     out = torch.empty(m, k, dtype=dtype)
-    acc = out if dtype == torch.float32 else torch.empty(m, k)
+    acc = out if dtype == torch.float32 else torch.empty(2, m, k)
     work = sum(mlps[i].elements for i, _, _ in pairs)
     threads = torch.get_num_threads() if work >= THREADED_MIN_ELEMENTS else 1
-    kernel().swiglu(x.data_ptr(), m, k, entries, rows, coef, n, out.data_ptr(),
+    kernel().swiglu(x.data_ptr(), m, k, entries, rows, coef, n, base, out.data_ptr(),
                     dtype == torch.float32, act.data_ptr(), widest, acc.data_ptr(), threads)
     return out
 
@@ -250,15 +255,90 @@ def decode_mfa(y: torch.Tensor, koff: int, q: torch.Tensor, heads: int, cos: tor
     assert y.dtype == q.dtype == torch.bfloat16 and y.stride(-1) == q.stride(-1) == 1
     assert pool.is_contiguous() and d % 16 == 0 and d <= 512 and q.shape[-1] == heads * d
     out = torch.empty(b, heads, 1, d, dtype=torch.bfloat16)
-    kv = torch.empty(b, 2, s, d)
-    scores = torch.empty(b * heads * s)
-    threads = torch.get_num_threads() if b * heads * s * d >= TEAM_MIN_ELEMENTS else 1
+    threads, chunks = _attention_split(b, heads, s, d)
+    scratch = torch.empty(b * heads * (s + chunks * (2 * d + 2)))
     kernel().decode_mfa(y.data_ptr(), y.stride(0), koff, koff + d, q.data_ptr(), q.stride(0),
                         cos.data_ptr(), sin.data_ptr(), pool.data_ptr(), KV_KINDS[pool.dtype],
                         pool.shape[1], write.data_ptr(), gather.data_ptr(), s,
-                        lengths.data_ptr(), b, heads, d, scale, out.data_ptr(), kv.data_ptr(),
-                        scores.data_ptr(), threads)
+                        lengths.data_ptr(), b, heads, d, scale, out.data_ptr(),
+                        scratch.data_ptr(), scratch[b * heads * s:].data_ptr(), chunks, threads)
     return out
+
+
+def _attention_split(b: int, heads: int, s: int, d: int) -> tuple[int, int]:
+    """(threads, key chunks per sequence) for a decode step's attention: the team from
+    `TEAM_MIN_ELEMENTS`, and each sequence's keys split so that b sequences give every thread
+    a chunk (at most 64)."""
+    if b * heads * s * d < TEAM_MIN_ELEMENTS:
+        return 1, 1
+    team = torch.get_num_threads()
+    return team, min(64, max(1, team // b))
+
+
+class _Layer(ctypes.Structure):
+    """`s3e_layer` in decode_bf16.c (field for field)."""
+
+    _fields_ = [("hidden", _I), ("sq", _I), ("heads", _I), ("head_dim", _I), ("experts", _I),
+                ("top_k", _I), ("norm_topk", _I), ("in_norm", _P), ("inter_norm", _P),
+                ("post_norm", _P), ("qkv", _P * 3), ("qkv_rows", _I * 3), ("qkv_nseg", _I),
+                ("wq", _P), ("wo", _P), ("router", _P), ("threaded_qkv", _I),
+                ("threaded_wq", _I), ("threaded_wo", _I), ("eps", _F), ("scale", _F)]
+
+
+class AttentionLayer:
+    """One layer's attention side for decode groups of at most 8 sequences, in one native call
+    (`s3e_attention_block`): what `engine._attention_side` and the router compute through the
+    separate kernels (`rms_norm`, the GEMV, `decode_mfa`), with the same bits, and the router's
+    softmax and top-k (libm's exp: within float32 rounding of torch's). Holds the weights by
+    reference: norms float32 [hidden] / [sq]; `qkv` the fused q|k|v, `wq`, `wo`, `router` (None
+    on dense layers) as `Weights`."""
+
+    def __init__(self, norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], eps: float,
+                 qkv: Weights, wq: Weights, wo: Weights, router: Weights | None, heads: int,
+                 top_k: int, norm_topk: bool) -> None:
+        assert len(qkv.parts) <= 3 and all(n.dtype == torch.float32 and n.is_contiguous()
+                                           for n in norms)
+        self.keep = (norms, qkv, wq, wo, router)         # kept alive: the kernel reads them
+        hidden, sq = qkv.k, wq.k
+        d = (qkv.rows - sq) // 2
+        assert wq.rows == heads * d and wo.k == heads * d and wo.rows == hidden
+        self.hidden, self.sq, self.heads, self.d = hidden, sq, heads, d
+        self.experts, self.top_k = (router.rows, top_k) if router is not None else (0, 0)
+        c = self.c = _Layer(hidden, sq, heads, d, self.experts, self.top_k, int(norm_topk),
+                            *(n.data_ptr() for n in norms))
+        for i, part in enumerate(qkv.parts):
+            c.qkv[i], c.qkv_rows[i] = part.data_ptr(), part.shape[0]
+        c.qkv_nseg = len(qkv.parts)
+        c.wq, c.wo = wq.parts[0].data_ptr(), wo.parts[0].data_ptr()
+        c.router = router.parts[0].data_ptr() if router is not None else None
+        c.threaded_qkv, c.threaded_wq, c.threaded_wo = qkv._threaded, wq._threaded, wo._threaded
+        c.eps, c.scale = eps, d ** -0.5
+        self._block = kernel().attention_block
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 pool: torch.Tensor, write: torch.Tensor, gather: torch.Tensor,
+                 lengths: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Residual rows h bf16 [B <= 8, hidden] of a decode group (`decode_mfa`'s cos ..
+        lengths) -> (h + attention, its post-attention norm, top-k ids int64 / weights float32
+        [B, k] or None on dense layers)."""
+        b, s = gather.shape
+        assert h.dtype == torch.bfloat16 and h.is_contiguous() and 0 < b <= 8 and \
+            h.shape == (b, self.hidden) and pool.is_contiguous()
+        d, heads, e = self.d, self.heads, self.experts
+        h_out, x_out = torch.empty(2, b, self.hidden, dtype=torch.bfloat16)
+        ids = torch.empty(b, self.top_k, dtype=torch.long)
+        w = torch.empty(b, self.top_k)
+        bs = torch.empty(b * (2 * self.hidden + 2 * self.sq + 2 * d + 2 * heads * d + e),
+                         dtype=torch.bfloat16)
+        threads, chunks = _attention_split(b, heads, s, d)
+        fs = torch.empty(b * heads * (s + chunks * (2 * d + 2)) + e)
+        self._block(ctypes.byref(self.c), h.data_ptr(), b, cos.data_ptr(), sin.data_ptr(),
+                    pool.data_ptr(), KV_KINDS[pool.dtype], pool.shape[1], write.data_ptr(),
+                    gather.data_ptr(), s, lengths.data_ptr(), h_out.data_ptr(), x_out.data_ptr(),
+                    ids.data_ptr(), w.data_ptr(), bs.data_ptr(), fs.data_ptr(), chunks, threads,
+                    torch.get_num_threads())
+        return (h_out, x_out) + ((ids, w) if e else (None, None))
 
 
 def fp8_gather(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -168,41 +168,6 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* One head of one sequence: qh bf16 [D]; kb, vb float32 [S, D]; e: float32 scratch [S]. */
-static void attend(const uint16_t* qh, const float* kb, const float* vb, int64_t S, int64_t D,
-                   float scale, uint16_t* o, float* e) {
-    float qs[512], acc[512];
-    for (int64_t d = 0; d < D; d++) {
-        qs[d] = bf16_to_float(qh[d]) * scale;
-        acc[d] = 0.0f;
-    }
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < S; j++) {
-        const float* kj = kb + j * D;
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(qs + d), _mm512_loadu_ps(kj + d), a);
-        e[j] = _mm512_reduce_add_ps(a);
-        mx = e[j] > mx ? e[j] : mx;
-    }
-    __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx);
-    for (int64_t j = 0; j < S; j += 16) {
-        __mmask16 live = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
-        __m512 x = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, e + j), m));
-        _mm512_mask_storeu_ps(e + j, live, x);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, x));
-    }
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-    for (int64_t j = 0; j < S; j++) {
-        const __m512 p = _mm512_set1_ps(e[j] * inv);
-        const float* vj = vb + j * D;
-        for (int64_t d = 0; d < D; d += 16)
-            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + d),
-                                                     _mm512_loadu_ps(acc + d)));
-    }
-    for (int64_t d = 0; d < D; d++) o[d] = round_bf16(acc[d]);
-}
-
 /* float -> fp8 e4m3fn byte as `cast_fp8` (clamp to +-448, then round to nearest even;
  * NaN stays NaN): normal results round the float's mantissa to 3 bits in place, subnormal
  * ones (below 2^-6) are whole multiples of 2^-9. */
@@ -262,6 +227,53 @@ static void load_kv_row(const void* pool, int kind, int64_t row, float* out, int
     else memcpy(out, (const float*)pool + row * D, (size_t)D * sizeof(float));
 }
 
+/* Keys [j0, j1) of one sequence for all H heads of its query (qs: float32 [H, D], scaled):
+ * scores[h * ldg + j] = exp(q_h . k_j - m[h]), m[h] their maximum, l[h] their sum and
+ * acc[h] the sum of exp-weighted values (unnormalised: chunks combine in `merge`). Each key
+ * and value row is decoded once (tmp) and used by every head while it is in L1. */
+static void attend_chunk(const float* restrict qs, const void* kplane, const void* vplane,
+                         int kind, const int64_t* gather, int64_t j0, int64_t j1, int64_t H,
+                         int64_t D, float* restrict scores, int64_t ldg, float* restrict m,
+                         float* restrict l, float* restrict acc) {
+    float tmp[512];
+    for (int64_t h = 0; h < H; h++) {
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+        for (int64_t d = 0; d < D; d++) acc[h * D + d] = 0.0f;
+    }
+    for (int64_t j = j0; j < j1; j++) {
+        load_kv_row(kplane, kind, gather[j], tmp, D);
+        for (int64_t h = 0; h < H; h++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16)
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(qs + h * D + d), _mm512_loadu_ps(tmp + d), a);
+            const float sc = _mm512_reduce_add_ps(a);
+            scores[h * ldg + j] = sc;
+            m[h] = sc > m[h] ? sc : m[h];
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        float* e = scores + h * ldg;
+        __m512 sum = _mm512_setzero_ps(), mx = _mm512_set1_ps(m[h]);
+        for (int64_t j = j0; j < j1; j += 16) {
+            __mmask16 live = j1 - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (j1 - j)) - 1);
+            __m512 x = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, e + j), mx));
+            _mm512_mask_storeu_ps(e + j, live, x);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, x));
+        }
+        l[h] = _mm512_reduce_add_ps(sum);
+    }
+    for (int64_t j = j0; j < j1; j++) {
+        load_kv_row(vplane, kind, gather[j], tmp, D);
+        for (int64_t h = 0; h < H; h++) {
+            const __m512 p = _mm512_set1_ps(scores[h * ldg + j]);
+            for (int64_t d = 0; d < D; d += 16)
+                _mm512_storeu_ps(acc + h * D + d, _mm512_fmadd_ps(p, _mm512_loadu_ps(tmp + d),
+                                                                  _mm512_loadu_ps(acc + h * D + d)));
+        }
+    }
+}
+
 /* One decode step of MFA attention for B sequences (one new token each), after the q/k/v and
  * wq projections: RoPE of the H query heads (in place) and of the key, the key and value
  * written to the KV pool, then each head's attention over the sequence's keys, as the
@@ -273,15 +285,20 @@ static void load_kv_row(const void* pool, int kind, int64_t row, float* out, int
  *   pool: [2, slots, D] of fp8 e4m3fn / bf16 / float32 (kind), K plane then V plane;
  *   write: [B] slots of the new tokens; gather: [B, ldg] slots of each sequence's keys, of which
  *   the first lengths[b] (the new one included) are attended;
- *   out: bf16 [B, H, D]; kvbuf: float32 [B, 2, ldg, D]; scores: float32 [B * H * ldg].
- * D % 16 == 0, D <= 512. Sequences (then heads) are split over `threads`. */
+ *   out: bf16 [B, H, D]; scores: float32 [B * H * ldg];
+ *   part: float32 [B * chunks * H * (2 * D + 2)].
+ * D % 16 == 0, D <= 512. Each sequence's keys are split into `chunks` (<= 64; 1 unless there
+ * are fewer sequences than threads), the chunks over `threads`, and each chunk's partial
+ * softmax merged per head at the end (flash-decoding). */
 void s3e_decode_mfa(const uint16_t* y, int64_t ldy, int64_t koff, int64_t voff, uint16_t* q,
                     int64_t ldq, const float* cos, const float* sin, void* pool, int kind,
                     int64_t slots, const int64_t* write, const int64_t* gather, int64_t ldg,
                     const int64_t* lengths, int64_t B, int64_t H, int64_t D, float scale,
-                    uint16_t* out, float* kvbuf, float* scores, int threads) {
+                    uint16_t* out, float* scores, float* part, int64_t chunks, int threads) {
     const size_t esz = kind == KV_FP8 ? 1 : kind == KV_BF16 ? 2 : 4;
     void* vplane = (char*)pool + (size_t)slots * (size_t)D * esz;
+    /* one chunk's partials: acc [H, D], m [H], l [H], then its scaled query [H, D] */
+    const int64_t per = H * (2 * D + 2);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(static)
@@ -295,19 +312,33 @@ void s3e_decode_mfa(const uint16_t* y, int64_t ldy, int64_t koff, int64_t voff, 
         }
         /* the implied barrier: every new key is written before any is read back */
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < B * ldg; r++) {
-            const int64_t b = r / ldg, j = r % ldg;
-            if (j >= lengths[b]) continue;
-            float* kb = kvbuf + (b * 2 * ldg + j) * D;
-            load_kv_row(pool, kind, gather[r], kb, D);
-            load_kv_row(vplane, kind, gather[r], kb + ldg * D, D);
+        for (int64_t i = 0; i < B * chunks; i++) {
+            const int64_t b = i / chunks, c = i % chunks, n = lengths[b];
+            float *pt = part + i * per, *qs = pt + H * (D + 2);
+            for (int64_t t = 0; t < H * D; t++) qs[t] = bf16_to_float(q[b * ldq + t]) * scale;
+            attend_chunk(qs, pool, vplane, kind, gather + b * ldg, c * n / chunks,
+                         (c + 1) * n / chunks, H, D, scores + b * H * ldg, ldg, pt + H * D,
+                         pt + H * D + H, pt);
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, h = bh % H;
-            const float* kb = kvbuf + b * 2 * ldg * D;
-            attend(q + b * ldq + h * D, kb, kb + ldg * D, lengths[b], D, scale, out + bh * D,
-                   scores + bh * ldg);
+            const float* p0 = part + b * chunks * per;
+            float mx = -INFINITY, sum = 0.0f, w[64], o[512];
+            for (int64_t c = 0; c < chunks; c++) {
+                const float mc = p0[c * per + H * D + h];
+                mx = mc > mx ? mc : mx;
+            }
+            for (int64_t c = 0; c < chunks; c++) {
+                const float mc = p0[c * per + H * D + h];
+                w[c] = mc == -INFINITY ? 0.0f : expf(mc - mx);   /* an empty chunk adds 0 */
+                sum += w[c] * p0[c * per + H * D + H + h];
+            }
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t c = 0; c < chunks; c++)
+                for (int64_t d = 0; d < D; d++) o[d] += w[c] * p0[c * per + h * D + d];
+            const float inv = 1.0f / sum;
+            for (int64_t d = 0; d < D; d++) out[bh * D + d] = round_bf16(o[d] * inv);
         }
     }
 }
@@ -334,14 +365,17 @@ static inline uint16_t silu_mul(float g, float u) {
  * y[r] = sum over the pairs p of row r, in order, of coef[p] * bf16(down @ a_p) with
  * a_p = silu_mul(gate @ x[r], up @ x[r]); float32 sums (0 + the first term, then in order),
  * stored as float32 [M, K] (out_f32) or rounded to bf16; rows of x without pairs get 0.
- * Scratch: act bf16 [P, widest] (widest >= every pair's m), acc float32 [M, K] (unused with
+ * With nbase > 0 (bf16 output only) the first nbase pairs (a shared expert) are summed apart
+ * and y[r] = bf16(bf16(their sum) + bf16(the other pairs' sum)): `shared(x) + routed.to(bf16)`.
+ * Scratch: act bf16 [P, widest] (widest >= every pair's m), acc float32 [2, M, K] (unused with
  * out_f32). The gate/up rows of all pairs, then the output columns, are split over `threads`. */
 void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlps,
-                     const int64_t* pairs, const float* coef, int64_t P, void* y, int out_f32,
-                     uint16_t* act, int64_t widest, float* acc, int threads) {
+                     const int64_t* pairs, const float* coef, int64_t P, int64_t nbase, void* y,
+                     int out_f32, uint16_t* act, int64_t widest, float* acc, int threads) {
     int64_t total = 0;
     for (int64_t p = 0; p < P; p++) total += mlps[4 * pairs[2 * p] + 3];
     if (out_f32) acc = (float*)y;
+    float* base = acc + M * K;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
@@ -366,11 +400,14 @@ void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlp
         const int64_t per2 = ((K + T - 1) / T + 15) & ~(int64_t)15, lo = t * per2,
                       hi = lo + per2 < K ? lo + per2 : K;
         for (int64_t r = 0; r < M; r++)
-            for (int64_t c = lo; c < hi; c++) acc[r * K + c] = 0.0f;
+            for (int64_t c = lo; c < hi; c++) {
+                acc[r * K + c] = 0.0f;
+                if (nbase) base[r * K + c] = 0.0f;
+            }
         for (int64_t p = 0; p < P; p++) {
             const int64_t* e = mlps + 4 * pairs[2 * p];
             const int64_t m = e[3];
-            float* out = acc + pairs[2 * p + 1] * K;
+            float* out = (p < nbase ? base : acc) + pairs[2 * p + 1] * K;
             const float w = coef[p];
             for (int64_t c = lo; c < hi; c++) {
                 float d;
@@ -380,7 +417,93 @@ void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlp
         }
         if (!out_f32)
             for (int64_t r = 0; r < M; r++)
-                for (int64_t c = lo; c < hi; c++)
-                    ((uint16_t*)y)[r * K + c] = round_bf16(acc[r * K + c]);
+                for (int64_t c = lo; c < hi; c++) {
+                    const int64_t i = r * K + c;
+                    ((uint16_t*)y)[i] = nbase ? round_bf16(bf16_to_float(round_bf16(base[i])) +
+                                                           bf16_to_float(round_bf16(acc[i])))
+                                              : round_bf16(acc[i]);
+                }
+    }
+}
+
+/* One layer's attention side, fixed at load (`native.AttentionLayer` builds it): the norms'
+ * float32 weights, the bf16 projections ([q | k | v] as up to 3 row segments of [., hidden],
+ * wq [heads * head_dim, sq], wo [hidden, heads * head_dim], the router [experts, hidden] or
+ * NULL), and which projections split their rows over the team. */
+typedef struct {
+    int64_t hidden, sq, heads, head_dim, experts, top_k, norm_topk;
+    const float *in_norm, *inter_norm, *post_norm;
+    const uint16_t* qkv[3];
+    int64_t qkv_rows[3], qkv_nseg;
+    const uint16_t *wq, *wo, *router;
+    int64_t threaded_qkv, threaded_wq, threaded_wo;
+    float eps, scale;
+} s3e_layer;
+
+/* top_k largest of p [n] (ties: the lower index first), in descending order. */
+static void top_k(const float* p, int64_t n, int64_t k, int64_t* ids, float* vals) {
+    for (int64_t i = 0; i < k; i++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < n; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < i; j++) taken |= ids[j] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        ids[i] = best;
+        vals[i] = p[best];
+    }
+}
+
+/* A decode group's attention side for B (<= 8) sequences of one new token each, as
+ * `engine._attention_side` and `Step3MoE.route` compute it with the native kernels: input
+ * RMSNorm, q|k|v, inter_norm of the shared q, wq, `s3e_decode_mfa` (RoPE, KV write,
+ * attention), wo, the residual sum and the post-attention RMSNorm; on MoE layers the router
+ * (bf16 logits, float32 softmax, top-k, normalised when norm_topk).
+ *   h: bf16 [B, hidden] -> h_out (h + attention), x_out (its norm) bf16 [B, hidden];
+ *   ids int64, weights float32 [B, top_k] (MoE layers);
+ *   cos .. lengths, threads: as `s3e_decode_mfa`; team: the OpenMP team for the projections
+ *   marked threaded;
+ *   scratch: bf16 [B * (2 * hidden + 2 * sq + 2 * head_dim + 2 * heads * head_dim + experts)]
+ *   and float32 [B * heads * (ldg + chunks * (2 * head_dim + 2)) + experts]. */
+void s3e_attention_block(const s3e_layer* L, const uint16_t* h, int64_t B, const float* cos,
+                         const float* sin, void* pool, int kind, int64_t slots,
+                         const int64_t* write, const int64_t* gather, int64_t ldg,
+                         const int64_t* lengths, uint16_t* h_out, uint16_t* x_out, int64_t* ids,
+                         float* weights, uint16_t* bscratch, float* fscratch, int64_t chunks,
+                         int threads, int team) {
+    const int64_t hd = L->hidden, D = L->head_dim, nd = L->heads * L->head_dim,
+                  wy = L->sq + 2 * D;
+    uint16_t *xn = bscratch, *y = xn + B * hd, *qn = y + B * wy, *q = qn + B * L->sq,
+             *att = q + B * nd, *o = att + B * nd, *logits = o + B * hd;
+    float *scores = fscratch, *part = scores + B * L->heads * ldg,
+          *probs = part + B * chunks * L->heads * (2 * D + 2);
+    s3e_rmsnorm_bf16(h, hd, L->in_norm, xn, B, hd, L->eps);
+    s3e_gemv_bf16(xn, B, hd, L->qkv, L->qkv_rows, L->qkv_nseg, y, wy, 0,
+                  L->threaded_qkv ? team : 1);
+    s3e_rmsnorm_bf16(y, wy, L->inter_norm, qn, B, L->sq, L->eps);
+    s3e_gemv_bf16(qn, B, L->sq, &L->wq, &nd, 1, q, nd, 0, L->threaded_wq ? team : 1);
+    s3e_decode_mfa(y, wy, L->sq, L->sq + D, q, nd, cos, sin, pool, kind, slots, write, gather,
+                   ldg, lengths, B, L->heads, D, L->scale, att, scores, part, chunks, threads);
+    s3e_gemv_bf16(att, B, nd, &L->wo, &hd, 1, o, hd, 0, L->threaded_wo ? team : 1);
+    for (int64_t i = 0; i < B * hd; i++)
+        h_out[i] = round_bf16(bf16_to_float(h[i]) + bf16_to_float(o[i]));
+    s3e_rmsnorm_bf16(h_out, hd, L->post_norm, x_out, B, hd, L->eps);
+    if (!L->router) return;
+    const int64_t E = L->experts, k = L->top_k;
+    s3e_gemv_bf16(x_out, B, hd, &L->router, &E, 1, logits, E, 0, 1);
+    for (int64_t b = 0; b < B; b++) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) {
+            probs[e] = bf16_to_float(logits[b * E + e]);
+            mx = probs[e] > mx ? probs[e] : mx;
+        }
+        for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(probs[e] - mx));
+        for (int64_t e = 0; e < E; e++) probs[e] /= sum;
+        top_k(probs, E, k, ids + b * k, weights + b * k);
+        if (L->norm_topk) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < k; j++) s += weights[b * k + j];
+            for (int64_t j = 0; j < k; j++) weights[b * k + j] /= s;
+        }
     }
 }

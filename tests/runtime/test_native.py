@@ -20,6 +20,7 @@ from step3_edge.model import RMSNorm, mfa_attention
 from step3_edge.runtime import Step3Runtime, native
 from step3_edge.runtime.backends import PackedBf16, TorchBackend
 from step3_edge.runtime.engine import NativeRMSNorm
+from step3_edge.runtime.kv import plan_step
 
 needs_native = pytest.mark.skipif(native.kernel() is None,
                                   reason=f"native GEMV unavailable: {native.unavailable_reason()}")
@@ -183,8 +184,9 @@ def test_decode_mfa_writes_fp8_as_cast_fp8() -> None:
 @needs_native
 @pytest.mark.parametrize("m", [1, 2])
 def test_swiglu_against_the_composition(m: int, monkeypatch) -> None:
-    """One MLP (weight 1, bf16 out), and routed experts' weighted sums (float32 out, pairs in
-    order, a row without pairs), on one thread and over the team, against the same math as
+    """One MLP (weight 1, bf16 out), routed experts' weighted sums (float32 out, pairs in
+    order, a row without pairs) and those plus a shared expert (bf16 out), on one thread and
+    over the team, against the same math as
     torch ops around the native GEMV (gate|up, silu * up, down; `y.float() * w` accumulated in
     pair order): equal but for silu's exp (libm's against torch's), which may move a bf16
     rounding of an activation."""
@@ -218,6 +220,13 @@ def test_swiglu_against_the_composition(m: int, monkeypatch) -> None:
         assert got.dtype == torch.float32 and (got[m] == 0).all()
         assert (got == want).float().mean() > 0.97
         assert ((got - want).abs() <= 0.05 * want.abs().max()).all()
+        # a shared expert (experts[1], on every row) summed apart: shared(x) + routed.to(bf16)
+        shared = [(0, r, 1.0) for r in range(m + 1)]
+        got = native.swiglu(x, experts[1:2] + experts, shared + [(i + 1, r, c) for i, r, c in
+                                                                 pairs], torch.bfloat16, m + 1)
+        want_b = composed(experts[1], x) + want.bfloat16()
+        assert got.dtype == torch.bfloat16 and (got == want_b).float().mean() > 0.97
+        assert ((got.float() - want_b.float()).abs() <= 0.05 * want_b.float().abs().max()).all()
 
 
 @needs_native
@@ -280,10 +289,13 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
     the decode linears, norms, MLPs, experts, attention and KV reads served by the native
     kernels."""
     counted: dict[str, list] = {}
-    for name in ("decode_mfa", "fp8_gather", "swiglu"):
+    for name in ("fp8_gather", "swiglu"):
         fn = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _f=fn, _n=name:
-                            counted.setdefault(_n, []).append(a[-1]) or _f(*a))
+                            counted.setdefault(_n, []).append(a) or _f(*a))
+    block = native.AttentionLayer.__call__
+    monkeypatch.setattr(native.AttentionLayer, "__call__", lambda *a: counted.setdefault(
+        "block", []).append(1) or block(*a))
     g = _gen()
     prompt = torch.randint(3, 250, (int(torch.randint(5, 30, (), generator=g)),), generator=g)
     steps: dict[bool, list[torch.Tensor]] = {}
@@ -302,13 +314,53 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
                 out.append(eng.run([(seq, 1)], eng.attn.embed_tokens([t])).clone())
             steps[on] = out
             eng.attn.kv.release(seq)
-    assert len(counted["decode_mfa"]) == 4 * 4                  # 4 decode steps x 4 layers
+    assert len(counted["block"]) == 4 * 4                       # 4 decode steps x 4 layers
     assert counted["fp8_gather"]                # the prompt's attention read the fp8 pool
-    assert torch.float32 in counted["swiglu"]   # routed experts summed in one call
-    assert torch.bfloat16 in counted["swiglu"]  # dense MLPs / shared experts
+    # each MoE layer's shared and routed experts in one call (`base`: the shared rows), and
+    # the dense layers' MLPs in one call each
+    assert any(len(a) == 5 and a[4] == 1 for a in counted["swiglu"])
+    assert any(len(a) == 4 and len(a[1]) == 1 for a in counted["swiglu"])
     for a, b in zip(steps[True], steps[False]):
         span = (b.max() - b.min()).item()
         assert (a - b).abs().max() <= 0.02 * span
         top2 = b.topk(2, -1).values[0]
         if top2[0] - top2[1] > 0.04 * span:
             assert a.argmax() == b.argmax()
+
+
+@needs_native
+@pytest.mark.parametrize("kv_dtype", ["float8_e4m3fn", "bfloat16"])
+def test_attention_block_equals_the_separate_kernels(bundle: Path, kv_dtype: str) -> None:
+    """Each layer's attention side of a decode step of 2 sequences of different lengths in one
+    native call (`AttentionLayer`) against the same layer through the separate kernels and the
+    reference router, on the same KV state: the residual, the normed FFN input and the KV pool
+    bit for bit, the same experts, and routing weights within float32 rounding (libm's exp
+    against torch's)."""
+    g = _gen()
+    with Step3Runtime.load(bundle, dtype="bfloat16", device="cpu", bandwidths=FIXED_BW,
+                           vision=False, native_kernels=True, kv_dtype=kv_dtype) as rt, \
+            torch.inference_mode(), rt.scheduler.engine_lock:
+        attn = rt.engine.attn
+        assert len(attn.blocks) == len(attn.layers)
+        seqs = []
+        for n in (int(torch.randint(3, 20, (), generator=g)), 40):
+            seqs.append(attn.kv.allocate(n + 2))
+            prompt = torch.randint(3, 250, (n,), generator=g).tolist()
+            rt.engine.run([(seqs[-1], n)], attn.embed_tokens(prompt))
+        batch = plan_step(attn.kv, [(s, 1) for s in seqs])
+        blocks, pool = attn.blocks, attn.kv.kv.clone()
+        for L in range(len(attn.layers)):
+            h = torch.randn(2, attn.cfg.text_config.hidden_size, generator=g).bfloat16()
+            attn.kv.kv.copy_(pool)
+            got = attn.layer(L, h, batch)
+            got_pool, attn.blocks = attn.kv.kv.clone(), {}
+            attn.kv.kv.copy_(pool)
+            want = attn.layer(L, h, batch)
+            attn.blocks = blocks
+            assert torch.equal(_raw(got_pool), _raw(attn.kv.kv))
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            if want[2] is None:
+                assert got[2] is None and got[3] is None
+                continue
+            assert torch.equal(got[2], want[2])
+            assert torch.allclose(got[3], want[3], rtol=1e-5, atol=1e-7)
