@@ -96,23 +96,34 @@ def decode_rate_runtime(rt: Step3Runtime, batch: int, new: int) -> dict:
     procs = [psutil.Process()] + [psutil.Process(p.pid) for p in getattr(rt.engine, "procs", [])]
     rt.reset_stats()
     c0 = _cpu(procs)
-    t1 = _time(lambda: rt.generate(ps, max_new_tokens=1))
+    t0 = time.perf_counter()
+    one = rt.generate(ps, max_new_tokens=1)
+    t1 = time.perf_counter() - t0
     c1 = _cpu(procs)
     pre = rt.stats()
     rt.reset_stats()
     c2 = _cpu(procs)
-    tn = _time(lambda: rt.generate(ps, max_new_tokens=new + 1))
+    t0 = time.perf_counter()
+    full = rt.generate(ps, max_new_tokens=new + 1)
+    tn = time.perf_counter() - t0
     c3 = _cpu(procs)
     cpu_ms = [1e3 * ((d - c) - (b - a)) / new for a, b, c, d in zip(c0, c1, c2, c3)]
     st = rt.stats()
     e, p = st["experts"], pre["experts"]
     steps = st["time"]["steps"] - pre["time"]["steps"]
-    return {"tokens_per_s": batch * new / (tn - t1) if tn > t1 else 0.0,   # 0: a bad sample
+    # tokens sampled (a stop token included): a sequence of random weights may stop early
+    decoded = _sampled(full) - _sampled(one)
+    return {"tokens_per_s": decoded / (tn - t1) if tn > t1 else 0.0,   # 0: a bad sample
             "experts_per_step": (e["accesses"] - p["accesses"]) / max(steps, 1),
             "hit_rate": e["hit_rate"], "cpu_computed": e["cpu_computed"],
             "copied": e["copied"], "bytes_copied": e["bytes_copied"],
             "attention_s": sum(st["time"]["attention_s"]), "ffn_s": sum(st["time"]["ffn_s"]),
             "cpu_ms_per_step": cpu_ms}
+
+
+def _sampled(gens: list) -> int:
+    """Tokens the requests sampled, their stop tokens included."""
+    return sum(len(g.token_ids) + (g.finish_reason == "stop") for g in gens)
 
 
 def decode_rate_reference(model, batch: int, new: int) -> dict:
