@@ -256,7 +256,7 @@ def decode_mfa(y: torch.Tensor, koff: int, q: torch.Tensor, heads: int, cos: tor
     assert pool.is_contiguous() and d % 16 == 0 and d <= 512 and q.shape[-1] == heads * d
     out = torch.empty(b, heads, 1, d, dtype=torch.bfloat16)
     threads, chunks = _attention_split(b, heads, s, d)
-    scratch = torch.empty(b * heads * (s + chunks * (2 * d + 2)))
+    scratch = torch.empty(b * (heads * s + chunks * (heads * (2 * d + 2) + 16 * d)))
     kernel().decode_mfa(y.data_ptr(), y.stride(0), koff, koff + d, q.data_ptr(), q.stride(0),
                         cos.data_ptr(), sin.data_ptr(), pool.data_ptr(), KV_KINDS[pool.dtype],
                         pool.shape[1], write.data_ptr(), gather.data_ptr(), s,
@@ -332,7 +332,7 @@ class AttentionLayer:
         bs = torch.empty(b * (2 * self.hidden + 2 * self.sq + 2 * d + 2 * heads * d + e),
                          dtype=torch.bfloat16)
         threads, chunks = _attention_split(b, heads, s, d)
-        fs = torch.empty(b * heads * (s + chunks * (2 * d + 2)) + e)
+        fs = torch.empty(b * (heads * s + chunks * (heads * (2 * d + 2) + 16 * d)) + e)
         self._block(ctypes.byref(self.c), h.data_ptr(), b, cos.data_ptr(), sin.data_ptr(),
                     pool.data_ptr(), KV_KINDS[pool.dtype], pool.shape[1], write.data_ptr(),
                     gather.data_ptr(), s, lengths.data_ptr(), h_out.data_ptr(), x_out.data_ptr(),

@@ -227,29 +227,57 @@ static void load_kv_row(const void* pool, int kind, int64_t row, float* out, int
     else memcpy(out, (const float*)pool + row * D, (size_t)D * sizeof(float));
 }
 
+/* r[i] = the sum of v[i]'s 16 lanes, for 16 vectors at once (pairs, then quads within each
+ * 128-bit lane, then across lanes: 15 adds instead of 16 full reductions). */
+static inline __m512 hsum16(const __m512* v) {
+    __m512 t[8], u[4];
+    for (int k = 0; k < 8; k++)
+        t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                             _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++)
+        u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44),
+                                    _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44),
+                                    _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
 /* Keys [j0, j1) of one sequence for all H heads of its query (qs: float32 [H, D], scaled):
  * scores[h * ldg + j] = exp(q_h . k_j - m[h]), m[h] their maximum, l[h] their sum and
- * acc[h] the sum of exp-weighted values (unnormalised: chunks combine in `merge`). Each key
- * and value row is decoded once (tmp) and used by every head while it is in L1. */
+ * acc[h] the sum of exp-weighted values (unnormalised: chunks combine in `s3e_decode_mfa`).
+ * Keys go in blocks of 16 rows decoded once into blk (float32 [16, D], L1-sized for common
+ * D): each head's 16 dot products end in one `hsum16`, and its value sums stay in registers
+ * across the block. */
 static void attend_chunk(const float* restrict qs, const void* kplane, const void* vplane,
                          int kind, const int64_t* gather, int64_t j0, int64_t j1, int64_t H,
                          int64_t D, float* restrict scores, int64_t ldg, float* restrict m,
-                         float* restrict l, float* restrict acc) {
-    float tmp[512];
+                         float* restrict l, float* restrict acc, float* restrict blk) {
     for (int64_t h = 0; h < H; h++) {
         m[h] = -INFINITY;
         l[h] = 0.0f;
         for (int64_t d = 0; d < D; d++) acc[h * D + d] = 0.0f;
     }
-    for (int64_t j = j0; j < j1; j++) {
-        load_kv_row(kplane, kind, gather[j], tmp, D);
+    for (int64_t j = j0; j < j1; j += 16) {
+        const int64_t n = j1 - j < 16 ? j1 - j : 16;
+        const __mmask16 live = (__mmask16)((1u << n) - 1);
+        for (int64_t i = 0; i < 16; i++) {
+            if (i < n) load_kv_row(kplane, kind, gather[j + i], blk + i * D, D);
+            else memset(blk + i * D, 0, (size_t)D * sizeof(float));
+        }
         for (int64_t h = 0; h < H; h++) {
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t d = 0; d < D; d += 16)
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(qs + h * D + d), _mm512_loadu_ps(tmp + d), a);
-            const float sc = _mm512_reduce_add_ps(a);
-            scores[h * ldg + j] = sc;
-            m[h] = sc > m[h] ? sc : m[h];
+            __m512 dots[16];
+            for (int64_t i = 0; i < 16; i++) dots[i] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) {
+                const __m512 q = _mm512_loadu_ps(qs + h * D + d);
+                for (int64_t i = 0; i < 16; i++)
+                    dots[i] = _mm512_fmadd_ps(q, _mm512_loadu_ps(blk + i * D + d), dots[i]);
+            }
+            const __m512 sc = hsum16(dots);
+            _mm512_mask_storeu_ps(scores + h * ldg + j, live, sc);
+            const float mx = _mm512_mask_reduce_max_ps(live, sc);
+            m[h] = mx > m[h] ? mx : m[h];
         }
     }
     for (int64_t h = 0; h < H; h++) {
@@ -263,13 +291,35 @@ static void attend_chunk(const float* restrict qs, const void* kplane, const voi
         }
         l[h] = _mm512_reduce_add_ps(sum);
     }
-    for (int64_t j = j0; j < j1; j++) {
-        load_kv_row(vplane, kind, gather[j], tmp, D);
+    for (int64_t j = j0; j < j1; j += 16) {
+        const int64_t n = j1 - j < 16 ? j1 - j : 16;
+        for (int64_t i = 0; i < n; i++) load_kv_row(vplane, kind, gather[j + i], blk + i * D, D);
         for (int64_t h = 0; h < H; h++) {
-            const __m512 p = _mm512_set1_ps(scores[h * ldg + j]);
-            for (int64_t d = 0; d < D; d += 16)
-                _mm512_storeu_ps(acc + h * D + d, _mm512_fmadd_ps(p, _mm512_loadu_ps(tmp + d),
-                                                                  _mm512_loadu_ps(acc + h * D + d)));
+            const float* p = scores + h * ldg + j;
+            float* a = acc + h * D;
+            int64_t d = 0;
+            for (; d + 64 <= D; d += 64) {
+                __m512 a0 = _mm512_loadu_ps(a + d), a1 = _mm512_loadu_ps(a + d + 16),
+                       a2 = _mm512_loadu_ps(a + d + 32), a3 = _mm512_loadu_ps(a + d + 48);
+                for (int64_t i = 0; i < n; i++) {
+                    const __m512 w = _mm512_set1_ps(p[i]);
+                    const float* v = blk + i * D + d;
+                    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v), a0);
+                    a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16), a1);
+                    a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 32), a2);
+                    a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 48), a3);
+                }
+                _mm512_storeu_ps(a + d, a0);
+                _mm512_storeu_ps(a + d + 16, a1);
+                _mm512_storeu_ps(a + d + 32, a2);
+                _mm512_storeu_ps(a + d + 48, a3);
+            }
+            for (; d < D; d += 16) {
+                __m512 a0 = _mm512_loadu_ps(a + d);
+                for (int64_t i = 0; i < n; i++)
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), _mm512_loadu_ps(blk + i * D + d), a0);
+                _mm512_storeu_ps(a + d, a0);
+            }
         }
     }
 }
@@ -286,7 +336,7 @@ static void attend_chunk(const float* restrict qs, const void* kplane, const voi
  *   write: [B] slots of the new tokens; gather: [B, ldg] slots of each sequence's keys, of which
  *   the first lengths[b] (the new one included) are attended;
  *   out: bf16 [B, H, D]; scores: float32 [B * H * ldg];
- *   part: float32 [B * chunks * H * (2 * D + 2)].
+ *   part: float32 [B * chunks * (H * (2 * D + 2) + 16 * D)].
  * D % 16 == 0, D <= 512. Each sequence's keys are split into `chunks` (<= 64; 1 unless there
  * are fewer sequences than threads), the chunks over `threads`, and each chunk's partial
  * softmax merged per head at the end (flash-decoding). */
@@ -297,8 +347,9 @@ void s3e_decode_mfa(const uint16_t* y, int64_t ldy, int64_t koff, int64_t voff, 
                     uint16_t* out, float* scores, float* part, int64_t chunks, int threads) {
     const size_t esz = kind == KV_FP8 ? 1 : kind == KV_BF16 ? 2 : 4;
     void* vplane = (char*)pool + (size_t)slots * (size_t)D * esz;
-    /* one chunk's partials: acc [H, D], m [H], l [H], then its scaled query [H, D] */
-    const int64_t per = H * (2 * D + 2);
+    /* one chunk's partials: acc [H, D], m [H], l [H], then its scaled query [H, D] and a
+     * block of 16 decoded key / value rows [16, D] */
+    const int64_t per = H * (2 * D + 2) + 16 * D;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(static)
@@ -318,7 +369,7 @@ void s3e_decode_mfa(const uint16_t* y, int64_t ldy, int64_t koff, int64_t voff, 
             for (int64_t t = 0; t < H * D; t++) qs[t] = bf16_to_float(q[b * ldq + t]) * scale;
             attend_chunk(qs, pool, vplane, kind, gather + b * ldg, c * n / chunks,
                          (c + 1) * n / chunks, H, D, scores + b * H * ldg, ldg, pt + H * D,
-                         pt + H * D + H, pt);
+                         pt + H * D + H, pt, qs + H * D);
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
@@ -464,7 +515,8 @@ static void top_k(const float* p, int64_t n, int64_t k, int64_t* ids, float* val
  *   cos .. lengths, threads: as `s3e_decode_mfa`; team: the OpenMP team for the projections
  *   marked threaded;
  *   scratch: bf16 [B * (2 * hidden + 2 * sq + 2 * head_dim + 2 * heads * head_dim + experts)]
- *   and float32 [B * heads * (ldg + chunks * (2 * head_dim + 2)) + experts]. */
+ *   and float32 [B * (heads * ldg + chunks * (heads * (2 * head_dim + 2) + 16 * head_dim))
+ *   + experts]. */
 void s3e_attention_block(const s3e_layer* L, const uint16_t* h, int64_t B, const float* cos,
                          const float* sin, void* pool, int kind, int64_t slots,
                          const int64_t* write, const int64_t* gather, int64_t ldg,
@@ -476,7 +528,7 @@ void s3e_attention_block(const s3e_layer* L, const uint16_t* h, int64_t B, const
     uint16_t *xn = bscratch, *y = xn + B * hd, *qn = y + B * wy, *q = qn + B * L->sq,
              *att = q + B * nd, *o = att + B * nd, *logits = o + B * hd;
     float *scores = fscratch, *part = scores + B * L->heads * ldg,
-          *probs = part + B * chunks * L->heads * (2 * D + 2);
+          *probs = part + B * chunks * (L->heads * (2 * D + 2) + 16 * D);
     s3e_rmsnorm_bf16(h, hd, L->in_norm, xn, B, hd, L->eps);
     s3e_gemv_bf16(xn, B, hd, L->qkv, L->qkv_rows, L->qkv_nseg, y, wy, 0,
                   L->threaded_qkv ? team : 1);
