@@ -89,41 +89,34 @@ def _cpu(procs: list) -> list[float]:
 
 
 def decode_rate_runtime(rt: Step3Runtime, batch: int, new: int) -> dict:
-    """Decode tokens/s: time(prefill + `new` + 1 tokens) - time(prefill + 1 token), the same
-    difference of CPU seconds per process (this one, then any AFD worker) per decode step, and
-    the routed experts one decode step touched on average (the prefill step left out)."""
+    """Decode tokens/s: the sum of the requests' own rates after their first token
+    (`Generation.decode_tokens_per_s`; a request that stops early counts what it decoded);
+    CPU seconds per process (this one, then any AFD worker) per decode step, the difference of
+    a `new` + 1 and a 1-token call; and the routed experts one decode step touched on
+    average (the prefill step left out)."""
     ps = prompts(batch)
     procs = [psutil.Process()] + [psutil.Process(p.pid) for p in getattr(rt.engine, "procs", [])]
     rt.reset_stats()
     c0 = _cpu(procs)
-    t0 = time.perf_counter()
-    one = rt.generate(ps, max_new_tokens=1)
-    t1 = time.perf_counter() - t0
+    rt.generate(ps, max_new_tokens=1)
     c1 = _cpu(procs)
     pre = rt.stats()
     rt.reset_stats()
     c2 = _cpu(procs)
-    t0 = time.perf_counter()
     full = rt.generate(ps, max_new_tokens=new + 1)
-    tn = time.perf_counter() - t0
     c3 = _cpu(procs)
     cpu_ms = [1e3 * ((d - c) - (b - a)) / new for a, b, c, d in zip(c0, c1, c2, c3)]
     st = rt.stats()
     e, p = st["experts"], pre["experts"]
     steps = st["time"]["steps"] - pre["time"]["steps"]
-    # tokens sampled (a stop token included): a sequence of random weights may stop early
-    decoded = _sampled(full) - _sampled(one)
-    return {"tokens_per_s": decoded / (tn - t1) if tn > t1 else 0.0,   # 0: a bad sample
+    # each request's own rate after its first token (the batch decodes in lockstep): the
+    # difference of two generate calls' times took any hiccup of the short one as speed
+    return {"tokens_per_s": sum(g.decode_tokens_per_s for g in full),
             "experts_per_step": (e["accesses"] - p["accesses"]) / max(steps, 1),
             "hit_rate": e["hit_rate"], "cpu_computed": e["cpu_computed"],
             "copied": e["copied"], "bytes_copied": e["bytes_copied"],
             "attention_s": sum(st["time"]["attention_s"]), "ffn_s": sum(st["time"]["ffn_s"]),
             "cpu_ms_per_step": cpu_ms}
-
-
-def _sampled(gens: list) -> int:
-    """Tokens the requests sampled, their stop tokens included."""
-    return sum(len(g.token_ids) + (g.finish_reason == "stop") for g in gens)
 
 
 def decode_rate_reference(model, batch: int, new: int) -> dict:
