@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native") / "decode_bf16.c"
-FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
-         "-fPIC", "-lm"]
+# no contraction of a * b + c into one FMA: products and sums round where the reference's do
+FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+         "-fopenmp", "-shared", "-fPIC", "-lm"]
 # Rows of x per call (the kernel takes up to 8). Each weight load feeds one VDPBF16PS per row,
 # so from ~3 rows the kernel is compute-bound where oneDNN's blocked GEMM is not: on a 2-vCPU
 # AMD EPYC (bench_native_kernels.py, one mini step's weights) native / oneDNN ms per step were
@@ -231,9 +232,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # `decode_mfa` (keys x head_dim x heads) and `fp8_gather` (values out) split their work over
-# the OpenMP team from this size. Attention of 8 heads of 64 on session 11's 2-vCPU AMD EPYC:
-# S = 64 / 512 / 4,096 took 9.3 / 31 / 267 us on one thread, 8.8 / 20 / 131 on two
-# (`mfa_attention`: 31 / 45 / 195).
+# the OpenMP team from this size. A decode step's attention, 8 heads of 64, fp8 KV, on
+# session 12's 2-vCPU AMD EPYC: S = 64 / 512 / 4,096 took 32 / 60 / 276 us on one thread,
+# 41 / 71 / 206 on two (torch's ops: 316 / 478 / 1,665; bench_native_kernels.py).
 TEAM_MIN_ELEMENTS = 1 << 16
 # KV pool dtypes `decode_mfa` reads and writes -> the kernel's code for each
 KV_KINDS = {torch.float8_e4m3fn: 0, torch.bfloat16: 1, torch.float32: 2}

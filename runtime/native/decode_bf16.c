@@ -223,7 +223,8 @@ static void store_kv_row(void* pool, int kind, int64_t row, const uint16_t* x, i
 static void load_kv_row(const void* pool, int kind, int64_t row, float* out, int64_t D) {
     if (kind == KV_FP8) fp8_row_to_float((const int8_t*)pool + row * D, out, D);
     else if (kind == KV_BF16)
-        for (int64_t i = 0; i < D; i++) out[i] = bf16_to_float(((const uint16_t*)pool)[row * D + i]);
+        for (int64_t i = 0; i < D; i++)
+            out[i] = bf16_to_float(((const uint16_t*)pool)[row * D + i]);
     else memcpy(out, (const float*)pool + row * D, (size_t)D * sizeof(float));
 }
 
@@ -317,7 +318,8 @@ static void attend_chunk(const float* restrict qs, const void* kplane, const voi
             for (; d < D; d += 16) {
                 __m512 a0 = _mm512_loadu_ps(a + d);
                 for (int64_t i = 0; i < n; i++)
-                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), _mm512_loadu_ps(blk + i * D + d), a0);
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), _mm512_loadu_ps(blk + i * D + d),
+                                         a0);
                 _mm512_storeu_ps(a + d, a0);
             }
         }

@@ -1,8 +1,8 @@
 """The native decode kernels (runtime/native.py): the GEMV's products against float64, against
 oneDNN, its float32 output; the SwiGLU MLP and routed sums, the RMSNorm and the decode step's
 attention (RoPE and KV write bit for bit) against the reference's ops; the fp8 gather; the
-build cache, the refusals, and the runtime's logits with them on against torch / oneDNN's. Skipped where they cannot build
-(no AVX512-BF16 or no C compiler), except the refusals."""
+build cache, the refusals, and the runtime's logits with them on against torch / oneDNN's.
+Skipped where they cannot build (no AVX512-BF16 or no C compiler), except the refusals."""
 
 from __future__ import annotations
 
@@ -194,8 +194,9 @@ def test_swiglu_against_the_composition(m: int, monkeypatch) -> None:
     k = 256
 
     def mlp(inter: int) -> native.SwiGLU:
-        return native.SwiGLU(*(torch.randn(inter, k, generator=g).bfloat16() / 8
-                               for _ in range(2)), torch.randn(k, inter, generator=g).bfloat16() / 8)
+        gate, up, down = (torch.randn(*shape, generator=g).bfloat16() / 8
+                          for shape in ((inter, k), (inter, k), (k, inter)))
+        return native.SwiGLU(gate, up, down)
 
     def composed(e: native.SwiGLU, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = e.weights
