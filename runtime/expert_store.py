@@ -367,7 +367,7 @@ class ExpertStore:
             kinds[e] = "copy" if choice == "copy" else "cpu"
         base = None if shared is None else getattr(shared, "native", None)
         if uniq and self._native and (shared is None or base is not None) and \
-                pairs is not None and x.shape[0] <= native.MAX_ROWS and \
+                pairs is not None and x.shape[0] <= native.EXPERT_MAX_ROWS and \
                 x.dtype == torch.bfloat16:
             return self._native_sum(layer, x, pairs, w, uniq, kinds, protect, base)
         routed = self._routed(layer, x, flat, pairs, w, uniq, kinds, per, protect) if uniq \

@@ -45,6 +45,11 @@ FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-
 # 1 row 5.1-5.4 / 10.5-12.3, 2 rows 7.2-8.7 / 11.8-12.9, 3 rows 8.1-8.9 / 9.2-9.7,
 # 4 rows 15.5 / 10.5-12.1, 16 rows 14.4-21.8 / 12.6-15.6.
 MAX_ROWS = 2
+# Rows of x up to which a MoE layer's shared and routed experts run as one `swiglu` call
+# (`ExpertStore._native_sum`; decode batches): each (row, expert) pair is a GEMV, so an expert
+# two rows chose is read twice (the second time mostly from cache). Prefill chunks keep
+# oneDNN's GEMM per expert.
+EXPERT_MAX_ROWS = 16
 # Below this many weight elements a call runs on the calling thread alone: waking the OpenMP
 # team costs more than it saves (bench/bench_native_kernels.py measured the crossover).
 THREADED_MIN_ELEMENTS = 1 << 20
@@ -97,7 +102,8 @@ _ENTRY_POINTS = {
     "decode_mfa": ("s3e_decode_mfa", [_P, _I, _I, _I, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I,
                                       _P, _I, _I, _I, _F, _P, _P, _P, _I, _N]),
     "fp8_gather": ("s3e_fp8_gather", [_P, _I, _I, _P, _I, _P, _N]),
-    "swiglu": ("s3e_swiglu_bf16", [_P, _I, _I, _P, _P, _P, _I, _I, _P, _N, _P, _I, _P, _N]),
+    "swiglu": ("s3e_swiglu_bf16", [_P, _I, _I, _P, _P, _P, _I, _I, _P, _N, _P, _P, _I, _P,
+                                   _N]),
     "attention_block": ("s3e_attention_block", [_P, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I, _P,
                                                 _P, _P, _P, _P, _P, _P, _I, _N, _N]),
 }
@@ -192,13 +198,13 @@ class SwiGLU:
 def swiglu(x: torch.Tensor, mlps: list[SwiGLU], pairs: list[tuple[int, int, float]],
            dtype: torch.dtype, base: int = 0) -> torch.Tensor:
     """sum over `pairs` (mlp index, row of x, weight), in their order, of weight * mlp(x[row])
-    for x bf16 [M <= 8, K] -> [M, K] float32 sums (dtype=torch.float32) or those rounded to
+    for x bf16 [M, K] -> [M, K] float32 sums (dtype=torch.float32) or those rounded to
     bf16: a routed-expert layer's `index_put_` of weighted expert outputs, or one MLP with
     weight 1. With `base` (bf16 only), the first `base` pairs (a shared expert: one per row,
     weight 1) are summed apart and added to the bf16 sum of the rest, as `shared(x) +
     routed.to(torch.bfloat16)`. Rows without pairs are 0."""
     m, k = x.shape
-    assert x.dtype == torch.bfloat16 and 0 < m <= 8 and all(e.k == k for e in mlps)
+    assert x.dtype == torch.bfloat16 and m > 0 and all(e.k == k for e in mlps)
     assert not base or dtype == torch.bfloat16
     x = x.contiguous()
     n = len(pairs)
@@ -206,13 +212,15 @@ def swiglu(x: torch.Tensor, mlps: list[SwiGLU], pairs: list[tuple[int, int, floa
     rows = (ctypes.c_int64 * (2 * n))(*[v for i, r, _ in pairs for v in (i, r)])
     coef = (ctypes.c_float * n)(*[c for _, _, c in pairs])
     widest = max(e.m for e in mlps)
+    xg = torch.empty(n * k, dtype=torch.bfloat16)
     act = torch.empty(n * widest, dtype=torch.bfloat16)
     out = torch.empty(m, k, dtype=dtype)
     acc = out if dtype == torch.float32 else torch.empty(2, m, k)
     work = sum(mlps[i].elements for i, _, _ in pairs)
     threads = torch.get_num_threads() if work >= THREADED_MIN_ELEMENTS else 1
     kernel().swiglu(x.data_ptr(), m, k, entries, rows, coef, n, base, out.data_ptr(),
-                    dtype == torch.float32, act.data_ptr(), widest, acc.data_ptr(), threads)
+                    dtype == torch.float32, xg.data_ptr(), act.data_ptr(), widest,
+                    acc.data_ptr(), threads)
     return out
 
 

@@ -51,11 +51,12 @@ static inline __m512bh load_bf16(const uint16_t* p, int64_t n) { /* n in 1..32 *
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* One weight row against M (<= 8) rows of x: sums[m] = dot(x[m], w). Two accumulators per row
- * of x (even and odd 32-wide steps) hide VDPBF16PS's latency when M is 1. M is a constant in
- * every caller (run_rows_m below), so the loops over m unroll and acc stays in registers. */
+/* One weight row against M (<= 8) rows of x (row stride ldx): sums[m] = dot(x[m], w). Two
+ * accumulators per row of x (even and odd 32-wide steps) hide VDPBF16PS's latency when M is 1.
+ * M is a constant in every caller (run_rows_m, dot_rows below), so the loops over m unroll and
+ * acc stays in registers. */
 INLINE void row_dot(const uint16_t* w, const uint16_t* x, const int64_t M, int64_t K,
-                    float* sums) {
+                    int64_t ldx, float* sums) {
     __m512 acc0[8], acc1[8];
     for (int64_t m = 0; m < M; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -63,15 +64,15 @@ INLINE void row_dot(const uint16_t* w, const uint16_t* x, const int64_t M, int64
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
         __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
         for (int64_t m = 0; m < M; m++) {
-            acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+            acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
             acc1[m] = _mm512_dpbf16_ps(acc1[m], w1,
-                                       (__m512bh)_mm512_loadu_si512(x + m * K + k + 32));
+                                       (__m512bh)_mm512_loadu_si512(x + m * ldx + k + 32));
         }
     }
     for (; k < K; k += 32) {
         __m512bh wv = load_bf16(w + k, K - k);
         for (int64_t m = 0; m < M; m++)
-            acc0[m] = _mm512_dpbf16_ps(acc0[m], wv, load_bf16(x + m * K + k, K - k));
+            acc0[m] = _mm512_dpbf16_ps(acc0[m], wv, load_bf16(x + m * ldx + k, K - k));
     }
     for (int64_t m = 0; m < M; m++) sums[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
 }
@@ -85,7 +86,7 @@ INLINE void run_rows_m(const uint16_t* x, const int64_t M, int64_t K, const uint
     for (int64_t s = 0; s < nseg && base < hi; base += seg_rows[s], s++) {
         int64_t a = lo > base ? lo : base, b = hi < base + seg_rows[s] ? hi : base + seg_rows[s];
         for (int64_t r = a; r < b; r++) {
-            row_dot(segs[s] + (r - base) * K, x, M, K, sums);
+            row_dot(segs[s] + (r - base) * K, x, M, K, K, sums);
             for (int64_t m = 0; m < M; m++) {
                 if (out_f32)
                     ((float*)y)[m * ldy + r] = bf16_to_float(round_bf16(sums[m]));
@@ -93,6 +94,16 @@ INLINE void run_rows_m(const uint16_t* x, const int64_t M, int64_t K, const uint
                     ((uint16_t*)y)[m * ldy + r] = round_bf16(sums[m]);
             }
         }
+    }
+}
+
+/* row_dot for a run-time M (1..8). */
+static void dot_rows(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+                     float* sums) {
+    switch (M) {
+#define CASE(n) case n: row_dot(w, x, n, K, ldx, sums); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
     }
 }
 
@@ -420,33 +431,46 @@ static inline uint16_t silu_mul(float g, float u) {
  * stored as float32 [M, K] (out_f32) or rounded to bf16; rows of x without pairs get 0.
  * With nbase > 0 (bf16 output only) the first nbase pairs (a shared expert) are summed apart
  * and y[r] = bf16(bf16(their sum) + bf16(the other pairs' sum)): `shared(x) + routed.to(bf16)`.
- * Scratch: act bf16 [P, widest] (widest >= every pair's m), acc float32 [2, M, K] (unused with
- * out_f32). The gate/up rows of all pairs, then the output columns, are split over `threads`. */
+ * Consecutive pairs of one MLP (up to 8, other rows each) form a group whose rows of x are
+ * gathered, so that each weight row is read once for all of them.
+ * Scratch: xg bf16 [P, K], act bf16 [P, widest] (widest >= every pair's m), acc float32
+ * [2, M, K] (unused with out_f32). The groups' gate/up rows, then the output columns, are
+ * split over `threads`. */
 void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlps,
                      const int64_t* pairs, const float* coef, int64_t P, int64_t nbase, void* y,
-                     int out_f32, uint16_t* act, int64_t widest, float* acc, int threads) {
-    int64_t total = 0;
-    for (int64_t p = 0; p < P; p++) total += mlps[4 * pairs[2 * p] + 3];
+                     int out_f32, uint16_t* xg, uint16_t* act, int64_t widest, float* acc,
+                     int threads) {
+    int64_t first[P + 1], groups = 0, total = 0;      /* group g: pairs first[g] .. first[g+1] */
+    for (int64_t p = 0; p < P;) {
+        int64_t q = p + 1;
+        while (q < P && q - p < 8 && pairs[2 * q] == pairs[2 * p] && (q < nbase) == (p < nbase))
+            q++;
+        first[groups++] = p;
+        total += mlps[4 * pairs[2 * p] + 3];
+        p = q;
+    }
+    first[groups] = P;
+    for (int64_t p = 0; p < P; p++)
+        memcpy(xg + p * K, x + pairs[2 * p + 1] * K, (size_t)K * sizeof(uint16_t));
     if (out_f32) acc = (float*)y;
-    float* base = acc + M * K;
+    float* shared = acc + M * K;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-        /* phase 1: a_p[j] for the pairs' gate/up rows laid end to end */
+        /* phase 1: a_p[j] for the groups' gate/up rows laid end to end */
         const int64_t per1 = (total + T - 1) / T, lo1 = t * per1,
                       hi1 = lo1 + per1 < total ? lo1 + per1 : total;
-        for (int64_t p = 0, base = 0; p < P && base < hi1; p++) {
-            const int64_t* e = mlps + 4 * pairs[2 * p];
-            const int64_t m = e[3], a = lo1 > base ? lo1 - base : 0,
-                          b = hi1 < base + m ? hi1 - base : m;
-            const uint16_t* xr = x + pairs[2 * p + 1] * K;
+        for (int64_t g = 0, at = 0; g < groups && at < hi1; g++) {
+            const int64_t p0 = first[g], n = first[g + 1] - p0;
+            const int64_t* e = mlps + 4 * pairs[2 * p0];
+            const int64_t m = e[3], a = lo1 > at ? lo1 - at : 0, b = hi1 < at + m ? hi1 - at : m;
             for (int64_t j = a; j < b; j++) {
-                float g, u;
-                row_dot((const uint16_t*)e[0] + j * K, xr, 1, K, &g);
-                row_dot((const uint16_t*)e[1] + j * K, xr, 1, K, &u);
-                act[p * widest + j] = silu_mul(g, u);
+                float gs[8], us[8];
+                dot_rows((const uint16_t*)e[0] + j * K, xg + p0 * K, n, K, K, gs);
+                dot_rows((const uint16_t*)e[1] + j * K, xg + p0 * K, n, K, K, us);
+                for (int64_t i = 0; i < n; i++) act[(p0 + i) * widest + j] = silu_mul(gs[i], us[i]);
             }
-            base += m;
+            at += m;
         }
 #pragma omp barrier
         /* phase 2: output columns [lo, hi) of every row, the pairs' terms in order */
@@ -455,24 +479,27 @@ void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlp
         for (int64_t r = 0; r < M; r++)
             for (int64_t c = lo; c < hi; c++) {
                 acc[r * K + c] = 0.0f;
-                if (nbase) base[r * K + c] = 0.0f;
+                if (nbase) shared[r * K + c] = 0.0f;
             }
-        for (int64_t p = 0; p < P; p++) {
-            const int64_t* e = mlps + 4 * pairs[2 * p];
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t p0 = first[g], n = first[g + 1] - p0;
+            const int64_t* e = mlps + 4 * pairs[2 * p0];
             const int64_t m = e[3];
-            float* out = (p < nbase ? base : acc) + pairs[2 * p + 1] * K;
-            const float w = coef[p];
             for (int64_t c = lo; c < hi; c++) {
-                float d;
-                row_dot((const uint16_t*)e[2] + c * m, act + p * widest, 1, m, &d);
-                out[c] += w * bf16_to_float(round_bf16(d));
+                float d[8];
+                dot_rows((const uint16_t*)e[2] + c * m, act + p0 * widest, n, m, widest, d);
+                for (int64_t i = 0; i < n; i++) {
+                    const int64_t p = p0 + i;
+                    float* out = (p < nbase ? shared : acc) + pairs[2 * p + 1] * K;
+                    out[c] += coef[p] * bf16_to_float(round_bf16(d[i]));
+                }
             }
         }
         if (!out_f32)
             for (int64_t r = 0; r < M; r++)
                 for (int64_t c = lo; c < hi; c++) {
                     const int64_t i = r * K + c;
-                    ((uint16_t*)y)[i] = nbase ? round_bf16(bf16_to_float(round_bf16(base[i])) +
+                    ((uint16_t*)y)[i] = nbase ? round_bf16(bf16_to_float(round_bf16(shared[i])) +
                                                            bf16_to_float(round_bf16(acc[i])))
                                               : round_bf16(acc[i]);
                 }

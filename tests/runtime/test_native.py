@@ -182,11 +182,11 @@ def test_decode_mfa_writes_fp8_as_cast_fp8() -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 12])
 def test_swiglu_against_the_composition(m: int, monkeypatch) -> None:
     """One MLP (weight 1, bf16 out), routed experts' weighted sums (float32 out, pairs in
-    order, a row without pairs) and those plus a shared expert (bf16 out), on one thread and
-    over the team, against the same math as
+    order, a row without pairs) and those plus a shared expert (bf16 out; with 12 rows, its 13
+    pairs are groups of 8 and 5), on one thread and over the team, against the same math as
     torch ops around the native GEMV (gate|up, silu * up, down; `y.float() * w` accumulated in
     pair order): equal but for silu's exp (libm's against torch's), which may move a bf16
     rounding of an activation."""
@@ -198,11 +198,11 @@ def test_swiglu_against_the_composition(m: int, monkeypatch) -> None:
                           for shape in ((inter, k), (inter, k), (k, inter)))
         return native.SwiGLU(gate, up, down)
 
-    def composed(e: native.SwiGLU, x: torch.Tensor) -> torch.Tensor:
+    def composed(e: native.SwiGLU, x: torch.Tensor) -> torch.Tensor:      # row by row
         gate, up, down = e.weights
-        gu = native.Weights([gate, up]).matmul(x)
-        return native.Weights([down]).matmul(torch.nn.functional.silu(gu[:, :e.m]) *
-                                             gu[:, e.m:])
+        gu = torch.cat([native.Weights([gate, up]).matmul(r[None]) for r in x])
+        a = torch.nn.functional.silu(gu[:, :e.m]) * gu[:, e.m:]
+        return torch.cat([native.Weights([down]).matmul(r[None]) for r in a])
 
     experts = [mlp(96), mlp(160), mlp(96)]
     x = torch.randn(m + 1, k, generator=g).bfloat16()
