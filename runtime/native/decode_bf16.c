@@ -18,10 +18,16 @@
  * the key, the key and value written to the KV pool, one query per head and sequence against
  * MFA's single K/V head) in one call, where torch spends ~25 ops.
  *
- * s3e_swiglu_bf16: SwiGLU MLPs (a dense MLP, a shared expert, or the routed experts a decode
- * step's few rows chose) in one call: gate and up GEMVs, silu(gate) * up, the down GEMV and the
- * routing-weighted sum over experts, each rounded where the reference's bf16 ops round, where
- * torch spends ~6 ops per MLP plus ~12 to gather, weigh and scatter routed experts.
+ * s3e_swiglu_bf16: SwiGLU MLPs (a dense MLP, or a MoE layer's shared expert and the routed
+ * experts a decode step's rows chose) in one call: gate and up GEMVs, silu(gate) * up, the down
+ * GEMV and the routing-weighted sum over experts, each rounded where the reference's bf16 ops
+ * round, where torch spends ~6 ops per MLP plus ~12 to gather, weigh and scatter routed
+ * experts.
+ *
+ * s3e_attention_block: one layer's whole attention side for a decode group of a few
+ * sequences (norms, projections, s3e_decode_mfa, residual, router) in one call.
+ *
+ * s3e_fp8_gather: an fp8 KV pool's rows gathered and decoded (prefill chunks' attention).
  */
 #include <immintrin.h>
 #include <math.h>
