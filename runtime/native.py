@@ -18,7 +18,8 @@ Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compi
 `STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
 backend stays on oneDNN. The source is the package's own file; the shared object is written
 aside and renamed into place, keyed by a hash of the source and the flags, under
-`$STEP3_EDGE_CACHE` (default `$XDG_CACHE_HOME/step3-edge` or `~/.cache/step3-edge`).
+`$STEP3_EDGE_CACHE` (default `$XDG_CACHE_HOME/step3-edge` or `~/.cache/step3-edge`); a new
+build removes the builds of other sources and flags.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def _build(cc: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for old in lib.parent.glob(f"{SOURCE.stem}-*.so"):     # builds of other sources / flags
+        if old != lib:
+            old.unlink(missing_ok=True)     # a process that loaded it keeps its mapping
     return lib
 
 

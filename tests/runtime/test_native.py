@@ -251,9 +251,12 @@ def test_fp8_gather_is_bit_exact(n: int, monkeypatch) -> None:
 
 @needs_native
 def test_build_is_cached_and_written_aside(tmp_path: Path, monkeypatch) -> None:
-    """A build into an empty cache leaves one shared object (no temporary files) that loads;
-    a second build finds it instead of compiling."""
+    """A build into a cache holding another version's build leaves one shared object (no
+    temporary files, the stale build removed) that loads; a second build finds it instead of
+    compiling."""
     monkeypatch.setenv("STEP3_EDGE_CACHE", str(tmp_path))
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / f"{native.SOURCE.stem}-0123456789abcdef.so").write_bytes(b"old")
     cc = shutil.which("cc") or shutil.which("gcc")
     lib = native._build(cc)
     assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.name]
