@@ -18,8 +18,8 @@ Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compi
 `STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
 backend stays on oneDNN. The source is the package's own file; the shared object is written
 aside and renamed into place, keyed by a hash of the source and the flags, under
-`$STEP3_EDGE_CACHE` (default `$XDG_CACHE_HOME/step3-edge` or `~/.cache/step3-edge`); a new
-build removes the builds of other sources and flags.
+`$STEP3_EDGE_CACHE` (default `$XDG_CACHE_HOME/step3-edge` or `~/.cache/step3-edge`); the
+builds of other sources and flags there are removed.
 """
 
 from __future__ import annotations
@@ -80,18 +80,17 @@ def _build(cc: str) -> Path:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"{SOURCE.stem}-{key}.so"
-    if lib.exists():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{SOURCE.stem}-", suffix=".so", dir=lib.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True,
-                       text=True, timeout=120)
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{SOURCE.stem}-", suffix=".so", dir=lib.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True,
+                           capture_output=True, text=True, timeout=120)
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     for old in lib.parent.glob(f"{SOURCE.stem}-*.so"):     # builds of other sources / flags
         if old != lib:
             old.unlink(missing_ok=True)     # a process that loaded it keeps its mapping
