@@ -51,9 +51,10 @@ OVERRIDES: dict[str, str] = {
                        "unless the native GEMV runs the experts, which is faster per expert), "
                        "True, False",
     "native_kernels": "on a CPU with AVX512-BF16 under bf16 compute, run bf16 linears of "
-                      "decode-sized calls (<= 2 rows), the RMSNorms, decode attention and fp8 "
-                      "KV reads through the native kernels built on first use with the C "
-                      "compiler (runtime/native.py): "
+                      "decode-sized calls (<= 2 rows), the RMSNorms, SwiGLU MLPs and a decode "
+                      "step's experts, its attention (a batch-1-2 step's whole attention side) "
+                      "and fp8 KV reads through the native kernels built on first use with "
+                      "the C compiler (runtime/native.py): "
                       "None (default: where they build), False (torch / oneDNN only: the "
                       "reference's exact bits), True (required)",
     "prefix_cache": "reuse the KV blocks of finished sequences for prompts that start with "

@@ -242,8 +242,9 @@ class TorchBackend:
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                  native_kernels: bool | None = None) -> None:
         """`native_kernels`: under bf16 compute on the CPU, use the native decode kernels
-        (`native.py`: the GEMV here; the RMSNorm, decode attention and fp8 KV gather in the
-        engine) (None: where they build; False: never; True: required)."""
+        (`native.py`: the GEMV here; the RMSNorm, SwiGLU / experts, decode attention and fp8 KV
+        gather in the engine and the expert store) (None: where they build; False: never;
+        True: required)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())

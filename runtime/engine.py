@@ -127,8 +127,8 @@ def _attention_side(layer: Step3DecoderLayer, qkv: PackedBf16, h: torch.Tensor,
     n, d, sq = a.cfg.num_attention_heads, a.cfg.head_dim, a.cfg.share_q_dim
     y = qkv(x.reshape(b * t, -1)).view(b, t, -1)                            # [b, t, sq + 2d]
     q = a.wq(a.inter_norm(y[..., :sq]))                                      # [b, t, n * d]
-    out = cache.decode_attention(layer.layer, y.view(b, -1), sq, q.view(b, -1), n, d ** -0.5) \
-        if qkv.native is not None and t == 1 else None                      # [b, n, 1, d]
+    # a decode group in one native call where the pool has the kernels, else None
+    out = cache.decode_attention(layer.layer, y.view(b, -1), sq, q.view(b, -1), n, d ** -0.5)
     if out is None:
         q = q.view(b, t, n, d).transpose(1, 2)                               # [b, n, t, d]
         qk = apply_rope(torch.cat([q, y[..., sq:sq + d][:, None]], 1), cos, sin)

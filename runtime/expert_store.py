@@ -84,9 +84,9 @@ class FusedSwiGLU(Step3MLP):
         self.m = gate.shape[0]
         self.packed = gate.backend.pack_bf16([gate.weight, up.weight])   # [2m, h]
         gate.packed = up.packed = None
-        down_native = getattr(down, "packed", None) is not None and down.packed.native
+        down_native = getattr(getattr(down, "packed", None), "native", None)
         self.native = native.SwiGLU(gate.weight, up.weight, down.weight) \
-            if self.packed.native is not None and down_native else None
+            if self.packed.native is not None and down_native is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                 # [n, h] -> [n, h]
         if self.native is not None and x.dim() == 2 and x.shape[0] <= native.MAX_ROWS and \

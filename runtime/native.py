@@ -267,8 +267,8 @@ def decode_mfa(y: torch.Tensor, koff: int, q: torch.Tensor, heads: int, cos: tor
     assert y.dtype == q.dtype == torch.bfloat16 and y.stride(-1) == q.stride(-1) == 1
     assert pool.is_contiguous() and d % 16 == 0 and d <= 512 and q.shape[-1] == heads * d
     out = torch.empty(b, heads, 1, d, dtype=torch.bfloat16)
-    threads, chunks = _attention_split(b, heads, s, d)
-    scratch = torch.empty(b * (heads * s + chunks * (heads * (2 * d + 2) + 16 * d)))
+    threads, chunks, floats = _attention_split(b, heads, s, d)
+    scratch = torch.empty(floats)
     kernel().decode_mfa(y.data_ptr(), y.stride(0), koff, koff + d, q.data_ptr(), q.stride(0),
                         cos.data_ptr(), sin.data_ptr(), pool.data_ptr(), KV_KINDS[pool.dtype],
                         pool.shape[1], write.data_ptr(), gather.data_ptr(), s,
@@ -277,14 +277,15 @@ def decode_mfa(y: torch.Tensor, koff: int, q: torch.Tensor, heads: int, cos: tor
     return out
 
 
-def _attention_split(b: int, heads: int, s: int, d: int) -> tuple[int, int]:
-    """(threads, key chunks per sequence) for a decode step's attention: the team from
-    `TEAM_MIN_ELEMENTS`, and each sequence's keys split so that b sequences give every thread
-    a chunk (at most 64)."""
-    if b * heads * s * d < TEAM_MIN_ELEMENTS:
-        return 1, 1
-    team = torch.get_num_threads()
-    return team, min(64, max(1, team // b))
+def _attention_split(b: int, heads: int, s: int, d: int) -> tuple[int, int, int]:
+    """(threads, key chunks per sequence, float32 scratch elements) for a decode step's
+    attention (`s3e_decode_mfa`'s scores and part): the team from `TEAM_MIN_ELEMENTS`, and
+    each sequence's keys split so that b sequences give every thread a chunk (at most 64)."""
+    threads, chunks = 1, 1
+    if b * heads * s * d >= TEAM_MIN_ELEMENTS:
+        threads = torch.get_num_threads()
+        chunks = min(64, max(1, threads // b))
+    return threads, chunks, b * (heads * s + chunks * (heads * (2 * d + 2) + 16 * d))
 
 
 class _Layer(ctypes.Structure):
@@ -343,8 +344,8 @@ class AttentionLayer:
         w = torch.empty(b, self.top_k)
         bs = torch.empty(b * (2 * self.hidden + 2 * self.sq + 2 * d + 2 * heads * d + e),
                          dtype=torch.bfloat16)
-        threads, chunks = _attention_split(b, heads, s, d)
-        fs = torch.empty(b * (heads * s + chunks * (heads * (2 * d + 2) + 16 * d)) + e)
+        threads, chunks, floats = _attention_split(b, heads, s, d)
+        fs = torch.empty(floats + e)
         self._block(ctypes.byref(self.c), h.data_ptr(), b, cos.data_ptr(), sin.data_ptr(),
                     pool.data_ptr(), KV_KINDS[pool.dtype], pool.shape[1], write.data_ptr(),
                     gather.data_ptr(), s, lengths.data_ptr(), h_out.data_ptr(), x_out.data_ptr(),
