@@ -30,7 +30,7 @@ from step3_edge.runtime import native
 from step3_edge.runtime.backends import PackedBf16, TorchBackend
 from step3_edge.runtime.expert_cache import Key
 from step3_edge.runtime.expert_store import ExpertStore, make_mlp, read_linear
-from step3_edge.runtime.kv import GroupCache, KVPool, SeqKV, StepBatch, plan_step
+from step3_edge.runtime.kv import Group, GroupCache, KVPool, SeqKV, StepBatch, plan_step
 from step3_edge.vision import Step3VisionEncoder, build_vision_heads
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
@@ -171,8 +171,8 @@ class AttentionWorker:
         self.kv = KVPool(t, kv_tokens, kv_dtype or backend.dtype, dev)
         self.kv.native = bool(backend.caps.get("native_kernels")) and \
             self.kv.dtype in native.KV_KINDS and t.head_dim % 16 == 0 and t.head_dim <= 512
-        # a decode group of <= native.MAX_ROWS sequences: each layer's attention side and
-        # router in one native call
+        # a decode group: each layer's attention side and router in one native call per
+        # native.BLOCK_MAX_ROWS sequences
         self.blocks = {L: b for L, layer in enumerate(self.layers)
                        if (b := self._native_block(L, layer)) is not None} \
             if self.kv.native else {}
@@ -212,10 +212,8 @@ class AttentionWorker:
         """Residual h [N, h] -> (new residual, normed FFN input [N, h], top-k ids / weights
         [N, k] on MoE layers, else None)."""
         layer, block, g = self.layers[L], self.blocks.get(L), batch.groups[0]
-        if block is not None and len(batch.groups) == 1 and g.t == 1 and \
-                g.b <= native.MAX_ROWS:
-            return block(h.contiguous(), g.cos.view(g.b, -1), g.sin.view(g.b, -1),
-                         self.kv.kv[L], g.write, g.gather, g.keys)
+        if block is not None and len(batch.groups) == 1 and g.t == 1:
+            return self._native_layer(block, L, h, g)
         hs, xs = [], []
         for g in batch.groups:
             hg = h[g.start:g.start + g.b * g.t].view(g.b, g.t, -1)          # [b, t, h]
@@ -230,6 +228,20 @@ class AttentionWorker:
             return h, x, None, None
         ids, w = layer.moe.route(x)                                         # [N, k] each
         return h, x, ids, w
+
+    def _native_layer(self, block: native.AttentionLayer, L: int, h: torch.Tensor, g: Group
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                 torch.Tensor | None]:
+        """A decode group's layer through `block`, in calls of at most
+        `native.BLOCK_MAX_ROWS` sequences (each sequence's attention is its own)."""
+        h, step = h.contiguous(), native.BLOCK_MAX_ROWS
+        outs = [block(h[i:i + step], g.cos.view(g.b, -1)[i:i + step],
+                      g.sin.view(g.b, -1)[i:i + step], self.kv.kv[L], g.write[i:i + step],
+                      g.gather[i:i + step], g.keys[i:i + step])
+                for i in range(0, g.b, step)]
+        if len(outs) == 1:
+            return outs[0]
+        return tuple(None if o[0] is None else torch.cat(o) for o in zip(*outs))
 
     def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and lm_head on residual rows [S, h] -> float32 logits [S, vocab], in

@@ -51,6 +51,12 @@ MAX_ROWS = 2
 # two rows chose is read twice (the second time mostly from cache). Prefill chunks keep
 # oneDNN's GEMM per expert.
 EXPERT_MAX_ROWS = 16
+# Sequences per `AttentionLayer` call (the kernel's limit; larger decode groups take several).
+# A layer's attention weights are small (mini: 1.2 MB), so up to 8 rows the block is bound by
+# per-call costs, not by its VDPBF16PS count: on session 13's 2-vCPU AMD EPYC, batch-16 decode
+# went from 490 to 670 tok/s on 2 threads (two calls of 8 per layer instead of oneDNN and ~25
+# torch ops), and AFD's attention side with 3 micro-batches from ~17.5 to ~7.5 ms per step.
+BLOCK_MAX_ROWS = 8
 # Below this many weight elements a call runs on the calling thread alone: waking the OpenMP
 # team costs more than it saves (bench/bench_native_kernels.py measured the crossover).
 THREADED_MIN_ELEMENTS = 1 << 20

@@ -334,12 +334,15 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
 
 @needs_native
 @pytest.mark.parametrize("kv_dtype", ["float8_e4m3fn", "bfloat16"])
-def test_attention_block_equals_the_separate_kernels(bundle: Path, kv_dtype: str) -> None:
-    """Each layer's attention side of a decode step of 2 sequences of different lengths in one
-    native call (`AttentionLayer`) against the same layer through the separate kernels and the
-    reference router, on the same KV state: the residual, the normed FFN input and the KV pool
-    bit for bit, the same experts, and routing weights within float32 rounding (libm's exp
-    against torch's)."""
+@pytest.mark.parametrize("b", [2, 11])
+def test_attention_block_equals_the_separate_kernels(bundle: Path, kv_dtype: str, b: int,
+                                                     monkeypatch) -> None:
+    """Each layer's attention side of a decode step of b sequences of different lengths in
+    native calls of at most `BLOCK_MAX_ROWS` sequences (`AttentionLayer`; 11 = 8 + 3) against
+    the same layer through the separate kernels (their GEMV taking up to 8 rows, one call per
+    chunk of sequences) and the reference router, on the same KV state: the residual, the
+    normed FFN input and the KV pool bit for bit, the same experts, and routing weights within
+    float32 rounding (libm's exp against torch's)."""
     g = _gen()
     with Step3Runtime.load(bundle, dtype="bfloat16", device="cpu", bandwidths=FIXED_BW,
                            vision=False, native_kernels=True, kv_dtype=kv_dtype) as rt, \
@@ -347,19 +350,27 @@ def test_attention_block_equals_the_separate_kernels(bundle: Path, kv_dtype: str
         attn = rt.engine.attn
         assert len(attn.blocks) == len(attn.layers)
         seqs = []
-        for n in (int(torch.randint(3, 20, (), generator=g)), 40):
+        for _ in range(b):
+            n = int(torch.randint(3, 40, (), generator=g))
             seqs.append(attn.kv.allocate(n + 2))
             prompt = torch.randint(3, 250, (n,), generator=g).tolist()
             rt.engine.run([(seqs[-1], n)], attn.embed_tokens(prompt))
+        step = native.BLOCK_MAX_ROWS
         batch = plan_step(attn.kv, [(s, 1) for s in seqs])
+        chunks = [plan_step(attn.kv, [(s, 1) for s in seqs[i:i + step]])
+                  for i in range(0, b, step)]
         blocks, pool = attn.blocks, attn.kv.kv.clone()
         for L in range(len(attn.layers)):
-            h = torch.randn(2, attn.cfg.text_config.hidden_size, generator=g).bfloat16()
+            h = torch.randn(b, attn.cfg.text_config.hidden_size, generator=g).bfloat16()
             attn.kv.kv.copy_(pool)
             got = attn.layer(L, h, batch)
             got_pool, attn.blocks = attn.kv.kv.clone(), {}
             attn.kv.kv.copy_(pool)
-            want = attn.layer(L, h, batch)
+            with monkeypatch.context() as m:
+                m.setattr(native, "MAX_ROWS", step)
+                parts = [attn.layer(L, h[i * step:(i + 1) * step], c)
+                         for i, c in enumerate(chunks)]
+            want = [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
             attn.blocks = blocks
             assert torch.equal(_raw(got_pool), _raw(attn.kv.kv))
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
