@@ -111,6 +111,7 @@ _ENTRY_POINTS = {
     "decode_mfa": ("s3e_decode_mfa", [_P, _I, _I, _I, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I,
                                       _P, _I, _I, _I, _F, _P, _P, _P, _I, _N]),
     "fp8_gather": ("s3e_fp8_gather", [_P, _I, _I, _P, _I, _P, _N]),
+    "argmax": ("s3e_argmax_f32", [_P, _I, _I, _I, _P, _N]),
     "swiglu": ("s3e_swiglu_bf16", [_P, _I, _I, _P, _P, _P, _I, _I, _P, _N, _P, _P, _I, _P,
                                    _N]),
     "attention_block": ("s3e_attention_block", [_P, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I, _P,
@@ -369,6 +370,19 @@ def fp8_gather(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     out = torch.empty(2, n, d)
     threads = torch.get_num_threads() if 2 * n * d >= TEAM_MIN_ELEMENTS else 1
     kernel().fp8_gather(pool.data_ptr(), slots, d, idx.data_ptr(), n, out.data_ptr(), threads)
+    return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """`sampling.greedy` of float32 logits x [B, V] (rows contiguous): the first index of each
+    row's maximum, a NaN counting as the maximum, as int64 [B]. torch's `max(dim)` reads
+    [16, 128K] logits at ~4.5 GB/s on one thread and does not split the rows over threads
+    (~1.8 ms, 6% of a batch-16 step); this reads at memory speed, rows over the team."""
+    b, v = x.shape
+    assert x.dtype == torch.float32 and x.stride(1) == 1 and 0 < v < 1 << 31
+    out = torch.empty(b, dtype=torch.long)
+    threads = min(b, torch.get_num_threads()) if b * v >= TEAM_MIN_ELEMENTS else 1
+    kernel().argmax(x.data_ptr(), b, v, x.stride(0), out.data_ptr(), threads)
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 
 from step3_edge.chat import split_reasoning
 from step3_edge.errors import RuntimeClosedError
+from step3_edge.runtime import native
 from step3_edge.runtime.engine import Engine
 from step3_edge.runtime.kv import SeqKV, block_keys, images_digest
 from step3_edge.runtime.openmp import release_openmp_team
@@ -171,6 +172,9 @@ class Scheduler:
         torch fixes a thread's count at its first parallel op, so it is set there)."""
         self.engine, self.decode, self.prefix_cache = engine, decode, prefix_cache
         self.image_token = engine.attn.cfg.image_token_id
+        # greedy picks of CPU logits through the native kernel where the backend runs them
+        self.greedy = native.argmax if engine.attn.backend.caps.get("native_kernels") \
+            else greedy
         self.threads = threads or torch.get_num_threads()
         self.max_batch, self.max_prefill = max_batch, max_prefill_tokens
         self.waiting: deque[Request] = deque()
@@ -304,7 +308,7 @@ class Scheduler:
                 if r.prefilled == len(r.prompt_ids)]   # not mid-prompt: a token is due
         rows = [i for i, r in live if r.sampling.temperature == 0]
         picked = logits if len(rows) == len(logits) else logits[rows]
-        best = dict(zip(rows, greedy(picked).tolist())) if rows else {}   # one call for all
+        best = dict(zip(rows, self.greedy(picked).tolist())) if rows else {}  # one call for all
         for i, r in live:
             r.embeds = None
             if i in best:

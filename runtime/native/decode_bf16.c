@@ -28,6 +28,8 @@
  * sequences (norms, projections, s3e_decode_mfa, residual, router) in one call.
  *
  * s3e_fp8_gather: an fp8 KV pool's rows gathered and decoded (prefill chunks' attention).
+ *
+ * s3e_argmax_f32: each row's greedy token from float32 logits.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -421,6 +423,48 @@ void s3e_fp8_gather(const int8_t* pool, int64_t slots, int64_t d, const int64_t*
     for (int64_t r = 0; r < 2 * n; r++)
         fp8_row_to_float(pool + ((r / n) * slots + idx[r % n]) * d, out + r * d, d);
 }
+/* Each row's first index of its maximum, as torch's `max(dim)` and `argmax` give it (a NaN
+ * counts as above everything: the first NaN). x: float32 [B, ld], n (< 2^31) columns;
+ * out: int64 [B]. Each of 16 lanes keeps its best value and index (a later element only when
+ * strictly greater, or the first NaN), then the lanes are compared in index order. */
+void s3e_argmax_f32(const float* x, int64_t B, int64_t n, int64_t ld, int64_t* out,
+                    int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t b = 0; b < B; b++) {
+        const float* row = x + b * ld;
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __mmask16 first = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+        __m512 best = _mm512_maskz_loadu_ps(first, row);
+        __m512i idx = _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), first, lane);
+        for (int64_t j = 16; j < n; j += 16) {
+            const __mmask16 live = n - j >= 16 ? (__mmask16)0xffff
+                                               : (__mmask16)((1u << (n - j)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(live, row + j);
+            const __mmask16 take =
+                _mm512_mask_cmp_ps_mask(live, v, best, _CMP_GT_OQ) |
+                (_mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q) &
+                 ~_mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q));
+            best = _mm512_mask_mov_ps(best, take, v);
+            idx = _mm512_mask_mov_epi32(idx, take,
+                                        _mm512_add_epi32(lane, _mm512_set1_epi32((int)j)));
+        }
+        float bv[16];
+        int32_t bi[16];
+        _mm512_storeu_ps(bv, best);
+        _mm512_storeu_si512(bi, idx);
+        int64_t win = -1;
+        for (int l = 0; l < 16; l++) {
+            if (bi[l] < 0) continue;
+            if (win < 0) { win = l; continue; }
+            const int nan_l = isnan(bv[l]), nan_w = isnan(bv[win]);
+            if (nan_l != nan_w ? nan_l
+                               : (!nan_l && bv[l] != bv[win] ? bv[l] > bv[win] : bi[l] < bi[win]))
+                win = l;
+        }
+        out[b] = win < 0 ? 0 : bi[win];
+    }
+}
+
 /* silu(g) * u as torch computes it on bf16 tensors: g and u rounded to bf16, silu in float32
  * rounded to bf16, the product in float32 rounded to bf16. */
 static inline uint16_t silu_mul(float g, float u) {

@@ -1,8 +1,9 @@
 """The native decode kernels (runtime/native.py): the GEMV's products against float64, against
 oneDNN, its float32 output; the SwiGLU MLP and routed sums, the RMSNorm and the decode step's
 attention (RoPE and KV write bit for bit) against the reference's ops; the fp8 gather; the
-build cache, the refusals, and the runtime's logits with them on against torch / oneDNN's.
-Skipped where they cannot build (no AVX512-BF16 or no C compiler), except the refusals."""
+greedy argmax; the build cache, the refusals, and the runtime's logits with them on against
+torch / oneDNN's. Skipped where they cannot build (no AVX512-BF16 or no C compiler), except
+the refusals."""
 
 from __future__ import annotations
 
@@ -250,6 +251,28 @@ def test_fp8_gather_is_bit_exact(n: int, monkeypatch) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("v", [1, 7, 16, 17, 33, 5000])
+def test_argmax_is_greedy(v: int, monkeypatch) -> None:
+    """`native.argmax` against `sampling.greedy` (torch's first index of the maximum) on rows
+    with ties, a NaN (it wins, the first one), all -inf, +inf last and random values, with
+    contiguous and strided rows, on one thread and over the team."""
+    from step3_edge.sampling import greedy
+
+    g = _gen()
+    x = torch.randn(8, v + 3, generator=g)
+    x[1] = (torch.rand(v + 3, generator=g) * 3).floor()               # many ties
+    x[2, int(torch.randint(0, v, (), generator=g))] = float("nan")
+    x[2, v - 1] = float("nan")
+    x[3] = float("-inf")
+    x[4, v - 1] = float("inf")
+    x[5] = x[5].round()
+    for rows in (x[:, :v].contiguous(), x[:, :v], x[::2, :v]):
+        for team in (1 << 62, 0):
+            monkeypatch.setattr(native, "TEAM_MIN_ELEMENTS", team)
+            assert torch.equal(native.argmax(rows), greedy(rows))
+
+
+@needs_native
 def test_build_is_cached_and_written_aside(tmp_path: Path, monkeypatch) -> None:
     """A build into a cache holding another version's build leaves one shared object (no
     temporary files, the stale build removed) that loads; a second build finds it instead of
@@ -312,6 +335,7 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
             kernels = " ".join(eng.attn.backend.describe()["kernels"])
             assert ("native GEMV" in kernels) == on
             assert isinstance(eng.attn.norm, NativeRMSNorm) == on
+            assert (rt.scheduler.greedy is native.argmax) == on          # the greedy picks
             seq = eng.attn.kv.allocate(len(prompt) + 8)
             out = [eng.run([(seq, len(prompt))], eng.attn.embed_tokens(prompt.tolist())).clone()]
             for t in toks:
