@@ -210,15 +210,28 @@ class AttentionWorker:
     def layer(self, L: int, h: torch.Tensor, batch: StepBatch
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Residual h [N, h] -> (new residual, normed FFN input [N, h], top-k ids / weights
-        [N, k] on MoE layers, else None)."""
-        layer, block, g = self.layers[L], self.blocks.get(L), batch.groups[0]
-        if block is not None and len(batch.groups) == 1 and g.t == 1:
-            return self._native_layer(block, L, h, g)
+        [N, k] on MoE layers, else None). A step's decode group (always its first) takes the
+        native block where the layer has one, also beside prefill chunks (continuous
+        batching); the other groups take the reference's ops."""
+        block, g = self.blocks.get(L), batch.groups[0]
+        if block is None or g.t != 1:
+            return self._groups(L, h, batch.groups)
+        first = self._native_layer(block, L, h[:g.b], g)
+        if len(batch.groups) == 1:
+            return first
+        rest = self._groups(L, h, batch.groups[1:])
+        return tuple(None if a is None else torch.cat([a, b])        # type: ignore[return-value]
+                     for a, b in zip(first, rest))
+
+    def _groups(self, L: int, h: torch.Tensor, groups: list[Group]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`layer` for `groups` (rows g.start .. of h, in order) through the reference's ops,
+        one router call for all their rows."""
+        layer, qkv = self.layers[L], self.qkv[L]
         hs, xs = [], []
-        for g in batch.groups:
+        for g in groups:
             hg = h[g.start:g.start + g.b * g.t].view(g.b, g.t, -1)          # [b, t, h]
             cache = GroupCache(self.kv, g)
-            qkv = self.qkv[L]
             hh, xx = layer.attention_side(hg, g.cos, g.sin, g.mask, cache) if qkv is None \
                 else _attention_side(layer, qkv, hg, g.cos, g.sin, g.mask, cache)
             hs.append(hh.reshape(g.b * g.t, -1))
