@@ -6,8 +6,9 @@
    kernels (runtime/native.py), and the reference PyTorch model;
    also batch 1 after a 4,000-token prompt (where attention and the KV cache weigh in);
 3. the same with 50% and 25% of the experts resident: misses computed on the CPU, or copied
-   into the device cache (LFU, the default policy) (on a CPU-only machine both are the same memory: "CPU compute" is
-   plain compute plus bookkeeping, "copy" adds a real memcpy of each missed expert);
+   into the device cache (LFU, the default policy) (on a CPU-only machine both are the same
+   memory: "CPU compute" is plain compute plus bookkeeping, "copy" adds a real memcpy of each
+   missed expert);
 4. hit rates of LRU, LFU, frequency-pinned and each with prefetch, replayed on routing traces
    recorded at batch 1 and at batch 16;
 5. AFD: throughput at batch 16 of attention and FFN in two processes (1 intra-op thread each,

@@ -8,8 +8,8 @@ two optimisation profiles: prefill and decode). Here each layer / expert instanc
 deserialized and refitted with the instance's weights (`export.trt.refit_engine`, fed the same
 `binding.bind` arrays ONNX Runtime gets), with one execution context per profile; a call takes
 the decode profile when its shapes fit it, else the prefill one. All engines of a device share
-one stream and one activation buffer (`Scratch`; calls run one at a time). Inputs are copied to the GPU
-in the engine's I/O types, outputs come back as float32 / int64 host arrays (the graph
+one stream and one activation buffer (`Scratch`; calls run one at a time). Inputs are copied
+to the GPU in the engine's I/O types, outputs come back as float32 / int64 host arrays (the graph
 boundary of the ONNX backend: the paged KV pool stays in host memory).
 
 Written against TensorRT 10's Python API (`execute_async_v3`, named I/O tensors); tested here
