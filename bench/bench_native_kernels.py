@@ -12,7 +12,9 @@
 6. an fp8 KV pool's gather and decode at S keys: native against
    `fp8_to_float(index_select(...))`;
 7. one MoE layer's FFN at one row (a shared and 3 routed experts of `mini`): one `swiglu` call
-   against torch ops around oneDNN's prepacked GEMMs.
+   against torch ops around oneDNN's prepacked GEMMs;
+8. the greedy pick of float32 logits [B, 128815] at B = 1 and 16: `native.argmax` against
+   `sampling.greedy` (torch's `max(dim)`).
 
     python bench/bench_native_kernels.py [--reps 5] [--rows 1]
 """
@@ -28,6 +30,7 @@ from step3_edge.model import RMSNorm, apply_rope, mfa_attention, rope_cos_sin
 from step3_edge.quantize.schemes import cast_fp8, fp8_to_float
 from step3_edge.runtime import native
 from step3_edge.runtime.backends import PackedBf16
+from step3_edge.sampling import greedy
 
 # mini's decode weights per layer, in the order the engine reads them (dense first / last layer)
 DENSE = [(384, 512), (512, 256), (512, 512), (3072, 512), (512, 1536)]
@@ -157,6 +160,13 @@ def main() -> None:
     for rep in range(a.reps):
         t = _time(lambda: native.swiglu(x, handles, terms, torch.bfloat16, 1), 1000)
         print(f"   rep {rep}  {_time(reference_ffn, 1000) * 1e6:6.1f}  {t * 1e6:6.1f}")
+
+    print("\n8. greedy pick of float32 logits [B, 128815] (us): B  sampling.greedy  native")
+    for b in (1, 16):
+        logits = torch.randn(b, LM_HEAD[0])
+        for rep in range(a.reps):
+            print(f"   {b:>2}  rep {rep}  {_time(lambda: greedy(logits), 50) * 1e6:7.1f}  "
+                  f"{_time(lambda: native.argmax(logits), 50) * 1e6:7.1f}")
 
 
 if __name__ == "__main__":
