@@ -219,9 +219,7 @@ class AttentionWorker:
         first = self._native_layer(block, L, h[:g.b], g)
         if len(batch.groups) == 1:
             return first
-        rest = self._groups(L, h, batch.groups[1:])
-        return tuple(None if a is None else torch.cat([a, b])        # type: ignore[return-value]
-                     for a, b in zip(first, rest))
+        return _cat_fields([first, self._groups(L, h, batch.groups[1:])])
 
     def _groups(self, L: int, h: torch.Tensor, groups: list[Group]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -252,9 +250,7 @@ class AttentionWorker:
                       g.sin.view(g.b, -1)[i:i + step], self.kv.kv[L], g.write[i:i + step],
                       g.gather[i:i + step], g.keys[i:i + step])
                 for i in range(0, g.b, step)]
-        if len(outs) == 1:
-            return outs[0]
-        return tuple(None if o[0] is None else torch.cat(o) for o in zip(*outs))
+        return outs[0] if len(outs) == 1 else _cat_fields(outs)
 
     def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and lm_head on residual rows [S, h] -> float32 logits [S, vocab], in
@@ -271,6 +267,12 @@ class AttentionWorker:
             buf = self._logits = torch.empty(max(rows, 16), self.lm_head.shape[0],
                                              device=self.backend.device)
         return buf[:rows]
+
+
+def _cat_fields(parts: list[tuple]) -> tuple:
+    """Field-wise concatenation of `layer` results over consecutive rows (None stays None:
+    dense layers have no routing)."""
+    return tuple(None if f[0] is None else torch.cat(f) for f in zip(*parts))
 
 
 @dataclass(frozen=True)

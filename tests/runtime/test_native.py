@@ -298,29 +298,13 @@ def test_decode_group_beside_a_prefill_chunk(bundle: Path, monkeypatch) -> None:
         mixed = plan_step(attn.kv, [(s, 1) for s in seqs] + [(new, 9)])
         alone = [plan_step(attn.kv, [(s, 1) for s in seqs]), plan_step(attn.kv, [(new, 9)])]
         assert len(mixed.groups) == 2 and mixed.groups[0].t == 1
-        blocks, pool = attn.blocks, attn.kv.kv.clone()
+        pool = attn.kv.kv.clone()
         for L in range(len(attn.layers)):
-            h = torch.randn(12, hidden, generator=g).bfloat16()
-            attn.kv.kv.copy_(pool)
             calls.clear()
-            got = attn.layer(L, h, mixed)
+            _layer_equals_parts(attn, L, torch.randn(12, hidden, generator=g).bfloat16(),
+                                mixed, [(slice(0, 3), alone[0]), (slice(3, 12), alone[1])],
+                                3, pool, monkeypatch)
             assert calls == [3]                          # the decode group, in the block
-            got_pool, attn.blocks = attn.kv.kv.clone(), {}
-            attn.kv.kv.copy_(pool)
-            with monkeypatch.context() as m:
-                m.setattr(native, "MAX_ROWS", 3)
-                parts = [attn.layer(L, h[:3], alone[0]), attn.layer(L, h[3:], alone[1])]
-                moe = attn.layers[L].moe if attn.layers[L].is_moe else None
-                probs = None if moe is None else torch.cat(
-                    [torch.softmax(moe.gate(p[1]).float(), -1) for p in parts])
-            attn.blocks = blocks
-            want = [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
-            assert torch.equal(_raw(got_pool), _raw(attn.kv.kv))
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-            if want[2] is None:
-                assert got[2] is None and got[3] is None
-            else:
-                _same_routing(probs, got[2:], want[2:])
 
 
 @needs_native
@@ -421,6 +405,35 @@ def _same_routing(probs: torch.Tensor, got: tuple, want: tuple) -> None:
         assert torch.equal(probs[r, ids[r]], probs[r, ref_ids[r]])
 
 
+def _layer_equals_parts(attn, L: int, h: torch.Tensor, batch, parts: list, rows: int,
+                        pool: torch.Tensor, monkeypatch) -> None:
+    """`attn.layer(L, h, batch)` with the native blocks against the same rows run as the
+    steps `parts` ([(rows of h, StepBatch)]) without them (the separate kernels, their GEMV
+    taking up to `rows` rows), each from the KV state `pool`: the residual, the normed FFN
+    input and the KV pool bit for bit, and the reference's routing (`_same_routing`)."""
+    blocks = attn.blocks
+    attn.kv.kv.copy_(pool)
+    got = attn.layer(L, h, batch)
+    got_pool, attn.blocks = attn.kv.kv.clone(), {}
+    attn.kv.kv.copy_(pool)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(native, "MAX_ROWS", rows)
+            outs = [attn.layer(L, h[r], b) for r, b in parts]
+            moe = attn.layers[L].moe if attn.layers[L].is_moe else None
+            probs = None if moe is None else torch.cat(
+                [torch.softmax(moe.gate(o[1]).float(), -1) for o in outs])
+    finally:
+        attn.blocks = blocks
+    want = [None if f[0] is None else torch.cat(f) for f in zip(*outs)]
+    assert torch.equal(_raw(got_pool), _raw(attn.kv.kv))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if want[2] is None:
+        assert got[2] is None and got[3] is None
+        return
+    _same_routing(probs, got[2:], want[2:])
+
+
 @needs_native
 @pytest.mark.parametrize("kv_dtype", ["float8_e4m3fn", "bfloat16"])
 @pytest.mark.parametrize("b", [2, 11])
@@ -448,25 +461,8 @@ def test_attention_block_equals_the_separate_kernels(bundle: Path, kv_dtype: str
         batch = plan_step(attn.kv, [(s, 1) for s in seqs])
         chunks = [plan_step(attn.kv, [(s, 1) for s in seqs[i:i + step]])
                   for i in range(0, b, step)]
-        blocks, pool = attn.blocks, attn.kv.kv.clone()
+        pool = attn.kv.kv.clone()
         for L in range(len(attn.layers)):
             h = torch.randn(b, attn.cfg.text_config.hidden_size, generator=g).bfloat16()
-            attn.kv.kv.copy_(pool)
-            got = attn.layer(L, h, batch)
-            got_pool, attn.blocks = attn.kv.kv.clone(), {}
-            attn.kv.kv.copy_(pool)
-            with monkeypatch.context() as m:
-                m.setattr(native, "MAX_ROWS", step)
-                parts = [attn.layer(L, h[i * step:(i + 1) * step], c)
-                         for i, c in enumerate(chunks)]
-                moe = attn.layers[L].moe if attn.layers[L].is_moe else None
-                probs = None if moe is None else torch.cat(
-                    [torch.softmax(moe.gate(p[1]).float(), -1) for p in parts])
-            want = [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
-            attn.blocks = blocks
-            assert torch.equal(_raw(got_pool), _raw(attn.kv.kv))
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-            if want[2] is None:
-                assert got[2] is None and got[3] is None
-                continue
-            _same_routing(probs, got[2:], want[2:])
+            parts = [(slice(i * step, (i + 1) * step), c) for i, c in enumerate(chunks)]
+            _layer_equals_parts(attn, L, h, batch, parts, step, pool, monkeypatch)
