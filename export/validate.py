@@ -11,7 +11,12 @@ so one number fits logits and hidden states alike). Per precision (see export/RE
   MatMul): only summation order differs, measured ~3e-7 relative on tiny; 1e-4 leaves room
   for the ~sqrt(K) growth at 7168 wide.
 - int8 / int4 (MatMulNBits or fused int8 DequantizeLinear, accuracy_level 4): ORT quantizes
-  the activations to int8 per block of 128, measured up to 1.8e-2 relative on tiny; 5e-2.
+  the activations to int8 per block of 128. On the trained default model's cpu int8 export
+  (700-2,500 draws per graph) the worst element of an output, relative to max|ref|, had a
+  median of 0.6-1.4%, a 99th percentile of 1.0-3.3% and a maximum of 7.1%: rare single
+  elements at ~10x the error of the rest of their row, which failed about one export in a
+  few hundred at the former 5e-2. 1e-1; a graph bound to another layer's weights errs by
+  far more (tested).
 Router outputs are tie-aware: the graph may pick a different expert only where the reference
 probabilities of the two choices are within the tolerance.
 """
@@ -43,7 +48,7 @@ class Tolerance:
 
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-5, 1e-4), "fp8": Tolerance(1e-5, 1e-4),
-    "int8": Tolerance(1e-4, 5e-2), "int4": Tolerance(1e-4, 5e-2),
+    "int8": Tolerance(1e-4, 1e-1), "int4": Tolerance(1e-4, 1e-1),
 }
 # a prefill-like and a decode-like case (vision: batch 1 and 2 views)
 SHAPES = ({"batch": 2, "seq": 5, "past": 6, "tokens": 7},
@@ -147,10 +152,10 @@ def _router_checks(got: dict[str, np.ndarray], want: dict[str, np.ndarray], tol:
                    renorm: bool) -> list[Check]:
     """Tie-aware: the reference probabilities of the graph's chosen experts must equal the
     reference top-k probabilities (so only near-ties may flip), and the graph's weights must
-    match the reference probabilities of the experts it chose, within twice the tolerance:
-    the router's softmax amplifies the attention side's quantization error when the router is
-    sharp (the trained default model, int4: worst 0.053 at a top probability of 0.90, over
-    the 0.045 the plain int4 tolerance allows; typical 0.3-0.5 of it)."""
+    match the reference probabilities of the experts it chose, within the tolerance (the
+    router's softmax amplifies the attention side's quantization error when the router is
+    sharp: on the trained default model's int8 / int4 exports, at most 0.067 / 0.058 of the
+    largest probability over 2,800-5,000 draws)."""
     k = got["topk_ids"].shape[-1]
     probs = want["router_probs"]                                          # [N, E]
     ids = got["topk_ids"].reshape(-1, k)                                  # [N, k]
@@ -161,6 +166,5 @@ def _router_checks(got: dict[str, np.ndarray], want: dict[str, np.ndarray], tol:
     out = [Check("topk_ids", float(np.abs(picked - top).max()), 1.0, allowed)]
     expect = chosen / chosen.sum(-1, keepdims=True) if renorm else chosen
     err = float(np.abs(got["topk_weights"].reshape(-1, k) - expect).max())
-    out.append(Check("topk_weights", err, float(expect.max()),
-                     2 * tol.allowed(float(expect.max()))))
+    out.append(Check("topk_weights", err, float(expect.max()), tol.allowed(float(expect.max()))))
     return out
