@@ -6,7 +6,7 @@ same run (prefill 512 tokens, decode batch 1 and batch 16 with 512 tokens of con
     python bench/bench_export.py --choices             # + weight binding / op choices
     python bench/bench_export.py --choices-only --dims 7168 5120   # one real Step3 expert
 
-Prints tables; asserts nothing (numbers go in export/README.md).
+Prints tables; asserts nothing (numbers go in README.md, export).
 """
 
 from __future__ import annotations

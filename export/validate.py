@@ -6,7 +6,8 @@ stored weights dequantized to fp32, so the check isolates the graph and its kern
 quantization error is measured end to end (tests/export/test_bundle_accuracy.py).
 
 Tolerance per output: max |onnx - reference| <= atol + rtol * max |reference| (scale-aware,
-so one number fits logits and hidden states alike). Per precision (see export/README.md):
+so one number fits logits and hidden states alike). Per precision (README.md, "Validation and
+tolerances"):
 - fp32 (bf16 weights computed in fp32) and fp8 (DequantizeLinear -> exact fp32 weights, fp32
   MatMul): only summation order differs, measured ~3e-7 relative on tiny; 1e-4 leaves room
   for the ~sqrt(K) growth at 7168 wide.

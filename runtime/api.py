@@ -27,7 +27,7 @@ OVERRIDES: dict[str, str] = {
     "backend": "'torch', 'onnxruntime' (the bundle's ONNX subgraphs; CPU provider, or CUDA "
                "with onnxruntime-gpu), 'tensorrt' (the bundle's TensorRT engines on a CUDA "
                "GPU) or 'auto' (default: onnxruntime for float32 compute on "
-               "a CPU when the bundle has ONNX subgraphs, else torch; runtime/README.md)",
+               "a CPU when the bundle has ONNX subgraphs, else torch; README.md, runtime)",
     "resident": "routed experts on the device: a fraction in [0, 1] or a count "
                 "(default: the plan's hot set)",
     "cache": "device expert cache policy: 'static', 'lru' or 'lfu' (default)",
@@ -95,8 +95,8 @@ TRISTATE = ("stacked_experts", "native_kernels")    # None (decided at load), Tr
 
 def _check_options(o: dict[str, Any]) -> None:
     """Counts are whole numbers >= 1, flags are booleans, afd_backend is gloo or nccl,
-    afd_timeout is positive: checked before any weight is read (the options with their own
-    parsers check themselves)."""
+    resident is a number, afd_timeout is positive: checked before any weight is read (the
+    options with their own parsers check themselves)."""
     for k in COUNTS:
         v = o.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -109,6 +109,10 @@ def _check_options(o: dict[str, Any]) -> None:
             raise ConfigError(f"{k}={o[k]!r}", f"give {k} as None, True or False")
     if o.get("afd_backend") not in (None, "gloo", "nccl"):
         raise ConfigError(f"afd_backend={o['afd_backend']!r}", "use 'gloo' or 'nccl'")
+    r = o.get("resident")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))):
+        raise ConfigError(f"resident={r!r}", "give a fraction in [0, 1] (a float) or a count "
+                          "of experts (a whole number)")
     t = o.get("afd_timeout")
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
         raise ConfigError(f"afd_timeout={t!r}", "give the seconds to wait as a number > 0")
@@ -156,7 +160,7 @@ class Step3Runtime:
             from step3_edge.runtime.afd import attention_rank_count
 
             ranks = attention_rank_count(plan, o)
-            if not o.get("kv_tokens"):                    # the plan's KV, split over ranks
+            if o.get("kv_tokens") is None:                # the plan's KV, split over ranks
                 kv_tokens = max(16, kv_tokens // ranks)
         elif o.get("attention_ranks") not in (None, 1):
             raise ConfigError(f"attention_ranks={o['attention_ranks']!r} without afd",

@@ -82,7 +82,7 @@ def choose_backend(o: dict[str, Any], manifest: Manifest) -> str:
     """`backend` as asked, or for "auto" (the default): ONNX Runtime when the bundle has ONNX
     subgraphs, no GPU is used and float32 compute is asked for (the CPU graphs compute in
     float32, where ORT's fused graphs beat torch ~2x); torch otherwise (bf16 compute reads
-    the stored bf16 weights, half the bytes, and is as fast or faster: runtime/README.md)."""
+    the stored bf16 weights, half the bytes, and is as fast or faster: README.md, runtime)."""
     name = o.get("backend") or "auto"
     if name != "auto":
         return name
@@ -111,7 +111,11 @@ def kv_settings(o: dict[str, Any], dtype: torch.dtype, plan: Plan, cfg: Step3Con
         kv_dtype = getattr(torch, kv_dtype)
     per_token = 2 * t.num_hidden_layers * t.head_dim * kv_dtype.itemsize
     planned = sum(d.kv_bytes for d in plan.device_plans)
-    kv_tokens = int(o.get("kv_tokens") or min(planned // per_token, MAX_DEFAULT_KV_TOKENS))
+    kv_tokens = o.get("kv_tokens")
+    if kv_tokens is None:
+        kv_tokens = min(planned // per_token, MAX_DEFAULT_KV_TOKENS)
+    elif isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int):
+        raise ConfigError(f"kv_tokens={kv_tokens!r}", "give kv_tokens as a whole number >= 16")
     if kv_tokens < 16:
         raise ConfigError(f"kv_tokens={kv_tokens}", "give at least 16 KV tokens")
     return kv_dtype, kv_tokens

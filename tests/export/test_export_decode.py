@@ -16,7 +16,7 @@ from step3_edge.processor import Step3Processor
 
 NEW = 32
 # (max |logits - reference| / max |reference|, RMS relative error), prefill of 2 x 16 tokens
-# on `tiny` against the bf16 reference. Measured over 8 seeds (export/README.md):
+# on `tiny` against the bf16 reference. Measured over 8 seeds (README.md, export):
 #   cpu  (block-fp8 source -> int8_block, MatMulNBits acc 4)  max 0.08-0.13, RMS 0.069-0.080
 #        (the block-fp8 source checkpoint alone is already at RMS 0.078 on random weights)
 #   a10  (bf16 -> int8_per_channel, DequantizeLinear)        max 0.02-0.10, RMS 0.021-0.033

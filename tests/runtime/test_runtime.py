@@ -147,7 +147,9 @@ def test_load_errors(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="resident"):
         Step3Runtime.load(bundle, device="cpu", resident=10**6, bandwidths=FIXED_BW)
     for bad in ({"threads": 0}, {"max_batch": 0}, {"prefetch": "maybe"}, {"afd_timeout": -1},
-                {"afd_backend": "mpi"}, {"device": "gpu0"}):
+                {"afd_backend": "mpi"}, {"device": "gpu0"}, {"kv_tokens": 0},
+                {"kv_tokens": 8}, {"kv_tokens": "4096"}, {"kv_tokens": True},
+                {"resident": "half"}, {"resident": True}):
         with pytest.raises(ConfigError, match=f"{next(iter(bad.values()))!r}"):
             Step3Runtime.load(bundle, **{"device": "cpu", **bad})
     with pytest.raises(ConfigError, match="host_to_device, host_memory"):
