@@ -23,6 +23,7 @@ from step3_edge.errors import BundleError, MissingExtraError, PromptError
 from step3_edge.export.binding import FLOAT8E4M3FN, Bound, WeightBinding, bind
 from step3_edge.export.subgraphs import Instance
 from step3_edge.manifest import Manifest, load_manifest, sha256_file
+from step3_edge.vision import CROPS_PER_CALL
 
 
 def _ort():
@@ -170,11 +171,12 @@ class OnnxStep3:
         return cls(BundleGraphs(bundle, **kwargs))
 
     def encode_images(self, images: list) -> np.ndarray:
-        """Vision features [n_image_tokens, h] for a list of ImageViews (crops, then global)."""
+        """Vision features [n_image_tokens, h] for a list of ImageViews (crops,
+        `CROPS_PER_CALL` per graph call, then global)."""
         feats = []
         for views in images:
-            if views.crops.shape[0]:
-                f = self.graphs.run("vision_crop", {"pixel_values": _np(views.crops)})
+            for crops in views.crops.split(CROPS_PER_CALL) if views.crops.shape[0] else ():
+                f = self.graphs.run("vision_crop", {"pixel_values": _np(crops)})
                 feats.append(f["features"].reshape(-1, f["features"].shape[-1]))
             g = self.graphs.run("vision_global", {"pixel_values": _np(views.global_view[None])})
             feats.append(g["features"][0])

@@ -30,6 +30,7 @@ from step3_edge.errors import MissingExtraError
 from step3_edge.export.binding import FLOAT8E4M3FN, WeightBinding, bind
 from step3_edge.export.subgraphs import Instance
 from step3_edge.targets import Target
+from step3_edge.vision import CROPS_PER_CALL
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class TrtShapes:
     prefill_tokens: int = 512        # opt sequence length of the prefill profile
     max_prefill: int = 4096
     max_context: int = 8192
-    max_crops: int = 36
+    max_crops: int = CROPS_PER_CALL  # the runtime runs an image's crops in calls of this many
 
 
 def import_tensorrt() -> ModuleType:

@@ -15,7 +15,8 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config, Step3TextConfig
 from step3_edge.errors import PromptError
 from step3_edge.sampling import SamplingParams, sample_next
-from step3_edge.vision import Step3VisionEncoder, build_vision_heads, project_features
+from step3_edge.vision import (CROPS_PER_CALL, Step3VisionEncoder, build_vision_heads,
+                               project_features)
 
 
 class RMSNorm(nn.Module):
@@ -309,12 +310,13 @@ class Step3ForConditionalGeneration(nn.Module):
 
     def encode_images(self, images: list) -> torch.Tensor:
         """Vision features for a list of ImageViews, in token order: for each image its crops
-        (raster order) then its global view. -> [n_image_tokens, hidden]."""
+        (raster order, `CROPS_PER_CALL` per tower call) then its global view.
+        -> [n_image_tokens, hidden]."""
         heads = (self.vit_downsampler, self.vit_downsampler2, self.vit_large_projector)
         feats = []
         for views in images:
-            if views.crops.shape[0]:
-                f = project_features(self.vision_model(views.crops.to(self.dtype)), *heads)
+            for crops in views.crops.split(CROPS_PER_CALL) if views.crops.shape[0] else ():
+                f = project_features(self.vision_model(crops.to(self.dtype)), *heads)
                 feats.append(f.reshape(-1, f.shape[-1]))                # [n*81, h]
             g = project_features(self.vision_model(views.global_view[None].to(self.dtype)),
                                  *heads)

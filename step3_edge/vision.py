@@ -22,6 +22,10 @@ from step3_edge.config import Step3Config, Step3VisionConfig
 from step3_edge.errors import ImageError
 
 PAD_TP_SIZE = 4  # tokens in front of the patches: 3 CLS copies + CLS (vLLM "hard code for padding")
+# Crops per vision-tower call. The crop rule has no upper bound: a 64x20000 image gives 336
+# crops, whose activations in one batch (and the attention scores of an exported graph)
+# exhausted 24 GB with `tiny`'s 32-wide ViT. Step3's ViT at 8 crops: ~0.6 GB per MLP tensor.
+CROPS_PER_CALL = 8
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

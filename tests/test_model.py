@@ -6,6 +6,7 @@ from step3_edge.errors import PromptError
 from step3_edge.model import (DIRECT_QUERIES, KVCache, Step3ForConditionalGeneration, apply_rope,
                               attention_mask, mfa_attention, rope_cos_sin)
 from step3_edge.sampling import SamplingParams, sample_next
+from step3_edge.vision import CROPS_PER_CALL
 
 
 def _ids(rng, b, t, vocab=128815):
@@ -188,6 +189,30 @@ def test_images_are_merged_at_im_patch_positions(tiny_model, rng):
         tiny_model.embed(ids[:, :-5], [views])
     with pytest.raises(PromptError, match="no image"):
         tiny_model.embed(ids)
+
+
+def test_many_crops_run_in_bounded_calls(tiny_model, rng, monkeypatch):
+    """An image with more crops than `CROPS_PER_CALL` (a 64x20000 image gets 336) goes
+    through the tower in calls of at most that many crops, with the features of one call
+    over all of them (within float32 rounding: other GEMM blockings)."""
+    from types import SimpleNamespace
+
+    import step3_edge.model as model_module
+
+    n = 2 * CROPS_PER_CALL + 3
+    views = SimpleNamespace(global_view=torch.randn(3, 728, 728, generator=rng),
+                            crops=torch.randn(n, 3, 504, 504, generator=rng))
+    sizes: list[int] = []
+    tower = tiny_model.vision_model.forward
+    monkeypatch.setattr(tiny_model.vision_model, "forward",
+                        lambda x: sizes.append(x.shape[0]) or tower(x))
+    with torch.no_grad():
+        feats = tiny_model.encode_images([views])
+        monkeypatch.setattr(model_module, "CROPS_PER_CALL", n)
+        whole = tiny_model.encode_images([views])
+    assert sizes == [CROPS_PER_CALL, CROPS_PER_CALL, 3, 1, n, 1]
+    assert feats.shape == (n * 81 + 169, tiny_model.config.text_config.hidden_size)
+    torch.testing.assert_close(feats, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_context_overflow_is_a_prompt_error(tiny_model):

@@ -53,6 +53,28 @@ def test_greedy_tokens_with_an_image_equal_the_reference(runner: OnnxStep3, tiny
     assert torch.equal(got, want), (got[0, -NEW:], want[0, -NEW:])
 
 
+def test_many_crops_run_in_bounded_graph_calls(runner: OnnxStep3, tiny_model, rng,
+                                               monkeypatch) -> None:
+    """More crops than `CROPS_PER_CALL`: the crop graph runs on at most that many per call,
+    and the features equal the reference's within float32 rounding."""
+    from types import SimpleNamespace
+
+    from step3_edge.vision import CROPS_PER_CALL
+
+    n = CROPS_PER_CALL + 3
+    views = SimpleNamespace(global_view=torch.randn(3, 728, 728, generator=rng),
+                            crops=torch.randn(n, 3, 504, 504, generator=rng))
+    sizes: list[int] = []
+    run = runner.graphs.run
+    monkeypatch.setattr(runner.graphs, "run", lambda kind, feeds, *a: sizes.append(
+        (kind, len(feeds["pixel_values"]))) or run(kind, feeds, *a))
+    got = runner.encode_images([views])
+    assert sizes == [("vision_crop", CROPS_PER_CALL), ("vision_crop", 3), ("vision_global", 1)]
+    with torch.no_grad():
+        want = tiny_model.encode_images([views]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_prefill_logits_match_and_decode_steps_reuse_the_cache(runner: OnnxStep3, tiny_model,
                                                                rng) -> None:
     from step3_edge.export.onnx_runner import OnnxKVCache

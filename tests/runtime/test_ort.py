@@ -12,6 +12,7 @@ from PIL import Image
 
 from step3_edge.errors import ConfigError
 from step3_edge.runtime import Step3Runtime
+from step3_edge.runtime.api import GRAPH_PREFILL_TOKENS
 
 pytest.importorskip("onnxruntime")
 
@@ -56,9 +57,13 @@ def test_ort_needs_onnx_subgraphs(bundle: Path, onnx_bundle: Path) -> None:
 
 
 def test_auto_backend_choice(onnx_bundle: Path, bundle: Path) -> None:
+    """The backend picked, and its default prompt tokens per step (the graphs' attention
+    materializes [chunk, context] scores: shorter chunks)."""
     with Step3Runtime.load(onnx_bundle, device="cpu", dtype="float32", vision=False) as rt:
         assert rt.stats()["backend"]["backend"] == "onnxruntime"
+        assert rt.scheduler.max_prefill == GRAPH_PREFILL_TOKENS
     with Step3Runtime.load(onnx_bundle, device="cpu", vision=False) as rt:   # bf16 compute
         assert rt.stats()["backend"]["backend"] == "torch"
+        assert rt.scheduler.max_prefill == 2048
     with Step3Runtime.load(bundle, device="cpu", dtype="float32", vision=False) as rt:
         assert rt.stats()["backend"]["backend"] == "torch"                  # no subgraphs
