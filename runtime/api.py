@@ -233,6 +233,8 @@ class Step3Runtime:
                               f"exceed the context of {self.max_context:,}",
                               "shorten the prompt or lower max_new_tokens")
         _check_seed(seed)
+        if stop is not None and not isinstance(stop, (str, list, tuple)):
+            raise PromptError(f"stop={stop!r}", "give a string or a list of strings")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
             raise PromptError(f"stop strings {stops!r}", "give non-empty strings")

@@ -88,6 +88,9 @@ def test_prompt_over_context_or_kv_capacity_is_a_prompt_error(rt, bundle: Path,
         rt.generate(prompts[0], max_new_tokens=0)
     with pytest.raises(PromptError, match="seed"):
         rt.generate(prompts[0], max_new_tokens=2, seed="x")
+    for stop in (5, [""], ["ok", 3]):
+        with pytest.raises(PromptError, match="stop"):
+            rt.generate(prompts[0], max_new_tokens=2, stop=stop)
 
 
 def test_stop_strings_and_streaming(rt, prompts) -> None:
