@@ -212,6 +212,10 @@ class ImagePatcher:
         if max(w, h) > self.max_image_size:
             scale = self.max_image_size / max(w, h)
             w, h = int(w * scale), int(h * scale)
+            if min(w, h) < 1:
+                raise ImageError(f"image {width}x{height} is too thin: capping its long side at "
+                                 f"{self.max_image_size} px leaves its short side under 1 px",
+                                 "crop it, or pad it towards a square")
         resized = (w, h)
         window = self.window_size(max(w, h), min(w, h))
         if window == 0:
@@ -377,8 +381,16 @@ class Step3Processor:
                 + self.global_tokens + 2)
 
     def preprocess(self, image: Any) -> ImageViews:
-        """Load (see `load_image`) and crop one image into its ImageViews."""
+        """Load (see `load_image`) and crop one image into its ImageViews. An image whose
+        tokens alone exceed the context is refused before any crop is made (the crop rule has
+        no upper bound: a 64x20000 image gives 336 crops, 28,059 tokens, 1 GB of pixels)."""
         img = load_image(image, self.max_pixels)
+        n, ctx = self.num_image_tokens(*img.size), self.cfg.text_config.max_context
+        if n > ctx:
+            raise ImageError(f"image {img.size[0]}x{img.size[1]} expands to "
+                             f"{self.patcher.plan(*img.size).num_crops} crops = {n:,} tokens, "
+                             f"over the context of {ctx:,}",
+                             "crop the image, or scale or pad it towards a square")
         return image_views(img, self.patcher, self.crop_tokens, self.global_tokens)
 
     def image_token_ids(self, views: ImageViews) -> list[int]:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, ImageError, PromptError
+import step3_edge.processor as processor_module
 from step3_edge.processor import (CLIP_MEAN, CLIP_STD, ImagePatcher, ImageViews, Step3Processor,
                                   image_token_layout, load_image, to_pixel_values)
 from step3_edge.tasks import COLOURS, SHAPES, task_texts
@@ -345,6 +346,25 @@ def test_bad_images_raise_image_error(tmp_path) -> None:
         load_image(good, max_pixels=1000)
     with pytest.raises(ImageError, match="limit of 1000"):
         load_image(Image.new("RGB", (50, 50)), max_pixels=1000)
+
+
+def test_extreme_aspect_ratios_are_refused_before_cropping(proc: Step3Processor,
+                                                          monkeypatch) -> None:
+    """A 200000x32 image's short side scales to 0 px (the spec's rule would divide by it);
+    a 60000x32 one expands to 3024 crops, 251K tokens, over the context: both are ImageErrors
+    raised before a crop is made. A 20000x64 one (336 crops) still runs."""
+    with pytest.raises(ImageError, match="too thin") as ei:
+        proc.preprocess(Image.new("RGB", (200_000, 32)))
+    assert ei.value.remedy
+    made: list[int] = []
+    views = processor_module.image_views
+    monkeypatch.setattr(processor_module, "image_views",
+                        lambda img, *a: made.append(img.size) or views(img, *a))
+    with pytest.raises(ImageError, match="3024 crops = 251,163 tokens, over the context of "
+                                         "65,536") as ei:
+        proc.preprocess(Image.new("RGB", (60_000, 32)))
+    assert ei.value.remedy and not made
+    assert proc.preprocess(Image.new("RGB", (20_000, 64))).num_crops == 336 and made
 
 
 # ------------------------------------------------------------------------ processor
