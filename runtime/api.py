@@ -13,8 +13,9 @@ from step3_edge.errors import ConfigError, PromptError
 from step3_edge.processor import ImageViews, Step3Processor
 from step3_edge.runtime.backends import make_backend
 from step3_edge.runtime.engine import Engine
-from step3_edge.runtime.loading import (bandwidths_option, build_attention, build_ffn,
-                                        choose_backend, kv_settings, open_bundle)
+from step3_edge.runtime.loading import (GRAPH_BACKENDS, bandwidths_option, build_attention,
+                                        build_ffn, check_kv_memory, choose_backend,
+                                        kv_settings, open_bundle)
 from step3_edge.runtime.openmp import release_openmp_team
 from step3_edge.runtime.planner import Plan
 from step3_edge.runtime.scheduler import Generation, Request, Scheduler, stats
@@ -171,6 +172,10 @@ class Step3Runtime:
         elif o.get("attention_ranks") not in (None, 1):
             raise ConfigError(f"attention_ranks={o['attention_ranks']!r} without afd",
                               "load with afd=True (or 'env') for several attention ranks")
+        graphs = o["backend"] in GRAPH_BACKENDS             # their KV pool: float32, host
+        check_kv_memory(kv_tokens, torch.float32 if graphs else kv_dtype, cfg,
+                        torch.device("cpu") if graphs else backend.device, backend.device,
+                        manifest)
         attn = build_attention(cfg, reader, backend, kv_tokens, kv_dtype,
                                bool(o.get("vision", True)))
         if afd:
@@ -184,8 +189,7 @@ class Step3Runtime:
             engine = Engine(attn, ffn, bool(o.get("sync_timing", False)))
         lim = getattr(backend, "limits", {})          # TensorRT: its engines' profile bounds
         max_batch = int(o.get("max_batch", 32))
-        max_prefill = int(o.get("max_prefill_tokens", 2048 if o["backend"] == "torch" else
-                                GRAPH_PREFILL_TOKENS))
+        max_prefill = int(o.get("max_prefill_tokens", GRAPH_PREFILL_TOKENS if graphs else 2048))
         try:
             processor = Step3Processor.from_pretrained(bundle, cfg)
             sched = Scheduler(engine, processor.decode,

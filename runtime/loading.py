@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from step3_edge.checkpoint import INDEX_NAME, CheckpointReader
 from step3_edge.config import Step3Config
-from step3_edge.errors import BundleError, ConfigError
+from step3_edge.errors import BundleError, ConfigError, PlanError
 from step3_edge.manifest import Manifest, load_manifest
 from step3_edge.model import Step3MoE
 from step3_edge.runtime.backends import TorchBackend
@@ -119,6 +120,29 @@ def kv_settings(o: dict[str, Any], dtype: torch.dtype, plan: Plan, cfg: Step3Con
     if kv_tokens < 16:
         raise ConfigError(f"kv_tokens={kv_tokens}", "give at least 16 KV tokens")
     return kv_dtype, kv_tokens
+
+
+def check_kv_memory(kv_tokens: int, kv_dtype: torch.dtype, cfg: Step3Config,
+                    pool: torch.device, compute: torch.device, manifest: Manifest) -> None:
+    """Refuse, before any weight is read, a KV pool in CPU memory (`pool`) that does not fit
+    in the memory available now, beside the bundle's weights when they are computed on the CPU
+    too (torch would fail to allocate it, or the kernel would kill the process while it is
+    zeroed)."""
+    if pool.type != "cpu":
+        return
+    t = cfg.text_config
+    per_token = 2 * t.num_hidden_layers * t.head_dim * kv_dtype.itemsize
+    weights = sum(a.bytes for a in manifest.artifacts if a.kind == "weights") \
+        if compute.type == "cpu" else 0
+    free = psutil.virtual_memory().available
+    if kv_tokens * per_token + weights > free:
+        fit = max(0, (free - weights) // per_token)
+        raise PlanError(f"a KV pool of {kv_tokens:,} tokens needs "
+                        f"{kv_tokens * per_token / 2**30:.2f} GiB beside "
+                        f"{weights / 2**30:.2f} GiB of weights, but {free / 2**30:.2f} GiB of "
+                        "CPU memory is available",
+                        f"load with kv_tokens <= {fit:,}, or free memory" if fit >= 16 else
+                        "free memory, or use a machine with more")
 
 
 def resident_set(cfg: Step3Config, plan: Plan, resident: float | int | None,

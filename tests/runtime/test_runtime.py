@@ -12,6 +12,7 @@ import torch
 from runtime_helpers import FIXED_BW, MAX_NEW, reference_tokens, routed_tokens
 from PIL import Image
 
+from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, PromptError, RuntimeClosedError
 from step3_edge.runtime import Step3Runtime
 
@@ -161,6 +162,34 @@ def test_load_errors(bundle: Path, tmp_path: Path) -> None:
 
     with pytest.raises(BundleError, match="not a bundle"):
         Step3Runtime.load(tmp_path)
+
+
+def test_kv_pool_over_the_available_memory_is_refused(bundle: Path, monkeypatch) -> None:
+    """A KV pool that does not fit beside the weights in the CPU memory available is a
+    PlanError naming the numbers and a kv_tokens that fits, before any weight is read; that
+    kv_tokens loads."""
+    from types import SimpleNamespace
+
+    import step3_edge.runtime.api as api
+    import step3_edge.runtime.loading as loading
+    from step3_edge.errors import PlanError
+    from step3_edge.manifest import load_manifest
+
+    t = Step3Config.from_pretrained(bundle).text_config
+    per_token = 2 * t.num_hidden_layers * t.head_dim * 4                  # float32 pool
+    weights = sum(a.bytes for a in load_manifest(bundle).artifacts if a.kind == "weights")
+    free = weights + 1000 * per_token + per_token // 2
+    monkeypatch.setattr(loading.psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
+    build = api.build_attention
+    monkeypatch.setattr(api, "build_attention", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(PlanError, match=r"KV pool of 2,000 tokens") as e:
+        Step3Runtime.load(bundle, device="cpu", dtype="float32", kv_tokens=2000,
+                          bandwidths=FIXED_BW, vision=False)
+    assert "kv_tokens <= 1,000" in e.value.remedy
+    monkeypatch.setattr(api, "build_attention", build)
+    with Step3Runtime.load(bundle, device="cpu", dtype="float32", kv_tokens=1000,
+                           bandwidths=FIXED_BW, vision=False) as rt:
+        assert rt.kv_capacity == 1000 // 16 * 16                       # whole blocks
 
 
 def test_bf16_compute_runs(bundle: Path, prompts) -> None:
