@@ -23,7 +23,7 @@ from step3_edge.errors import BundleError, MissingExtraError, PromptError
 from step3_edge.export.binding import FLOAT8E4M3FN, Bound, WeightBinding, bind
 from step3_edge.export.subgraphs import Instance
 from step3_edge.manifest import Manifest, load_manifest, sha256_file
-from step3_edge.vision import CROPS_PER_CALL
+from step3_edge.vision import crop_batches
 
 
 def _ort():
@@ -175,7 +175,7 @@ class OnnxStep3:
         `CROPS_PER_CALL` per graph call, then global)."""
         feats = []
         for views in images:
-            for crops in views.crops.split(CROPS_PER_CALL) if views.crops.shape[0] else ():
+            for crops in crop_batches(views.crops):
                 f = self.graphs.run("vision_crop", {"pixel_values": _np(crops)})
                 feats.append(f["features"].reshape(-1, f["features"].shape[-1]))
             g = self.graphs.run("vision_global", {"pixel_values": _np(views.global_view[None])})

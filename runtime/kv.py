@@ -66,6 +66,11 @@ def images_digest(images: Sequence[Any] | None) -> bytes:
 
 
 @dataclass
+def kv_bytes_per_token(cfg: Step3TextConfig, dtype: torch.dtype) -> int:
+    """Pool bytes per token: one K and one V head of every layer."""
+    return 2 * cfg.num_hidden_layers * cfg.head_dim * dtype.itemsize
+
+
 class SeqKV:
     """One sequence's KV: its blocks (reserved up front) and how many tokens are written
     (a prefix-cache hit starts with its shared blocks' tokens written)."""
@@ -137,7 +142,7 @@ class KVPool:
         return len(self.evictable) * BLOCK
 
     def bytes_per_token(self) -> int:
-        return 2 * self.cfg.num_hidden_layers * self.cfg.head_dim * self.dtype.itemsize
+        return kv_bytes_per_token(self.cfg, self.dtype)
 
     def check(self, tokens: int) -> None:
         """Raise PromptError if a sequence of `tokens` could never be held (even alone)."""

@@ -21,6 +21,7 @@ from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.engine import AttentionWorker, FFNWorker, Shard
 from step3_edge.runtime.cost_model import Bandwidths, measure_bandwidths
 from step3_edge.runtime.expert_store import ExpertStore, Router, read_linear
+from step3_edge.runtime.kv import kv_bytes_per_token
 from step3_edge.runtime.planner import Plan, expert_order
 
 MAX_DEFAULT_KV_TOKENS = 1 << 18   # cap when the plan leaves a whole CPU's memory to KV
@@ -110,7 +111,7 @@ def kv_settings(o: dict[str, Any], dtype: torch.dtype, plan: Plan, cfg: Step3Con
             raise ConfigError(f"kv_dtype={kv_dtype!r}", "use float32, bfloat16, float16 "
                               "or float8_e4m3fn")
         kv_dtype = getattr(torch, kv_dtype)
-    per_token = 2 * t.num_hidden_layers * t.head_dim * kv_dtype.itemsize
+    per_token = kv_bytes_per_token(t, kv_dtype)
     planned = sum(d.kv_bytes for d in plan.device_plans)
     kv_tokens = o.get("kv_tokens")
     if kv_tokens is None:
@@ -130,8 +131,7 @@ def check_kv_memory(kv_tokens: int, kv_dtype: torch.dtype, cfg: Step3Config,
     zeroed)."""
     if pool.type != "cpu":
         return
-    t = cfg.text_config
-    per_token = 2 * t.num_hidden_layers * t.head_dim * kv_dtype.itemsize
+    per_token = kv_bytes_per_token(cfg.text_config, kv_dtype)
     weights = sum(a.bytes for a in manifest.artifacts if a.kind == "weights") \
         if compute.type == "cpu" else 0
     free = psutil.virtual_memory().available

@@ -15,7 +15,7 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config, Step3TextConfig
 from step3_edge.errors import PromptError
 from step3_edge.sampling import SamplingParams, sample_next
-from step3_edge.vision import (CROPS_PER_CALL, Step3VisionEncoder, build_vision_heads,
+from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, crop_batches,
                                project_features)
 
 
@@ -315,7 +315,7 @@ class Step3ForConditionalGeneration(nn.Module):
         heads = (self.vit_downsampler, self.vit_downsampler2, self.vit_large_projector)
         feats = []
         for views in images:
-            for crops in views.crops.split(CROPS_PER_CALL) if views.crops.shape[0] else ():
+            for crops in crop_batches(views.crops):
                 f = project_features(self.vision_model(crops.to(self.dtype)), *heads)
                 feats.append(f.reshape(-1, f.shape[-1]))                # [n*81, h]
             g = project_features(self.vision_model(views.global_view[None].to(self.dtype)),

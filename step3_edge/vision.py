@@ -28,6 +28,11 @@ PAD_TP_SIZE = 4  # tokens in front of the patches: 3 CLS copies + CLS (vLLM "har
 CROPS_PER_CALL = 8
 
 
+def crop_batches(crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An image's crops [n, 3, S, S] in tower calls of at most CROPS_PER_CALL (none for n = 0)."""
+    return crops.split(CROPS_PER_CALL) if crops.shape[0] else ()
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """CLIP's quick_gelu: x * sigmoid(1.702 x)."""
     return x * torch.sigmoid(1.702 * x)

@@ -197,7 +197,7 @@ def test_many_crops_run_in_bounded_calls(tiny_model, rng, monkeypatch):
     over all of them (within float32 rounding: other GEMM blockings)."""
     from types import SimpleNamespace
 
-    import step3_edge.model as model_module
+    import step3_edge.vision as vision_module
 
     n = 2 * CROPS_PER_CALL + 3
     views = SimpleNamespace(global_view=torch.randn(3, 728, 728, generator=rng),
@@ -208,7 +208,7 @@ def test_many_crops_run_in_bounded_calls(tiny_model, rng, monkeypatch):
                         lambda x: sizes.append(x.shape[0]) or tower(x))
     with torch.no_grad():
         feats = tiny_model.encode_images([views])
-        monkeypatch.setattr(model_module, "CROPS_PER_CALL", n)
+        monkeypatch.setattr(vision_module, "CROPS_PER_CALL", n)
         whole = tiny_model.encode_images([views])
     assert sizes == [CROPS_PER_CALL, CROPS_PER_CALL, 3, 1, n, 1]
     assert feats.shape == (n * 81 + 169, tiny_model.config.text_config.hidden_size)
