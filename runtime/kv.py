@@ -65,12 +65,12 @@ def images_digest(images: Sequence[Any] | None) -> bytes:
     return h.digest()
 
 
-@dataclass
 def kv_bytes_per_token(cfg: Step3TextConfig, dtype: torch.dtype) -> int:
     """Pool bytes per token: one K and one V head of every layer."""
     return 2 * cfg.num_hidden_layers * cfg.head_dim * dtype.itemsize
 
 
+@dataclass
 class SeqKV:
     """One sequence's KV: its blocks (reserved up front) and how many tokens are written
     (a prefix-cache hit starts with its shared blocks' tokens written)."""
