@@ -172,10 +172,7 @@ class Step3Runtime:
         elif o.get("attention_ranks") not in (None, 1):
             raise ConfigError(f"attention_ranks={o['attention_ranks']!r} without afd",
                               "load with afd=True (or 'env') for several attention ranks")
-        graphs = o["backend"] in GRAPH_BACKENDS             # their KV pool: float32, host
-        check_kv_memory(kv_tokens, torch.float32 if graphs else kv_dtype, cfg,
-                        torch.device("cpu") if graphs else backend.device, backend.device,
-                        manifest)
+        check_kv_memory(kv_tokens, kv_dtype, cfg, backend, manifest)
         attn = build_attention(cfg, reader, backend, kv_tokens, kv_dtype,
                                bool(o.get("vision", True)))
         if afd:
@@ -189,7 +186,8 @@ class Step3Runtime:
             engine = Engine(attn, ffn, bool(o.get("sync_timing", False)))
         lim = getattr(backend, "limits", {})          # TensorRT: its engines' profile bounds
         max_batch = int(o.get("max_batch", 32))
-        max_prefill = int(o.get("max_prefill_tokens", GRAPH_PREFILL_TOKENS if graphs else 2048))
+        max_prefill = int(o.get("max_prefill_tokens", GRAPH_PREFILL_TOKENS
+                                if o["backend"] in GRAPH_BACKENDS else 2048))
         try:
             processor = Step3Processor.from_pretrained(bundle, cfg)
             sched = Scheduler(engine, processor.decode,

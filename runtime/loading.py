@@ -123,17 +123,18 @@ def kv_settings(o: dict[str, Any], dtype: torch.dtype, plan: Plan, cfg: Step3Con
     return kv_dtype, kv_tokens
 
 
-def check_kv_memory(kv_tokens: int, kv_dtype: torch.dtype, cfg: Step3Config,
-                    pool: torch.device, compute: torch.device, manifest: Manifest) -> None:
-    """Refuse, before any weight is read, a KV pool in CPU memory (`pool`) that does not fit
-    in the memory available now, beside the bundle's weights when they are computed on the CPU
-    too (torch would fail to allocate it, or the kernel would kill the process while it is
-    zeroed)."""
-    if pool.type != "cpu":
+def check_kv_memory(kv_tokens: int, kv_dtype: torch.dtype, cfg: Step3Config, backend: Any,
+                    manifest: Manifest) -> None:
+    """Refuse, before any weight is read, a KV pool in CPU memory that does not fit in the
+    memory available now, beside the bundle's weights when they are computed on the CPU too
+    (torch would fail to allocate it, or the kernel would kill the process while it is
+    zeroed). The graph backends keep a float32 pool in host memory (`build_attention`)."""
+    graphs = backend.name in GRAPH_BACKENDS
+    if not graphs and backend.device.type != "cpu":
         return
-    per_token = kv_bytes_per_token(cfg.text_config, kv_dtype)
+    per_token = kv_bytes_per_token(cfg.text_config, torch.float32 if graphs else kv_dtype)
     weights = sum(a.bytes for a in manifest.artifacts if a.kind == "weights") \
-        if compute.type == "cpu" else 0
+        if backend.device.type == "cpu" else 0
     free = psutil.virtual_memory().available
     if kv_tokens * per_token + weights > free:
         fit = max(0, (free - weights) // per_token)

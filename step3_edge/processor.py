@@ -376,7 +376,9 @@ class Step3Processor:
     # ------------------------------------------------------------------ images
     def num_image_tokens(self, width: int, height: int) -> int:
         """Prompt tokens one image of `width` x `height` expands to."""
-        plan = self.patcher.plan(width, height)
+        return self._plan_tokens(self.patcher.plan(width, height))
+
+    def _plan_tokens(self, plan: CropPlan) -> int:
         return (plan.num_crops * (self.crop_tokens + 2) + plan.num_newlines
                 + self.global_tokens + 2)
 
@@ -385,10 +387,11 @@ class Step3Processor:
         tokens alone exceed the context is refused before any crop is made (the crop rule has
         no upper bound: a 64x20000 image gives 336 crops, 28,059 tokens, 1 GB of pixels)."""
         img = load_image(image, self.max_pixels)
-        n, ctx = self.num_image_tokens(*img.size), self.cfg.text_config.max_context
+        plan = self.patcher.plan(*img.size)
+        n, ctx = self._plan_tokens(plan), self.cfg.text_config.max_context
         if n > ctx:
             raise ImageError(f"image {img.size[0]}x{img.size[1]} expands to "
-                             f"{self.patcher.plan(*img.size).num_crops} crops = {n:,} tokens, "
+                             f"{plan.num_crops} crops = {n:,} tokens, "
                              f"over the context of {ctx:,}",
                              "crop the image, or scale or pad it towards a square")
         return image_views(img, self.patcher, self.crop_tokens, self.global_tokens)
