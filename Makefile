@@ -11,7 +11,7 @@ setup:
 	VENV=$(VENV) bash scripts/setup-venv.sh
 
 demo: $(PY)
-	$(VENV)/bin/step3-edge generate --image examples/shapes.png "What is in this picture?"
+	$(VENV)/bin/step3-edge generate --image step3_edge/assets/examples/shapes.png "What is in this picture?"
 
 test: $(PY)
 	$(PY) -m pytest -rs

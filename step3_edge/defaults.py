@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 SHIPPED = Path(__file__).parent / "assets" / "default-model"
+# example images shipped with the package (the demo's and the app's)
+EXAMPLES = Path(__file__).parent / "assets" / "examples"
 
 
 def cache_dir() -> Path:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from step3_edge import defaults
 from step3_edge.app.engine import add_runtime_arguments
 from step3_edge.errors import Step3EdgeError
 from step3_edge.tokenizer import THINK_END
@@ -24,8 +25,7 @@ log = logging.getLogger("step3_edge.app")
 
 ERROR_PREFIX = "⚠️ "
 THINK_SHOWN = f"`{THINK_END}`"    # the reasoning / answer boundary as the chat shows it
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
-EXAMPLES = (  # (image file in examples/, question)
+EXAMPLES = (  # (image file in defaults.EXAMPLES, question)
     ("shapes.png", "What colour is the circle?"),
     ("three_shapes.png", "Describe the image."),
     ("four_shapes_wide.png", "How many shapes are there?"),
@@ -252,7 +252,7 @@ def _after_stop(engine: Any) -> Any:
 
 
 def _examples() -> list[list[dict[str, Any]]] | None:
-    found = [(EXAMPLES_DIR / name, q) for name, q in EXAMPLES if (EXAMPLES_DIR / name).is_file()]
+    found = [(defaults.EXAMPLES / name, q) for name, q in EXAMPLES if (defaults.EXAMPLES / name).is_file()]
     return [[{"text": q, "files": [str(p)]}] for p, q in found] or None
 
 
@@ -266,7 +266,7 @@ def launch(engine: Any, *, host: str = "127.0.0.1", port: int = 7860, share: boo
     import gradio as gr
 
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=max_upload,
-                allowed_paths=[str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else None,
+                allowed_paths=[str(defaults.EXAMPLES)] if defaults.EXAMPLES.is_dir() else None,
                 theme=_theme(gr), ssr_mode=False, show_error=True, quiet=False,
                 prevent_thread_lock=not block, footer_links=["api", "settings"])
     return demo
