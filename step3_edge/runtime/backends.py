@@ -30,9 +30,10 @@ from step3_edge.runtime import native
 FP8 = torch.float8_e4m3fn
 # (scheme, device type) -> kernel; "dequantized" means upcast once at load (no fast kernel).
 KERNELS: dict[tuple[str, str], str] = {
-    ("bf16", "cpu"): "oneDNN prepacked bf16 linear (reordered once at load; F.linear on the "
-                     "upcast weight for fp32 compute), and the native AVX512-BF16 GEMV for "
-                     "calls of up to 2 rows where the CPU and a C compiler allow (native.py)",
+    ("bf16", "cpu"): "oneDNN prepacked bf16 linear (reordered once at load) where the CPU has "
+                     "fast bf16 math, else float32 GEMMs on blocks of the stored rows; F.linear "
+                     "on the upcast weight for fp32 compute; the native GEMV (AVX512-BF16 or "
+                     "AVX2) for calls of up to 2 rows where a C compiler allows (native.py)",
     ("bf16", "cuda"): "F.linear (bf16 as stored; upcast at load for fp32 compute)",
     ("int8_per_channel", "cpu"): "torch._weight_int8pack_mm (weight-only int8)",
     ("int8_per_channel", "cuda"): "torch._int_mm (dynamic per-row int8 activations)",
@@ -95,14 +96,19 @@ class Linear(nn.Module, ABC):
 
 class PackedBf16:
     """bf16 weights [rows_i, K] used as one [sum(rows_i), K] matrix (one linear, or a fused
-    q|k|v or gate|up): oneDNN's prepacked GEMM (reordered once at load; bit-identical to
-    `F.linear`), and for calls of at most `native.MAX_ROWS` rows the native GEMV
+    q|k|v or gate|up). Where oneDNN has a fast bf16 GEMM (`prepack`: AVX512-BF16, AMX or
+    AVX-NE-CONVERT), its prepacked GEMM (reordered once at load; bit-identical to `F.linear`);
+    elsewhere the weight as stored, multiplied in float32 a block of rows at a time
+    (`_upcast_linear`: the same float32 sums rounded once to bf16, at 4-5x the speed of torch's
+    bf16 GEMM on an AVX2 CPU). For calls of at most `native.MAX_ROWS` rows the native GEMV
     (`native.py`) on the weights as stored, where the backend has it (bf16 rounding of a
-    float32 sum like oneDNN's, not bit-identical: README, "Decode speed")."""
+    float32 sum like oneDNN's, not bit-identical: docs/runtime.md, "Decode speed")."""
 
-    def __init__(self, weights: list[torch.Tensor], use_native: bool) -> None:
+    def __init__(self, weights: list[torch.Tensor], use_native: bool, prepack: bool = True
+                 ) -> None:
         w = weights[0] if len(weights) == 1 else torch.cat(weights)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if prepack else None
+        self.weight = None if prepack else w.contiguous()
         self.native = native.Weights([t.contiguous() for t in weights]) if use_native else None
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,8 +118,30 @@ class PackedBf16:
         if self.native is not None and x.shape[0] <= native.MAX_ROWS and \
                 x.dtype == torch.bfloat16:
             return self.native.matmul(x, out)
+        if self.packed is None:
+            return _upcast_linear(x, self.weight, out)
         y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
         return y if out is None else out.copy_(y)
+
+
+# float32 elements of one block of an upcast weight (`_upcast_linear`): 64 MB
+UPCAST_BLOCK = 1 << 24
+
+
+def _upcast_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T for bf16 w on a CPU without a fast bf16 GEMM: float32 products and
+    sums, rounded once to x's dtype, with w upcast `UPCAST_BLOCK` elements of rows at a time
+    (no float32 copy of the whole weight is made or kept)."""
+    n, k = w.shape
+    xf = x.float()
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    step = max(1, UPCAST_BLOCK // k)
+    for r in range(0, n, step):
+        y = xf @ w[r:r + step].float().T                                 # [M, step] float32
+        out[:, r:r + step] = y.to(x.dtype)
+    return out
 
 
 class DenseLinear(Linear):
@@ -128,11 +156,14 @@ class DenseLinear(Linear):
             w = scheme.dequantize(parts, self.shape).to(backend.dtype)
         self.weight = w                                                 # [out, in]
         self.packed: PackedBf16 | None = None
-        if w.dtype == torch.bfloat16 and backend.caps.get("mkldnn_bf16_packed"):
+        if w.dtype == torch.bfloat16 and backend.device.type == "cpu":
             # oneDNN's blocked layout, reordered once: 1.3-2.7x faster than F.linear on the
-            # same bf16 bytes for decode shapes, and bit-identical (tests/runtime/test_backends)
+            # same bf16 bytes for decode shapes, and bit-identical (tests/runtime/test_backends);
+            # without a fast bf16 GEMM, float32 blocks of the weight as stored
             self.packed = backend.pack_bf16([w])
-            self.kernel = kernel.replace("F.linear", "oneDNN prepacked bf16 linear" + (
+            self.kernel = kernel.replace("F.linear", (
+                "oneDNN prepacked bf16 linear" if self.packed.packed is not None else
+                "float32 GEMM on bf16 row blocks") + (
                 " + native GEMV (<= 2 rows)" if self.packed.native else ""))
 
     @property
@@ -262,8 +293,9 @@ class TorchBackend:
                                   "leave native_kernels unset (oneDNN is used instead)")
 
     def pack_bf16(self, weights: list[torch.Tensor]) -> PackedBf16:
-        """bf16 weights [rows_i, K] as one prepacked matrix (`PackedBf16`)."""
-        return PackedBf16(weights, bool(self.caps.get("native_kernels")))
+        """bf16 weights [rows_i, K] as one matrix (`PackedBf16`)."""
+        return PackedBf16(weights, bool(self.caps.get("native_kernels")),
+                          bool(self.caps.get("mkldnn_bf16_packed")))
 
     def _probe(self) -> dict[str, bool]:
         """Which fast kernels run here, found by trying each once on a small matrix."""

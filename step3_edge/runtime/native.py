@@ -1,11 +1,17 @@
-"""The decode-step kernels (`native/decode_bf16.c`: a GEMV, SwiGLU MLPs and routed-expert
-sums, an RMSNorm, a decode step's MFA attention, an fp8 KV gather): built on first use with
-the system C compiler, cached per user, and called through ctypes on the tensors' own memory.
+"""The decode-step kernels (`native/kernels.c`: a GEMV, SwiGLU MLPs and routed-expert sums, an
+RMSNorm, a decode step's MFA attention, an fp8 KV gather, a greedy argmax): built on first use
+with the system C compiler for this CPU's instruction set, cached per user, and called through
+ctypes on the tensors' own memory.
+
+Two builds of the same source exist, chosen from the CPU's flags (`isa()`): AVX512-BF16
+(`native/isa_avx512.h`: VDPBF16PS dot products) and AVX2 + FMA (`native/isa_avx2.h`: bf16
+widened to float32, exact, then FMA), so every x86-64 CPU of the last decade runs them. Both
+compute the same bf16-rounded results; they differ only in the order of float32 sums.
 
 The GEMV is used by the torch CPU backend for bf16 weights when a call has at most `MAX_ROWS`
 rows (batch-1 and batch-2 decode, and the experts that one or two rows of a larger batch
 chose): there oneDNN's per-call cost and its read rate of large weights dominate the step
-(README, "Decode speed"). Larger calls and prefill keep oneDNN's prepacked GEMM. For the same
+(docs/runtime.md, "Decode speed"). Larger calls and prefill keep oneDNN's GEMM. For the same
 calls a SwiGLU MLP runs in one call (`SwiGLU`), and so does a layer's routed experts with their
 routing weights (`swiglu`), where torch spends ~6 ops per MLP and ~12 more to gather, weigh
 and scatter the experts' rows. The RMSNorm replaces the reference's ~10 torch ops per norm
@@ -14,12 +20,13 @@ query per head and sequence) replaces ~25 (`decode_mfa`); an fp8 pool's K/V rows
 and decoded in one call elsewhere (`fp8_gather`, bit-exact) instead of an index_select and four
 ops.
 
-Nothing here is required: without an x86 CPU with AVX512-BF16, without a C compiler, or with
-`STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says why, and the
-backend stays on oneDNN. The source is the package's own file; the shared object is written
-aside and renamed into place, keyed by a hash of the source and the flags, under
-`$STEP3_EDGE_CACHE` (default `$XDG_CACHE_HOME/step3-edge` or `~/.cache/step3-edge`); the
-builds of other sources and flags there are removed.
+Nothing here is required: on a CPU with neither instruction set (or not x86-64), without a C
+compiler, or with `STEP3_EDGE_NATIVE=0`, `kernel()` returns None, `unavailable_reason()` says
+why in one line, and the backend stays on torch's kernels. The sources are the package's own
+files; the ABI is written once, in `native/s3e.h`, whose prototypes type the ctypes calls
+(`_entry_points`). The shared object is written aside and renamed into place, keyed by a hash
+of the sources and the flags, under `$STEP3_EDGE_CACHE` (default `$XDG_CACHE_HOME/step3-edge`
+or `~/.cache/step3-edge`); the builds of other sources and flags there are removed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -36,10 +44,17 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native") / "decode_bf16.c"
+NATIVE_DIR = Path(__file__).with_name("native")
+SOURCE = NATIVE_DIR / "kernels.c"
+HEADER = NATIVE_DIR / "s3e.h"
 # no contraction of a * b + c into one FMA: products and sums round where the reference's do
-FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-         "-fopenmp", "-shared", "-fPIC", "-lm"]
+COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
+# instruction set -> (the /proc/cpuinfo flags it needs, compiler flags), fastest first
+ISAS = {
+    "avx512_bf16": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]),
+    "avx2_fma": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+}
 # Rows of x per call (the kernel takes up to 8). Each weight load feeds one VDPBF16PS per row,
 # so from ~3 rows the kernel is compute-bound where oneDNN's blocked GEMM is not: on a 2-vCPU
 # AMD EPYC (bench_native_kernels.py, one mini step's weights) native / oneDNN ms per step were
@@ -63,6 +78,7 @@ THREADED_MIN_ELEMENTS = 1 << 20
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+_F = ctypes.c_float
 
 
 def cache_dir() -> Path:
@@ -72,26 +88,36 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512_bf16" in flags
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
 
 
-def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"{SOURCE.stem}-{key}.so"
+def isa() -> str | None:
+    """The fastest instruction set of `ISAS` this CPU has, or None (not x86-64, or neither)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    flags = cpu_flags()
+    return next((name for name, (need, _) in ISAS.items() if flags.issuperset(need)), None)
+
+
+def _build(cc: str, name: str) -> Path:
+    flags = [*COMMON_FLAGS, *ISAS[name][1]]
+    src = b"".join(p.read_bytes() for p in sorted(NATIVE_DIR.glob("*.[ch]")))
+    key = hashlib.sha256(src + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    stem = f"{SOURCE.stem}-{name}"
+    lib = cache_dir() / f"{stem}-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{SOURCE.stem}-", suffix=".so", dir=lib.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=lib.parent)
         os.close(fd)
         try:
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True,
+            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True,
                            capture_output=True, text=True, timeout=120)
             os.replace(tmp, lib)
         finally:
@@ -103,43 +129,54 @@ def _build(cc: str) -> Path:
     return lib
 
 
-_F, _N = ctypes.c_float, ctypes.c_int
-# attribute -> (C symbol, argument types); every entry point returns void
-_ENTRY_POINTS = {
-    "gemv": ("s3e_gemv_bf16", [_P, _I, _I, _P, _P, _I, _P, _I, _N, _N]),
-    "rmsnorm": ("s3e_rmsnorm_bf16", [_P, _I, _P, _P, _I, _I, _F]),
-    "decode_mfa": ("s3e_decode_mfa", [_P, _I, _I, _I, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I,
-                                      _P, _I, _I, _I, _F, _P, _P, _P, _I, _N]),
-    "fp8_gather": ("s3e_fp8_gather", [_P, _I, _I, _P, _I, _P, _N]),
-    "argmax": ("s3e_argmax_f32", [_P, _I, _I, _I, _P, _N]),
-    "swiglu": ("s3e_swiglu_bf16", [_P, _I, _I, _P, _P, _P, _I, _I, _P, _N, _P, _P, _I, _P,
-                                   _N]),
-    "attention_block": ("s3e_attention_block", [_P, _P, _I, _P, _P, _P, _N, _I, _P, _P, _I, _P,
-                                                _P, _P, _P, _P, _P, _P, _I, _N, _N]),
-}
+# attribute -> C symbol; each returns void and is typed from its prototype in s3e.h
+_SYMBOLS = {"gemv": "s3e_gemv_bf16", "rmsnorm": "s3e_rmsnorm_bf16", "decode_mfa": "s3e_decode_mfa",
+            "fp8_gather": "s3e_fp8_gather", "argmax": "s3e_argmax_f32",
+            "swiglu": "s3e_swiglu_bf16", "attention_block": "s3e_attention_block"}
+_C_TYPES = {"int64_t": _I, "int": ctypes.c_int, "float": _F}
+
+
+@cache
+def _entry_points() -> dict[str, list]:
+    """C symbol -> ctypes argument types, read from the prototypes in s3e.h (a pointer of any
+    type is a c_void_p; int64_t, int and float are themselves)."""
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    out = {}
+    for name, args in re.findall(r"\bvoid\s+(s3e_\w+)\s*\(([^)]*)\)\s*;", text):
+        types = []
+        for arg in args.split(","):
+            ctype = arg.strip().rsplit(None, 1)[0].replace("const", "").strip()
+            types.append(_P if "*" in arg else _C_TYPES[ctype])
+        out[name] = types
+    return out
 
 
 class Kernels:
-    """The loaded shared object's entry points, typed (`_ENTRY_POINTS`)."""
+    """The loaded shared object's entry points, typed from s3e.h, and its instruction set."""
 
     def __init__(self, so: ctypes.CDLL) -> None:
-        for name, (symbol, argtypes) in _ENTRY_POINTS.items():
+        types = _entry_points()
+        for name, symbol in _SYMBOLS.items():
             fn = getattr(so, symbol)
-            fn.restype, fn.argtypes = None, argtypes
+            fn.restype, fn.argtypes = None, types[symbol]
             setattr(self, name, fn)
+        so.s3e_isa.restype = ctypes.c_char_p
+        self.isa: str = so.s3e_isa().decode()
 
 
 @cache
 def _load() -> tuple[Kernels | None, str]:
     if os.environ.get("STEP3_EDGE_NATIVE", "1") == "0":
         return None, "disabled by STEP3_EDGE_NATIVE=0"
-    if not _cpu_has_avx512_bf16():
-        return None, "this CPU has no AVX512-BF16"
+    name = isa()
+    if name is None:
+        return None, (f"this CPU ({platform.machine()}) has neither AVX512-BF16 nor AVX2 + FMA"
+                      " + F16C")
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler (cc / gcc) on PATH"
     try:
-        k = Kernels(ctypes.CDLL(str(_build(cc))))
+        k = Kernels(ctypes.CDLL(str(_build(cc, name))))
     except subprocess.CalledProcessError as e:
         return None, f"building {SOURCE.name} failed: {e.stderr.strip()[-300:]}"
     except (OSError, AttributeError, subprocess.TimeoutExpired) as e:

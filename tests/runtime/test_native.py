@@ -72,13 +72,15 @@ def test_native_float32_output_is_the_bf16_value() -> None:
 @needs_native
 @pytest.mark.parametrize("m", [1, 4, 8, 9])
 def test_packed_bf16_native_against_onednn(m: int) -> None:
-    """PackedBf16 takes the native kernel up to MAX_ROWS rows and oneDNN above; both round a
+    """PackedBf16 takes the native kernel up to MAX_ROWS rows and the GEMM above (oneDNN's
+    prepacked one where this CPU has fast bf16 math, float32 blocks elsewhere); both round a
     float32 sum, so they differ by at most one bf16 step (plus the two summation orders'
     float32 rounding) and agree almost everywhere."""
     g = _gen()
     ws = [torch.randn(r, 512, generator=g).bfloat16() for r in (256, 64)]
     x = torch.randn(m, 512, generator=g).bfloat16()
-    on, off = PackedBf16(ws, True), PackedBf16(ws, False)
+    prepack = bool(TorchBackend("cpu").caps["mkldnn_bf16_packed"])
+    on, off = PackedBf16(ws, True, prepack), PackedBf16(ws, False, prepack)
     a, b = on(x), off(x)
     w = torch.cat(ws)
     tol = 2.0 ** (torch.floor(torch.log2(b.float().abs().clamp(min=1e-30))) - 7) + \
@@ -316,11 +318,11 @@ def test_build_is_cached_and_written_aside(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "native").mkdir()
     (tmp_path / "native" / f"{native.SOURCE.stem}-0123456789abcdef.so").write_bytes(b"old")
     cc = shutil.which("cc") or shutil.which("gcc")
-    lib = native._build(cc)
+    lib = native._build(cc, native.isa())
     assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.name]
     native.Kernels(ctypes.CDLL(str(lib)))                   # both entry points are there
     mtime = os.stat(lib).st_mtime_ns
-    assert native._build(cc) == lib and os.stat(lib).st_mtime_ns == mtime
+    assert native._build(cc, native.isa()) == lib and os.stat(lib).st_mtime_ns == mtime
 
 
 def test_unavailable_native_kernels_falls_back_or_refuses(monkeypatch) -> None:
