@@ -8,14 +8,15 @@ step3-fp8 style) names.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from step3_edge.config import Step3Config
 from step3_edge.errors import CheckpointError
+from step3_edge.fsutil import confined, read_json
 from step3_edge.layout import WeightSpec, expected_weights
 from step3_edge.quantize.schemes import BF16, BlockFP8, Scheme, get_scheme
 
@@ -33,13 +34,49 @@ _REMEDY = ("re-download or re-create the checkpoint (e.g. `step3-edge synth ...`
            "`step3-edge quantize ...`); the file on disk does not match its header")
 
 
-def safe_name(folder: Path, name: str) -> Path:
-    """Resolve `name` inside `folder`, refusing anything that leaves it."""
-    p = (folder / name).resolve()
-    if Path(name).is_absolute() or ".." in Path(name).parts or folder.resolve() not in p.parents:
-        raise CheckpointError(f"file name {name!r} points outside {folder}",
-                              "an index or manifest may only name files inside its folder")
-    return p
+def safe_name(folder: Path, name: Any) -> Path:
+    """Resolve `name` inside `folder` (or its Hugging Face hub repo cache, for a hub
+    snapshot), refusing anything that leaves it, symbolic links included."""
+    return confined(folder, name, CheckpointError, what="file")
+
+
+def check_values(stored: str, t: torch.Tensor, scale: bool = False) -> None:
+    """Refuse NaN or inf in a chunk of a stored tensor already in memory, and (`scale`)
+    scales that are not finite and positive. Names the tensor."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        bad = bool(((t.view(torch.uint8) & 0x7F) >= (0x7F if t.dtype == torch.float8_e4m3fn
+                                                      else 0x7C)).any())
+        what = "NaN or inf"
+    elif not t.is_floating_point():
+        return
+    elif scale:
+        bad, what = not bool(((t > 0) & torch.isfinite(t)).all()), "zero, negative, NaN or inf"
+    else:
+        bad, what = not bool(torch.isfinite(t).all()), "NaN or inf"
+    if bad:
+        raise CheckpointError(f"tensor {stored!r} holds {what} values"
+                              + (" (a scale must be finite and positive)" if scale else ""),
+                              "the checkpoint is corrupt: re-download or re-create it")
+
+
+def validate_index(data: Any, index: Path) -> dict[str, str]:
+    """`weight_map` of a model.safetensors.index.json, checked: an object of tensor name ->
+    shard file name (strings)."""
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        got = type(data.get("weight_map") if isinstance(data, dict) else data).__name__
+        raise CheckpointError(f"{index}: weight_map is a {got}, expected an object of tensor "
+                              "name -> shard file name", _REMEDY)
+    if not isinstance(data.get("metadata", {}), dict):
+        raise CheckpointError(f"{index}: metadata is {data['metadata']!r}, expected an object",
+                              _REMEDY)
+    wm = data["weight_map"]
+    for name, f in wm.items():
+        if not isinstance(f, str) or not f:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] is {f!r}, expected the name "
+                                  "of a .safetensors file in the folder", _REMEDY)
+    if not wm:
+        raise CheckpointError(f"{index}: weight_map is empty", _REMEDY)
+    return wm
 
 
 class CheckpointReader:
@@ -55,19 +92,16 @@ class CheckpointReader:
     # ------------------------------------------------------------------ files
     def _locate(self) -> dict[str, Path]:
         index = self.folder / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e})",
-                                      _REMEDY) from e
-            where = {n: safe_name(self.folder, f) for n, f in weight_map.items()}
-            missing = sorted({p.name for p in where.values() if not p.is_file()})
+        if index.is_file() or index.is_symlink():
+            index = safe_name(self.folder, INDEX_NAME)
+            weight_map = validate_index(read_json(index, CheckpointError, _REMEDY), index)
+            files = {f: safe_name(self.folder, f) for f in set(weight_map.values())}
+            missing = sorted(f for f, p in files.items() if not p.is_file())
             if missing:
                 raise CheckpointError(f"{index.name} names shard files that do not exist: "
                                       f"{missing}", "copy the missing shards into the folder")
-            return where
-        single = self.folder / SINGLE_NAME
+            return {n: files[f] for n, f in weight_map.items()}
+        single = safe_name(self.folder, SINGLE_NAME)
         if not single.is_file():
             raise CheckpointError(f"{self.folder} holds neither {INDEX_NAME} nor {SINGLE_NAME}",
                                   "point --model at a checkpoint folder")
@@ -137,7 +171,7 @@ class CheckpointReader:
             sl = self.get_slice(name + suffix)
             try:
                 parts[suffix] = sl[expert] if expert is not None else sl[:]
-            except SafetensorError as e:
+            except (SafetensorError, RuntimeError, ValueError) as e:
                 raise CheckpointError(f"cannot read {name + suffix!r}: {e}", _REMEDY) from e
         return parts
 
@@ -147,12 +181,17 @@ class CheckpointReader:
         that expert of a stacked [E, out, in] tensor is read."""
         scheme = self.scheme_of(name)
         parts = self.read_parts(name, expert)
+        for suffix in scheme.suffixes:
+            check_values(name + suffix, parts[suffix], scale=True)
         spec = self.expected.get(name)
         shape = tuple(spec.shape[1:] if expert is not None else spec.shape) if spec else \
             tuple(parts[""].shape)
         if isinstance(scheme, BF16) and parts[""].dtype == dtype:
-            return parts[""]
-        return scheme.dequantize(parts, shape).to(dtype)
+            w = parts[""]
+        else:
+            w = scheme.dequantize(parts, shape).to(dtype)
+        check_values(name, w)
+        return w
 
     # ------------------------------------------------------------------ reconciliation
     def check(self) -> None:

@@ -15,58 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from step3_edge.errors import ConfigError
-
-# (field, fallback, grade) — grade says why the fallback is what it is (spec §1.2).
-_TEXT_FIELDS: tuple[tuple[str, Any, str], ...] = (
-    ("hidden_size", 7168, "CONFIRMED"),
-    ("num_hidden_layers", 61, "CONFIRMED"),
-    ("num_attention_heads", 64, "CONFIRMED"),
-    ("num_attention_groups", 1, "CONFIRMED"),
-    ("head_dim", 256, "CONFIRMED"),
-    ("share_q_dim", 2048, "CONFIRMED"),
-    ("intermediate_size", 18432, "CODE default"),
-    ("moe_num_experts", 48, "CONFIRMED"),
-    ("moe_top_k", 3, "CONFIRMED"),
-    ("moe_intermediate_size", 5120, "CODE default"),
-    ("share_expert_dim", 5120, "CODE default"),
-    ("norm_expert_weight", False, "CODE default, UNCONFIRMED"),
-    ("rope_theta", 500000.0, "CODE default, UNCONFIRMED"),
-    ("rope_scaling", None, "CODE default, UNCONFIRMED"),
-    ("max_position_embedding", 65536, "CODE default"),
-    ("max_seq_len", 65536, "CODE default"),
-    ("vocab_size", 128815, "CODE default"),
-    ("rms_norm_eps", 1e-5, "CODE default, UNCONFIRMED"),
-    ("hidden_act", "silu", "CODE"),
-    ("bos_token_id", 0, "UNCONFIRMED: DeepSeek-V3 <｜begin▁of▁sentence｜>"),
-    ("eos_token_id", 1, "UNCONFIRMED: DeepSeek-V3 <｜end▁of▁sentence｜>"),
-)
-
-_VISION_FIELDS: tuple[tuple[str, Any, str], ...] = (
-    ("hidden_size", 1792, "CODE default"),
-    ("num_hidden_layers", 63, "CODE default"),
-    ("num_attention_heads", 16, "CODE default"),
-    ("patch_size", 14, "CODE default"),
-    ("image_size", 728, "CODE default"),
-    ("num_channels", 3, "CODE default"),
-    ("hidden_act", "quick_gelu", "CODE default"),
-    ("layer_norm_eps", 1e-5, "vLLM default; SGLang hard-codes 1e-6, UNCONFIRMED"),
-    ("output_hidden_size", 4096, "CODE default"),
-    # vLLM/SGLang default 3072 is a CLIP-B leftover; 15360 matches 321B / 642 GB (spec §1.3).
-    ("intermediate_size", 15360, "DERIVED, UNCONFIRMED (class default 3072 is wrong)"),
-    ("enable_patch", True, "CODE default"),
-)
-
-_TOP_FIELDS: tuple[tuple[str, Any, str], ...] = (
-    ("image_token_id", 128001, "CODE default"),
-    # class default 1 cannot give 169 tokens per 728 px image (spec §1.1).
-    ("understand_projector_stride", 2, "DERIVED (class default 1 is wrong)"),
-    ("projector_bias", True, "CODE default, UNCONFIRMED"),
-    ("tie_word_embeddings", False, "CODE"),
-    ("torch_dtype", "bfloat16", "UNCONFIRMED"),
-)
-
-_SUPPORTED_ROPE = ("default", "linear")
-
+from step3_edge.config_schema import (CROP_SIDE, DTYPES, MAX_DIM, MAX_TENSOR_ELEMS,
+                                      SUPPORTED_ROPE, TEXT_FIELDS, TOP_FIELDS,
+                                      VISION_FIELDS, Problems, check_quantization,
+                                      parse_moe_layers, positive, read_fields)
+from step3_edge.fsutil import confined, read_json
 
 @dataclass(frozen=True)
 class Step3TextConfig:
@@ -159,55 +112,52 @@ class Step3Config:
     def from_pretrained(cls, path: str | Path) -> Step3Config:
         """Read `config.json` from a checkpoint or bundle folder (or the file itself)."""
         p = Path(path)
-        f = p / "config.json" if p.is_dir() else p
+        f = confined(p, "config.json", ConfigError) if p.is_dir() else p
         if not f.is_file():
             raise ConfigError(f"no config.json at {p}", "point --model at a Step3 checkpoint "
                               "folder (it holds config.json and *.safetensors)")
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{f} is not valid JSON: {e}",
-                              "restore config.json from the original checkpoint") from e
-        return cls.from_dict(data)
+        data = read_json(f, ConfigError, "restore config.json from the original checkpoint")
+        return cls.from_dict(data, str(f))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Step3Config:
+    def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> Step3Config:
+        """Build and validate a config from config.json's content: every field's type and
+        range and every derived constraint are checked in one pass, and all bad fields are
+        named in one ConfigError (`source` names the file in the message)."""
         if not isinstance(data, dict):
-            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}",
+            raise ConfigError(f"{source} must hold a JSON object, got {type(data).__name__}",
                               "restore config.json from the original checkpoint")
         mt = data.get("model_type", "step3_vl")
         if mt not in ("step3_vl", "step3_text"):
-            raise ConfigError(f"model_type is {mt!r}, expected 'step3_vl'",
+            raise ConfigError(f"{source}: model_type is {mt!r}, expected 'step3_vl'",
                               "this tool reads stepfun-ai/step3 and step3-fp8 checkpoints only")
         fallbacks: list[str] = []
+        p = Problems(source)
         text_src = data.get("text_config", data if mt == "step3_text" else None)
         if not isinstance(text_src, dict):
-            raise ConfigError("config.json has no 'text_config' object",
+            raise ConfigError(f"{source} has no 'text_config' object",
                               "a step3_vl config.json nests the LLM fields under text_config")
-        text = _read_text(text_src, fallbacks)
         vis_src = data.get("vision_config", {})
         if not isinstance(vis_src, dict):
-            raise ConfigError("'vision_config' must be an object", "restore config.json")
-        vision = _read_fields(vis_src, _VISION_FIELDS, "vision_config", fallbacks)
-        top = _read_fields(data, _TOP_FIELDS, "", fallbacks)
-        if top["tie_word_embeddings"]:
-            raise ConfigError("tie_word_embeddings is true, but Step3 has a separate lm_head",
-                              "set tie_word_embeddings to false and ship lm_head.weight")
-        if int(top["understand_projector_stride"]) != 2:
-            raise ConfigError(
-                f"understand_projector_stride is {top['understand_projector_stride']}, expected 2",
-                "Step3's 169 tokens per 728 px image need stride 2 (spec §1.1); fix config.json")
+            raise ConfigError(f"{source}: 'vision_config' is {type(vis_src).__name__}, "
+                              "expected an object", "restore config.json")
+        text = _read_text(text_src, fallbacks, p)
+        vision = read_fields(vis_src, VISION_FIELDS, "vision_config", fallbacks, p)
+        top = read_fields(data, TOP_FIELDS, "", fallbacks, p)
+        p.check(not top["tie_word_embeddings"], "tie_word_embeddings", True,
+                "false (Step3 has a separate lm_head; ship lm_head.weight)")
+        p.check(top["understand_projector_stride"] == 2, "understand_projector_stride",
+                top["understand_projector_stride"],
+                "2 (Step3's 169 tokens per 728 px image need stride 2, spec §1.1)")
+        hs = data.get("hidden_size", text.hidden_size)
+        p.check(hs == text.hidden_size, "hidden_size", hs,
+                f"text_config.hidden_size ({text.hidden_size})")
         qc = data.get("quantization_config")
-        if qc is not None and not isinstance(qc, dict):
-            raise ConfigError("quantization_config must be an object", "restore config.json")
-        cfg = cls(
-            text_config=text,
-            vision_config=Step3VisionConfig(**vision),
-            quantization_config=qc,
-            fallbacks=tuple(fallbacks),
-            **top,
-        )
-        cfg.validate()
+        check_quantization(qc, p)
+        p.raise_if_any()
+        cfg = cls(text_config=text, vision_config=Step3VisionConfig(**vision),
+                  quantization_config=qc, fallbacks=tuple(fallbacks), **top)
+        cfg.validate(source)
         return cfg
 
     @classmethod
@@ -216,7 +166,7 @@ class Step3Config:
 
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}", f"choose one of {sorted(PRESETS)}")
-        return cls.from_dict(PRESETS[name])
+        return cls.from_dict(PRESETS[name], f"preset {name!r}")
 
     def with_quantization(self, qc: dict | None) -> Step3Config:
         return replace(self, quantization_config=qc)
@@ -243,29 +193,52 @@ class Step3Config:
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     # ----------------------------------------------------------------- checks
-    def validate(self) -> None:
-        t, v = self.text_config, self.vision_config
-        _require(t.num_attention_groups == 1, "text_config.num_attention_groups",
-                 t.num_attention_groups, "1 (Step3 MFA has one shared K/V head)")
-        _require(t.head_dim % 2 == 0, "text_config.head_dim", t.head_dim, "an even number (RoPE)")
-        _require(1 <= t.moe_top_k <= t.moe_num_experts, "text_config.moe_top_k", t.moe_top_k,
-                 f"1..moe_num_experts ({t.moe_num_experts})")
-        _require(t.hidden_act == "silu", "text_config.hidden_act", t.hidden_act, "'silu'")
-        _require(v.hidden_act == "quick_gelu", "vision_config.hidden_act", v.hidden_act,
-                 "'quick_gelu'")
-        _require(v.hidden_size % v.num_attention_heads == 0, "vision_config.hidden_size",
-                 v.hidden_size, f"a multiple of num_attention_heads ({v.num_attention_heads})")
-        _require(v.image_size % v.patch_size == 0, "vision_config.image_size", v.image_size,
-                 f"a multiple of patch_size ({v.patch_size})")
-        _require(0 <= self.image_token_id < t.vocab_size, "image_token_id", self.image_token_id,
-                 f"an id below vocab_size ({t.vocab_size})")
-        for name, value in (("hidden_size", t.hidden_size), ("num_hidden_layers",
-                            t.num_hidden_layers), ("vocab_size", t.vocab_size)):
-            _require(value > 0, f"text_config.{name}", value, "a positive integer")
-        kind = (t.rope_scaling or {}).get("rope_type", (t.rope_scaling or {}).get("type",
-                                                                                  "default"))
-        _require(kind in _SUPPORTED_ROPE, "text_config.rope_scaling", t.rope_scaling,
-                 f"None or a rope_type in {_SUPPORTED_ROPE}")
+    def validate(self, source: str = "config.json") -> None:
+        """The constraints between fields (divisibility, ids below the vocabulary, tensor
+        sizes); raises one ConfigError naming every one that fails."""
+        t, v, p = self.text_config, self.vision_config, Problems(source)
+        p.check(t.num_attention_groups == 1, "text_config.num_attention_groups",
+                t.num_attention_groups, "1 (Step3 MFA has one shared K/V head)")
+        p.check(t.head_dim % 2 == 0, "text_config.head_dim", t.head_dim, "an even number (RoPE)")
+        p.check(1 <= t.moe_top_k <= t.moe_num_experts, "text_config.moe_top_k", t.moe_top_k,
+                f"1..moe_num_experts ({t.moe_num_experts})")
+        p.check(t.hidden_act == "silu", "text_config.hidden_act", t.hidden_act, "'silu'")
+        p.check(v.hidden_act == "quick_gelu", "vision_config.hidden_act", v.hidden_act,
+                "'quick_gelu'")
+        p.check(v.hidden_size % v.num_attention_heads == 0, "vision_config.hidden_size",
+                v.hidden_size, f"a multiple of num_attention_heads ({v.num_attention_heads})")
+        p.check(v.image_size % v.patch_size == 0 and v.image_size >= 2 * v.patch_size,
+                "vision_config.image_size", v.image_size,
+                f"a multiple of patch_size ({v.patch_size}), at least 2 patches wide")
+        p.check(2 * v.patch_size <= CROP_SIDE, "vision_config.patch_size", v.patch_size,
+                f"at most {CROP_SIDE // 2} (a {CROP_SIDE} px crop must span 2 patches)")
+        p.check(v.num_channels == 3, "vision_config.num_channels", v.num_channels, "3 (RGB)")
+        for name, tid in (("image_token_id", self.image_token_id),
+                          ("text_config.bos_token_id", t.bos_token_id),
+                          ("text_config.eos_token_id", t.eos_token_id)):
+            p.check(tid < t.vocab_size, name, tid, f"an id below vocab_size ({t.vocab_size})")
+        p.check(self.torch_dtype in DTYPES, "torch_dtype", self.torch_dtype,
+                f"one of {DTYPES}")
+        p.check(t.num_attention_heads * t.head_dim <= MAX_DIM, "text_config.num_attention_heads",
+                t.num_attention_heads, f"heads x head_dim ({t.head_dim}) at most {MAX_DIM}")
+        biggest = max((t.vocab_size * t.hidden_size, "vocab_size x hidden_size"),
+                      (t.moe_num_experts * t.moe_intermediate_size * t.hidden_size,
+                       "moe_num_experts x moe_intermediate_size x hidden_size"),
+                      (t.num_attention_heads * t.head_dim * t.share_q_dim,
+                       "num_attention_heads x head_dim x share_q_dim"),
+                      (t.intermediate_size * t.hidden_size, "intermediate_size x hidden_size"),
+                      (v.intermediate_size * v.hidden_size,
+                       "vision intermediate_size x hidden_size"))
+        p.check(biggest[0] <= MAX_TENSOR_ELEMS, "text_config", biggest[1] + f" = {biggest[0]}",
+                f"at most {MAX_TENSOR_ELEMS} values in one tensor")
+        rs = t.rope_scaling or {}
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        p.check(kind in SUPPORTED_ROPE, "text_config.rope_scaling", t.rope_scaling,
+                f"null or a rope_type in {SUPPORTED_ROPE}")
+        factor = rs.get("factor", 1.0)
+        p.check(positive(factor), "text_config.rope_scaling.factor", factor,
+                "a finite positive number")
+        p.raise_if_any()
 
     # ----------------------------------------------------------------- derived numbers
     def text_param_counts(self) -> dict[str, int]:
@@ -300,73 +273,7 @@ class Step3Config:
         return g * g
 
 
-def _require(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config field {name} is {value!r}, expected {expected}",
-                          "fix config.json (compare with stepfun-ai/step3's config)")
-
-
-def _read_fields(src: dict[str, Any], spec: tuple[tuple[str, Any, str], ...], where: str,
-                 fallbacks: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, default, _grade in spec:
-        if name in src and (src[name] is not None or default is None):
-            value = src[name]
-        else:
-            value = default
-            fallbacks.append(f"{where}.{name}" if where else name)
-        out[name] = _coerce(value, default, f"{where}.{name}" if where else name)
-    return out
-
-
-def _coerce(value: Any, default: Any, name: str) -> Any:
-    if default is None:
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"config field {name} must be an object or null, got {value!r}",
-                              "fix config.json")
-        return value
-    kind = type(default)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config field {name} is {value!r}, expected true or false",
-                              "fix config.json")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config field {name} is {value!r}, expected an integer",
-                              "fix config.json")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config field {name} is {value!r}, expected a number",
-                              "fix config.json")
-        return float(value)
-    if not isinstance(value, kind):
-        raise ConfigError(f"config field {name} is {value!r}, expected a {kind.__name__}",
-                          "fix config.json")
-    return value
-
-
-def parse_moe_layers(raw: Any, num_layers: int) -> tuple[int, ...]:
-    """`moe_layers_enum` is a comma-separated string, e.g. "4,5,...,59" (spec §1.2)."""
-    if not isinstance(raw, str):
-        raise ConfigError(
-            f"text_config.moe_layers_enum is {raw!r} ({type(raw).__name__}), expected a "
-            "comma-separated string such as \"4,5,6\"",
-            "write it as a string: vLLM and SGLang call .strip().split(',') on it")
-    try:
-        layers = tuple(int(p) for p in raw.strip().split(",") if p.strip())
-    except ValueError as e:
-        raise ConfigError(f"text_config.moe_layers_enum {raw!r} holds a non-integer entry",
-                          "list layer indices separated by commas, e.g. \"4,5,6\"") from e
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad or len(set(layers)) != len(layers):
-        raise ConfigError(f"text_config.moe_layers_enum {raw!r} has out-of-range or repeated "
-                          f"layers {bad}", f"use distinct indices in 0..{num_layers - 1}")
-    return tuple(sorted(layers))
-
-
-def _read_text(src: dict[str, Any], fallbacks: list[str]) -> Step3TextConfig:
+def _read_text(src: dict[str, Any], fallbacks: list[str], p: Problems) -> Step3TextConfig:
     src = dict(src)
     # transformers-v5 style rope block: {"rope_theta": ..., "rope_type": ...}
     rp = src.get("rope_parameters")
@@ -374,7 +281,7 @@ def _read_text(src: dict[str, Any], fallbacks: list[str]) -> Step3TextConfig:
         src.setdefault("rope_theta", rp.get("rope_theta"))
         if rp.get("rope_type", "default") != "default":
             src.setdefault("rope_scaling", rp)
-    vals = _read_fields(src, _TEXT_FIELDS, "text_config", fallbacks)
+    vals = read_fields(src, TEXT_FIELDS, "text_config", fallbacks, p)
     n = vals["num_hidden_layers"]
     if "moe_layers_enum" in src:
         moe = parse_moe_layers(src["moe_layers_enum"], n)
@@ -386,9 +293,9 @@ def _read_text(src: dict[str, Any], fallbacks: list[str]) -> Step3TextConfig:
 
 def fallback_report(cfg: Step3Config) -> list[tuple[str, Any, str]]:
     """(field, value used, grade) for each field config.json did not hold."""
-    grades = {f"text_config.{n}": g for n, _, g in _TEXT_FIELDS}
-    grades |= {f"vision_config.{n}": g for n, _, g in _VISION_FIELDS}
-    grades |= {n: g for n, _, g in _TOP_FIELDS}
+    grades = {f"text_config.{n}": g for n, _, g in TEXT_FIELDS}
+    grades |= {f"vision_config.{n}": g for n, _, g in VISION_FIELDS}
+    grades |= {n: g for n, _, g in TOP_FIELDS}
     grades["text_config.moe_layers_enum"] = "CODE: vLLM makes layers 1..n-1 MoE"
     out = []
     for name in cfg.fallbacks:

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer
 
-from step3_edge.chat import load_chat_template, render_chat
+from step3_edge.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template, render_chat
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, ImageError, PromptError
 from step3_edge.tokenizer import (EOS_TOKEN, EOT_TOKEN, IM_END, IM_START, IMAGE_TOKEN,
                                   PATCH_END, PATCH_NEWLINE, PATCH_START, THINK_END,
-                                  load_tokenizer)
+                                  load_tokenizer, tokenizer_from_file)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -338,8 +338,18 @@ class Step3Processor:
     @classmethod
     def from_pretrained(cls, folder: str | Path, cfg: Step3Config | None = None,
                         **kwargs: Any) -> Step3Processor:
-        """Load tokenizer.json, the chat template and (unless given) config.json from `folder`."""
+        """Load tokenizer.json, the chat template and (unless given) config.json from `folder`.
+        In a bundle (a folder with manifest.json) only the files its manifest names are read,
+        and each must have the manifest's size."""
         cfg = cfg if cfg is not None else Step3Config.from_pretrained(folder)
+        if (Path(folder) / "manifest.json").exists():
+            from step3_edge.manifest import load_manifest
+
+            m = load_manifest(folder)
+            named = {a.path for a in m.artifacts}
+            conf = m.path("tokenizer_config.json") if "tokenizer_config.json" in named else None
+            template = load_chat_template(folder, conf) if conf else DEFAULT_CHAT_TEMPLATE
+            return cls(tokenizer_from_file(m.path("tokenizer.json")), cfg, template, **kwargs)
         return cls(load_tokenizer(folder), cfg, load_chat_template(folder), **kwargs)
 
     # ------------------------------------------------------------------ text

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from step3_edge.errors import ConfigError
+from step3_edge.fsutil import confined, read_json
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -157,14 +158,29 @@ def write_tokenizer_files(folder: str | Path, chat_template: str | None = None,
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+MAX_TOKENIZER_BYTES = 512 << 20      # tokenizer.json (the real one is ~10 MB)
+
+
 def load_tokenizer(folder: str | Path) -> Tokenizer:
-    """Load `tokenizer.json` from a checkpoint or bundle folder (or the file itself)."""
+    """Load `tokenizer.json` from a checkpoint or bundle folder (or the file itself). In a
+    folder it must resolve inside it (or its Hugging Face hub repo cache)."""
     p = Path(folder)
-    f = p / "tokenizer.json" if p.is_dir() else p
+    f = confined(p, "tokenizer.json", ConfigError) if p.is_dir() else p
     if not f.is_file():
         raise ConfigError(f"no tokenizer.json at {p}",
                           "copy tokenizer.json from the checkpoint (stepfun-ai/step3) into this "
                           "folder, or run `step3-edge synth` to make a synthetic one")
+    return tokenizer_from_file(f)
+
+
+def tokenizer_from_file(f: Path) -> Tokenizer:
+    """A tokenizers.Tokenizer from one tokenizer.json file; ConfigError naming it if the file
+    is oversized or not a tokenizer."""
+    size = f.stat().st_size
+    if size > MAX_TOKENIZER_BYTES:
+        raise ConfigError(f"{f} is {size:,} bytes, over the {MAX_TOKENIZER_BYTES:,} bytes a "
+                          "tokenizer.json may have", "restore tokenizer.json from the original "
+                          "checkpoint")
     try:
         return Tokenizer.from_file(str(f))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON / schema
@@ -172,16 +188,29 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
                           "restore tokenizer.json from the original checkpoint") from e
 
 
-def read_tokenizer_config(folder: str | Path) -> dict[str, object]:
-    """tokenizer_config.json as a dict; {} when the file is absent."""
-    f = Path(folder) / "tokenizer_config.json"
-    if not f.is_file():
+def read_tokenizer_config(folder: str | Path, path: Path | None = None) -> dict[str, object]:
+    """tokenizer_config.json of `folder` as a dict ({} when the file is absent); `path`: the
+    (already confined) file to read instead."""
+    f = path if path is not None else Path(folder) / "tokenizer_config.json"
+    if path is None and not (f.is_file() or f.is_symlink()):
         return {}
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{f} is not valid JSON: {e}",
-                          "restore tokenizer_config.json from the original checkpoint") from e
+    if path is None:
+        f = confined(folder, "tokenizer_config.json", ConfigError)
+    data = read_json(f, ConfigError,
+                     "restore tokenizer_config.json from the original checkpoint")
     if not isinstance(data, dict):
-        raise ConfigError(f"{f} must hold a JSON object", "restore tokenizer_config.json")
+        raise ConfigError(f"{f} must hold a JSON object, got {type(data).__name__}",
+                          "restore tokenizer_config.json")
     return data
+
+
+def check_tokenizer_files(folder: str | Path, required: bool = False) -> None:
+    """The tokenizer files of a checkpoint, checked before any weight is read: each confined
+    to the folder, tokenizer.json a loadable tokenizer, tokenizer_config.json an object whose
+    chat_template compiles. Absent files pass unless `required`."""
+    from step3_edge.chat import compile_template, load_chat_template
+
+    p = Path(folder)
+    if required or (p / "tokenizer.json").exists() or (p / "tokenizer.json").is_symlink():
+        load_tokenizer(p)
+    compile_template(load_chat_template(p))

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from step3_edge.checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointReader
+from step3_edge.checkpoint import (INDEX_NAME, SINGLE_NAME, CheckpointReader, check_values,
+                                   safe_name)
 from step3_edge.errors import QuantizationError
 from step3_edge.fsutil import staged_dir
 from step3_edge.layout import WeightSpec
@@ -127,6 +128,8 @@ class _Converter:
                 parts[k] = sl[before[k]:upto[k]]                      # [rows, ...]
             else:
                 parts[k] = sl[experts[0]:experts[1], before[k]:upto[k]]  # [n_e, rows, ...]
+            if k:
+                check_values(name + k, parts[k], scale=True)          # small: one per block
         return parts
 
     def weight(self, spec: WeightSpec, dst: Scheme, shard: _ShardFile) -> None:
@@ -165,6 +168,7 @@ class _Converter:
             offset = 0
             for a in range(0, shape[0] if shape else 1, step):
                 t = sl[a:a + step] if shape else sl[:]
+                check_values(stored, t, scale=bool(k))
                 shard.write(stored, offset, t)
                 nb = t.numel() * t.element_size()
                 offset += nb
@@ -190,6 +194,7 @@ class _Converter:
                 parts = self._src_rows(name, src, g, r0, r1, in_dim)
                 w = src.dequantize(parts, (*lead, r1 - r0, in_dim))   # [(n_e,) rows, in] f32
                 del parts
+                check_values(name, w)                                 # the chunk in memory
                 q = dst.quantize(w)
                 acc.add(w, dst.dequantize(q, (*lead, r1 - r0, in_dim)))
                 before = _part_bytes(dst, (r0, in_dim))
@@ -215,6 +220,7 @@ def convert_checkpoint(model: str | Path, out: str | Path, target: str | Target,
     recipe = recipe or build_recipe(tgt)
     reader = CheckpointReader(model)
     reader.check()
+    side = side_files(model)                      # checked before any weight is read
     specs = list(reader.expected.values())
     modules = recipe.resolve(specs)
     schemes = {n: get_scheme(s) for n, s in modules.items()}
@@ -237,7 +243,7 @@ def convert_checkpoint(model: str | Path, out: str | Path, target: str | Target,
     report = QuantReport(tgt.name)
     weight_map: dict[str, str] = {}
     total = 0
-    with staged_dir(out, overwrite) as tmp, \
+    with staged_dir(out, overwrite, quantized_checkpoint_owned, [model]) as tmp, \
             tqdm(total=src_total, unit="B", unit_scale=True, desc=f"quantize {tgt.name}",
                  disable=not progress) as bar:
         conv = _Converter(reader, report, bar)
@@ -265,15 +271,42 @@ def convert_checkpoint(model: str | Path, out: str | Path, target: str | Target,
               "source_quant_method": src_qc.get("quant_method", "bf16"),
               "recipe": recipe.to_json(), "format_version": 1}
         reader.cfg.with_quantization(qc).save(tmp)
-        _copy_side_files(model, tmp)
+        for name, path in side:
+            shutil.copyfile(path, tmp / name)
     report.seconds = time.perf_counter() - t0
     return ConvertResult(out, modules, report, src_total, total, report.seconds)
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer, generation config, chat template...: every top-level file that is not a
-    weight file, the index or config.json."""
+def side_files(src: Path) -> list[tuple[str, Path]]:
+    """(name, resolved path) of the tokenizer, generation config, chat template...: every
+    top-level file that is not a weight file, the index or config.json. Each must resolve
+    inside the checkpoint (or its hub repo cache); the tokenizer files must load."""
+    from step3_edge.tokenizer import check_tokenizer_files
+
+    out = []
     for f in sorted(src.iterdir()):
-        if (f.is_file() and not f.name.startswith(".") and f.suffix != ".safetensors"
-                and f.name not in (INDEX_NAME, SINGLE_NAME, "config.json")):
-            shutil.copy2(f, dst / f.name)
+        if (not f.name.startswith(".") and f.suffix != ".safetensors"
+                and f.name not in (INDEX_NAME, SINGLE_NAME, "config.json")
+                and (f.is_file() or f.is_symlink())):
+            out.append((f.name, safe_name(src, f.name)))
+    check_tokenizer_files(src)
+    return out
+
+
+def quantized_checkpoint_owned(folder: Path) -> str | None:
+    """None when `folder` is a checkpoint `step3-edge quantize` wrote (its config.json says
+    quant_method step3_edge, and it holds files only); else why it is not."""
+    from step3_edge.config import Step3Config
+    from step3_edge.errors import Step3EdgeError
+
+    try:
+        qc = Step3Config.from_pretrained(folder).quantization_config or {}
+    except Step3EdgeError:
+        return "it holds no readable config.json of a quantized checkpoint"
+    if qc.get("quant_method") != "step3_edge":
+        return "its config.json is not one step3-edge quantize wrote (no step3_edge " \
+               "quantization_config)"
+    sub = [p.name for p in folder.iterdir() if p.is_dir() or p.is_symlink()]
+    if sub:
+        return f"it holds folders or links this tool does not write: {sorted(sub)[:5]}"
+    return None
