@@ -1,43 +1,257 @@
-"""`step3-edge` command line. Each subcommand lives in its own module exposing
-`add_arguments(parser)` and `run(args) -> int`; this file only wires them up."""
+"""`step3-edge` command line: the table of commands, and the conventions they share.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
+only the module of the command being run is imported, so `step3-edge --help` starts without
+torch. The shared conventions live here: one `--model PATH` flag (checkpoint or bundle, see
+`add_model_argument` / `resolve_bundle`), the runtime options of `chat`, `profile`, `app` and
+`serve` (`RUNTIME_OPTIONS`, mapped onto `Step3Runtime.load` keywords by `runtime_overrides`),
+and a help formatter that shows every option's default.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from step3_edge.errors import Step3EdgeError
+
+DESCRIPTION = """\
+Deploy StepFun's Step3 vision-language model on small accelerators:
+checkpoint -> quantize -> export bundle -> runtime (terminal chat, an OpenAI-compatible
+server, a Gradio demo)."""
+EPILOG = """\
+examples:
+  step3-edge generate "What colour is the circle?" --image photo.png
+  step3-edge plan --preset full --target l20
+  step3-edge export --model CKPT --target cpu --out BUNDLE
+  step3-edge chat --model BUNDLE
+  step3-edge serve --model BUNDLE --api-key KEY
+  step3-edge app
+
+--model takes a checkpoint folder (config.json) or an exported bundle (manifest.json);
+where it is optional, the embedded default model is used. `step3-edge COMMAND --help` lists
+a command's options."""
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("step3_edge.synth", "write a synthetic Step3 checkpoint in the real layout"),
-    "generate": ("step3_edge.generate", "generate text (checkpoint: reference model; bundle: runtime)"),
+    "generate": ("step3_edge.generate", "answer one prompt (checkpoint: reference model; "
+                 "bundle: runtime)"),
     "eval": ("step3_edge.evaluate", "exact-match accuracy on the held-out shapes task"),
     "quantize": ("step3_edge.quantize.cli", "requantize a checkpoint for a target card"),
     "plan": ("step3_edge.runtime.plan_cli", "print the device placement and memory plan"),
     "export": ("step3_edge.export.cli", "export a checkpoint into per-device engine bundles"),
     "inspect": ("step3_edge.export.inspect_cli", "summarise a bundle and verify its hashes"),
-    "chat": ("step3_edge.runtime.chat_cli", "interactive streaming chat with a bundle"),
+    "chat": ("step3_edge.runtime.chat_cli", "interactive streaming chat in the terminal"),
     "profile": ("step3_edge.runtime.profile_cli", "record per-layer expert counts for planning"),
-    "app": ("step3_edge.app.gradio_app", "Gradio image-chat demo"),
+    "app": ("step3_edge.app.gradio_app", "Gradio image-chat demo in the browser"),
     "serve": ("step3_edge.app.server", "OpenAI-compatible HTTP server"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="step3-edge", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def version() -> str:
+    """The installed distribution's version (the source tree's where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("step3-edge")
+    except PackageNotFoundError:
+        from step3_edge import __version__
+
+        return __version__
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help states it already or there is none
+    to show (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if text is argparse.SUPPRESS or "default" in text or "%(default)" in text:
+            return text
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
+# ------------------------------------------------------------------ the model flag
+class _DeprecatedBundle(argparse.Action):
+    """`--bundle PATH`: the old name of `--model` (hidden from --help, still accepted)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print("step3-edge: --bundle is deprecated; use --model (it takes a bundle or a "
+              "checkpoint)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_model_argument(p: argparse.ArgumentParser, *, default: str = "the embedded default "
+                       "model") -> None:
+    """`--model PATH` (checkpoint or bundle, optional) and its hidden old name `--bundle`."""
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder (config.json; exported for the cpu target into the "
+                   "cache on first use) or engine bundle (manifest.json) "
+                   f"(default: {default})")
+    p.add_argument("--bundle", dest="model", metavar="PATH", action=_DeprecatedBundle,
+                   help=argparse.SUPPRESS)
+
+
+def resolve_bundle(model: str | Path | None, *, progress: bool = True) -> tuple[Path, str | None]:
+    """The bundle to load for `--model`, and the name to show for it (None: the folder's).
+
+    A bundle is used as it is; a checkpoint is exported once for the cpu target into the
+    cache folder (reused while it is unchanged); None is the embedded default model."""
+    from step3_edge.app.default_bundle import DEFAULT_NAME, bundle_for, default_bundle
+
+    if model is None:
+        return default_bundle(progress=progress), DEFAULT_NAME
+    bundle = bundle_for(model, progress=progress)
+    return bundle, (None if bundle == Path(model).expanduser() else Path(model).resolve().name)
+
+
+# ------------------------------------------------------------------ runtime options
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1")
+    return value
+
+
+def _resident(text: str) -> int | float:
+    """A fraction when written with a decimal point (0.5, 1.0), else a count of experts."""
+    try:
+        value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction (0.5) nor a count "
+                                         "of experts (12)") from None
+    if value < 0 or (isinstance(value, float) and value > 1):
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1] (fraction) / >= 0 (count)")
+    return value
+
+
+@dataclass(frozen=True)
+class RuntimeOption:
+    """One command-line option of the runtime commands and the `Step3Runtime.load` keyword
+    it sets (`step3_edge.runtime.api.OVERRIDES` names them)."""
+
+    flag: str
+    key: str
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+    nargs: str | None = None
+    const: Any = None
+    to_load: Callable[[Any], Any] | None = None    # CLI value -> load keyword value
+
+
+RUNTIME_OPTIONS: tuple[RuntimeOption, ...] = (
+    RuntimeOption("--device", "device", "torch device of the runtime: cpu, cuda, cuda:1 "
+                  "(default: CUDA when present, else cpu)", metavar="DEVICE"),
+    RuntimeOption("--dtype", "dtype", "compute dtype (default: bfloat16)",
+                  choices=("bfloat16", "float32", "float16")),
+    RuntimeOption("--backend", "backend", "engine backend: torch, onnxruntime (the bundle's "
+                  "ONNX subgraphs), tensorrt (its TensorRT engines, CUDA), auto (default: "
+                  "onnxruntime for float32 on a CPU when the bundle has ONNX subgraphs, "
+                  "else torch)", choices=("auto", "torch", "onnxruntime", "tensorrt")),
+    RuntimeOption("--threads", "threads", "intra-op threads of the engine (default: torch's; "
+                  "app: one fewer, leaving a core to the browser)", type=_positive_int,
+                  metavar="N"),
+    RuntimeOption("--kv-tokens", "kv_tokens", "KV cache size in tokens, all sequences "
+                  "together, at least 16 (default: the bundle plan's KV budget)",
+                  type=_positive_int, metavar="N"),
+    RuntimeOption("--kv-dtype", "kv_dtype", "KV cache element type (default: float32 under "
+                  "float32 compute, else the plan's: fp8 or bfloat16)",
+                  choices=("float32", "bfloat16", "float16", "float8_e4m3fn")),
+    RuntimeOption("--resident", "resident", "routed experts kept on the device: a fraction "
+                  "written with a decimal point (0.5; 1.0 = all) or a count (12) (default: the "
+                  "plan's hot set)", type=_resident, metavar="FRACTION|COUNT"),
+    RuntimeOption("--cache", "cache", "device expert cache policy (default: lfu)",
+                  choices=("static", "lru", "lfu")),
+    RuntimeOption("--miss", "miss", "on an expert-cache miss: compute the expert on the CPU, "
+                  "copy it to the device, or decide by cost (default: auto)",
+                  choices=("cpu", "copy", "auto")),
+    RuntimeOption("--expert-counts", "expert_counts", "profile JSON (from `step3-edge "
+                  "profile`) that picks the resident experts (default: the plan's)",
+                  metavar="JSON"),
+    RuntimeOption("--max-batch", "max_batch", "sequences decoded together (default: 32)",
+                  type=_positive_int, metavar="N"),
+    RuntimeOption("--afd", "afd", "attention / FFN disaggregation: `--afd` (or spawn) starts "
+                  "FFN worker processes here; env: this process is rank 0 of a torchrun group "
+                  "(default: off, one process)", choices=("spawn", "env"), nargs="?",
+                  const="spawn", to_load=lambda v: True if v == "spawn" else v),
+    RuntimeOption("--ffn-ranks", "ffn_ranks", "FFN worker processes with --afd (default: the "
+                  "plan's FFN devices, at least 1)", type=_positive_int, metavar="N"),
+    RuntimeOption("--attention-ranks", "attention_ranks", "data-parallel attention ranks with "
+                  "--afd (default: the plan's attention devices, at least 1)",
+                  type=_positive_int, metavar="N"),
+)
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """The runtime options (`RUNTIME_OPTIONS`) as a group of `p`'s options."""
+    g = p.add_argument_group("runtime options (Step3Runtime.load)")
+    for o in RUNTIME_OPTIONS:
+        kw: dict[str, Any] = {"help": o.help, "default": None,
+                              "dest": o.key}
+        for name in ("type", "choices", "metavar", "nargs", "const"):
+            if getattr(o, name) is not None:
+                kw[name] = getattr(o, name)
+        g.add_argument(o.flag, **kw)
+
+
+def runtime_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `Step3Runtime.load` keywords of the runtime options given (options a command
+    lacks, or left at their default, are skipped)."""
+    out: dict[str, Any] = {}
+    for o in RUNTIME_OPTIONS:
+        value = getattr(args, o.key, None)
+        if value is not None:
+            out[o.key] = o.to_load(value) if o.to_load else value
+    return out
+
+
+# ------------------------------------------------------------------ the parser
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command word of `argv` (the top-level options take no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command (imports every command module), or, with `only`, one in
+    which only that command's options are registered (what `main` uses; `only=""` registers
+    none, enough for the top-level --help)."""
+    parser = argparse.ArgumentParser(prog="step3-edge", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"step3-edge {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=HelpFormatter)
+        if only is None or only == name:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(argv)
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except Step3EdgeError as e:
@@ -47,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
+
+__all__ = ["COMMANDS", "RUNTIME_OPTIONS", "HelpFormatter", "add_model_argument",
+           "add_runtime_arguments", "build_parser", "main", "resolve_bundle",
+           "runtime_overrides", "version"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -147,13 +147,17 @@ def evaluate(answerer: Answerer, examples: list[Example], model_name: str = "",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint or bundle folder (default: the embedded model)")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder (answered by the reference model) or bundle folder "
+                   "(answered by the runtime) (default: the embedded default model)")
     p.add_argument("--n", type=int, default=500, help="number of held-out examples")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out task seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="reference-model dtype (checkpoints only)")
-    p.add_argument("--json", type=Path, help="also write the report (with every answer) here")
-    p.add_argument("--show-errors", type=int, default=0, help="print up to N wrong answers")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="also write the report (with every answer) here")
+    p.add_argument("--show-errors", type=int, default=0, metavar="N",
+                   help="print up to N wrong answers")
     from step3_edge import variants
 
     variants.add_arguments(p)

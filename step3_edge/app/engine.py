@@ -11,9 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from step3_edge.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -100,20 +97,20 @@ class ChatEngine:
         self.bundle = Path(bundle)
         self.name = name or self.bundle.name
         self.last_answer: Answer | None = None
+        import psutil
+
         self._process = psutil.Process()
 
     @classmethod
-    def load(cls, bundle: str | Path | None = None, *, progress: bool = True,
+    def load(cls, model: str | Path | None = None, *, progress: bool = True,
              **overrides: Any) -> ChatEngine:
-        """Load `bundle` (default: the embedded model's bundle, exported on first use);
-        `overrides` go to `Step3Runtime.load`."""
+        """Load `model`: a bundle, or a checkpoint (exported for the cpu target into the
+        cache on first use); default: the embedded model. `overrides` go to
+        `Step3Runtime.load`."""
+        from step3_edge.cli import resolve_bundle
         from step3_edge.runtime import Step3Runtime
 
-        name = None
-        if bundle is None:
-            from step3_edge.app.default_bundle import DEFAULT_NAME, default_bundle
-
-            bundle, name = default_bundle(progress=progress), DEFAULT_NAME
+        bundle, name = resolve_bundle(model, progress=progress)
         return cls(Step3Runtime.load(bundle, **overrides), Path(bundle), name)
 
     @property
@@ -126,6 +123,8 @@ class ChatEngine:
                seed: int | None = None) -> Answer:
         """Queue an answer to `messages` (step3-edge chat format) and return its stream.
         A malformed conversation or image raises its Step3EdgeError here."""
+        from step3_edge.sampling import SamplingParams
+
         rt, t0, experts0 = self.runtime, time.perf_counter(), self._expert_counters()
         ids, views = rt.processor.apply_chat(list(messages))
         request = rt.submit(ids, views, max_new_tokens=max_tokens,
@@ -147,6 +146,8 @@ class ChatEngine:
 
     def memory(self) -> dict[str, int]:
         """Bytes: this process's RSS, and the system's total / used / available memory."""
+        import psutil
+
         vm = psutil.virtual_memory()
         return {"rss": self._process.memory_info().rss, "total": vm.total,
                 "used": vm.total - vm.available, "available": vm.available}
@@ -156,17 +157,13 @@ class ChatEngine:
         self.runtime.close()
 
 
-def add_runtime_arguments(p: Any, port: int) -> None:
-    """The options `app` and `serve` share: bundle, device, dtype, threads, host, port."""
-    p.add_argument("--bundle", help="engine bundle folder (default: the embedded model, "
-                   "exported into the cache folder on first use)")
-    p.add_argument("--device", help="torch device for the runtime, e.g. cpu, cuda, cuda:1 "
-                   "(default: CUDA when present)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"],
-                   help="compute dtype (default: the runtime's, bfloat16)")
-    p.add_argument("--threads", type=int, help="intra-op threads of the engine (default: "
-                   "app: one fewer than torch's, leaving a core to the browser and Gradio on "
-                   "this machine; serve: torch's)")
+def add_server_arguments(p: Any, port: int) -> None:
+    """The options `app` and `serve` share: --model, the runtime options, host and port."""
+    from step3_edge.cli import add_model_argument, add_runtime_arguments
+
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=port)
+                   help="address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every "
+                   "network interface")
+    p.add_argument("--port", type=int, default=port, help="TCP port to listen on")
+    add_runtime_arguments(p)

@@ -3,6 +3,13 @@
 The interface only: a chat with image upload or paste, streamed answers, sampling controls,
 example prompts, and a side panel with the device plan, memory in use and the statistics of the
 last answer. Every model step happens in the runtime behind `app.engine.ChatEngine`.
+
+The API endpoint `/chat` (gradio_client: `client.predict(message, temperature, top_p,
+max_tokens, history, api_name="/chat")`) is stateless: each call answers `message` (text and
+image files) after the optional `history` ([{"role": "user" | "assistant", "content": str}]),
+never after an earlier call's turns. It streams (answer text, side-panel statistics): the
+model's text as the OpenAI server returns it (reasoning, `</think>`, answer), without the chat's
+markup; errors are raised (gradio_client's AppError) with the reason.
 """
 
 from __future__ import annotations
@@ -12,12 +19,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from step3_edge import defaults
-from step3_edge.app.engine import add_runtime_arguments
+from step3_edge.app.engine import add_server_arguments
 from step3_edge.errors import Step3EdgeError
 from step3_edge.tokenizer import THINK_END
 
@@ -154,15 +161,17 @@ def make_respond(engine: Any) -> Any:
             return
         answer = None
         text = ""
+        messages: list[dict[str, Any]] = []
         try:
-            answer = engine.answer(history_to_messages(history, message),
+            messages = history_to_messages(history, message)
+            answer = engine.answer(messages,
                                    max_tokens=int(max_tokens), temperature=float(temperature),
                                    top_p=float(top_p))
             for piece in answer:
                 text += piece
                 yield shown(text), stats_markdown(engine, answer)
         except Step3EdgeError as e:
-            yield (ERROR_PREFIX + _user_error(e, text),
+            yield (ERROR_PREFIX + _user_error(e, text, _image_paths(messages)),
                    stats_markdown(engine, answer or engine.last_answer))
             return
         except Exception as e:  # noqa: BLE001 - a bug must not take down the queue
@@ -181,9 +190,67 @@ def make_respond(engine: Any) -> Any:
     return respond
 
 
-def _user_error(e: Step3EdgeError, partial: str) -> str:
-    msg = e.problem + (f" — {e.remedy}" if e.remedy else "")
-    return (f"{msg}\n\n(partial answer: {partial})" if partial else msg)
+def _user_error(e: Step3EdgeError, partial: str, paths: Sequence[str] = ()) -> str:
+    return _without_paths(e.problem + (f" — {e.remedy}" if e.remedy else "") +
+                          (f"\n\n(partial answer: {partial})" if partial else ""), paths)
+
+
+def _without_paths(text: str, paths: Sequence[str]) -> str:
+    """`text` with the server's paths of uploaded files cut to their file names."""
+    for path in sorted(set(paths), key=len, reverse=True):
+        if path:
+            text = text.replace(path, Path(path).name)
+    return text
+
+
+def _image_paths(messages: list[dict[str, Any]]) -> list[str]:
+    return [str(p["image"]) for m in messages if isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, dict) and isinstance(p.get("image"), str)]
+
+
+def _api_history(history: Any) -> list[dict[str, Any]]:
+    """The `/chat` API's optional history -> chat messages; a bad one is a PromptError."""
+    from step3_edge.errors import PromptError
+
+    if history in (None, "", []):
+        return []
+    if not isinstance(history, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant")
+            and isinstance(m.get("content"), str) for m in history):
+        raise PromptError("history must be a list of {\"role\": \"user\" or \"assistant\", "
+                          "\"content\": text}", "pass earlier turns in that shape, or none")
+    return [{"role": m["role"], "content": m["content"]} for m in history]
+
+
+def make_api(engine: Any) -> Any:
+    """The stateless `/chat` API function: yields (answer text so far, side-panel markdown);
+    a bad request or image raises gr.Error with the reason."""
+
+    def chat(message: Any, temperature: float, top_p: float, max_tokens: float,
+             history: Any = None) -> Iterator[tuple[str, str]]:
+        import gradio as gr
+
+        message = message if isinstance(message, dict) else {"text": str(message or ""),
+                                                               "files": []}
+        if not (message.get("text") or "").strip() and not message.get("files"):
+            raise gr.Error("the message has no text and no image; send a question")
+        answer, text, paths = None, "", []
+        try:
+            messages = _api_history(history) + history_to_messages([], message)
+            paths = _image_paths(messages)
+            answer = engine.answer(messages, max_tokens=int(max_tokens),
+                                   temperature=float(temperature), top_p=float(top_p))
+            for piece in answer:
+                text += piece
+                yield text, stats_markdown(engine, answer)
+        except Step3EdgeError as e:
+            raise gr.Error(_user_error(e, "", paths), print_exception=False) from None
+        finally:
+            if answer is not None:
+                answer.close()
+        yield text, stats_markdown(engine, answer)
+
+    return chat
 
 
 def _theme(gr: Any) -> Any:
@@ -228,7 +295,10 @@ def build_demo(engine: Any, *, concurrency: int = 4) -> Any:
                     cache_examples=False,
                     run_examples_on_click=True,
                     concurrency_limit=concurrency,
-                    api_name="chat",
+                    # the chat's own endpoint keeps the conversation in the session: the
+                    # stateless `/chat` below is the API
+                    api_name="chat_ui",
+                    api_visibility="private",
                     fill_height=True,
                 )
             with gr.Column(scale=1, min_width=300):
@@ -236,6 +306,14 @@ def build_demo(engine: Any, *, concurrency: int = 4) -> Any:
                 refresh = gr.Button("Refresh memory", size="sm")
                 with gr.Accordion("Device plan", open=False):
                     gr.Markdown(f"```\n{engine.plan_table()}\n```", elem_id="plan")
+        api_message = gr.MultimodalTextbox(visible=False, file_types=["image"],
+                                           file_count="multiple")
+        api_history = gr.JSON(visible=False, value=None)
+        api_answer = gr.Textbox(visible=False)
+        gr.Button(visible=False).click(
+            make_api(engine), [api_message, temperature, top_p, max_tokens, api_history],
+            [api_answer, stats], api_name="chat", concurrency_limit=concurrency,
+            show_progress="hidden")
         refresh.click(lambda: stats_markdown(engine, engine.last_answer), None, stats,
                       queue=False, api_visibility="undocumented")
         textbox.stop(_after_stop(engine), None, stats, queue=False,
@@ -274,21 +352,24 @@ def launch(engine: Any, *, host: str = "127.0.0.1", port: int = 7860, share: boo
 
 # ------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_runtime_arguments(p, port=7860)
-    p.add_argument("--share", action="store_true",
+    add_server_arguments(p, port=7860)
+    g = p.add_argument_group("app options")
+    g.add_argument("--share", action="store_true",
                    help="also open a public gradio.live link (needs internet access)")
-    p.add_argument("--concurrency", type=int, default=4,
+    g.add_argument("--concurrency", type=int, default=4, metavar="N",
                    help="answers generated at once (the runtime batches them); more wait in "
                    "the queue")
-    p.add_argument("--queue-size", type=int, default=64, help="requests allowed to wait")
-    p.add_argument("--max-upload", default="20mb", help="largest accepted upload, e.g. 20mb")
+    g.add_argument("--queue-size", type=int, default=64, metavar="N",
+                   help="requests allowed to wait")
+    g.add_argument("--max-upload", default="20mb", metavar="SIZE",
+                   help="largest accepted upload, e.g. 20mb")
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from step3_edge.app.engine import ChatEngine
     from step3_edge.app.extras import import_in_background
-    from step3_edge.runtime.chat_cli import runtime_overrides
+    from step3_edge.cli import runtime_overrides
 
     gradio_import = import_in_background("gradio", "gradio", "the Gradio demo (step3-edge app)")
     import torch
@@ -296,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     # the browser of a local demo (127.0.0.1 by default) and Gradio need a core while the
     # engine thread steps: its OpenMP workers spin between ops (runtime/openmp.py)
     overrides = {"threads": max(1, torch.get_num_threads() - 1), **runtime_overrides(args)}
-    engine = ChatEngine.load(args.bundle, **overrides)
+    engine = ChatEngine.load(args.model, **overrides)
     gradio_import.join()
     print(f"step3-edge app: {engine.name} loaded from {engine.bundle}", file=sys.stderr)
     launch(engine, host=args.host, port=args.port, share=args.share,

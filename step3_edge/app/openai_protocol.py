@@ -7,6 +7,7 @@ A bad request raises `ApiError`, which carries the HTTP status and the OpenAI er
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -15,7 +16,69 @@ from typing import Any
 
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "prediction")
+SEED_RANGE = (-2**63, 2**64 - 1)        # what torch.Generator.manual_seed takes
+SUPPORTED = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+             "stop", "stream", "stream_options", "seed")
+# accepted and ignored: they ask nothing of the model
+IGNORED = ("user", "safety_identifier", "prompt_cache_key")
+# OpenAI fields accepted only with a value that asks for nothing beyond the default (null is
+# always "not given"); any other value is a 400 naming the field
+NO_OP: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "logprobs": (False,), "top_logprobs": (), "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0), "logit_bias": ({},), "response_format": ({"type": "text"},),
+    "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+    "functions": ([],), "function_call": ("none",), "modalities": (["text"],),
+    "audio": (), "prediction": (), "store": (False,), "metadata": ({},),
+    "service_tier": ("auto", "default"), "reasoning_effort": (), "web_search_options": (),
+    "verbosity": (),
+}
+WHY = {
+    "n": "only n=1 (one choice) is supported",
+    "logprobs": "log probabilities are not returned by step3-edge",
+    "top_logprobs": "log probabilities are not returned by step3-edge",
+    "frequency_penalty": "repetition penalties are not implemented",
+    "presence_penalty": "repetition penalties are not implemented",
+    "logit_bias": "logit biases are not implemented",
+    "response_format": "structured output (JSON mode, JSON schema) is not implemented; only "
+                       "{\"type\": \"text\"}",
+    "tools": "tool calling is not implemented", "tool_choice": "tool calling is not implemented",
+    "functions": "function calling is not implemented",
+    "function_call": "function calling is not implemented",
+    "modalities": "the model answers in text only",
+    "audio": "the model answers in text only",
+    "prediction": "predicted outputs are not implemented",
+    "store": "completions are not stored", "metadata": "completions are not stored",
+    "service_tier": "there are no service tiers",
+    "reasoning_effort": "the reasoning effort is not adjustable",
+    "web_search_options": "there is no web search",
+    "verbosity": "the verbosity is not adjustable",
+}
+MESSAGE_KEYS = ("role", "content", "name")
+
+
+def show(value: Any, depth: int = 0) -> str:
+    """A client's value as JSON text for an error message: strings, lists and objects cut
+    short, nesting capped (a 100,000-deep list is `[[[...]]]`), surrogates escaped."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, int):
+        # str() of a 5,000-digit int is a ValueError; bit_length is cheap
+        return str(value) if value.bit_length() < 200 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, dict)):
+        if depth >= 3:
+            return "[...]" if isinstance(value, list) else "{...}"
+        if isinstance(value, list):
+            items = [show(v, depth + 1) for v in value[:6]]
+        else:
+            items = [f"{show(str(k))}: {show(v, depth + 1)}" for k, v in list(value.items())[:6]]
+        more = ", ..." if len(value) > 6 else ""
+        a, b = "[]" if isinstance(value, list) else "{}"
+        return a + ", ".join(items) + more + b
+    return f"<{type(value).__name__}>"
 
 
 class ApiError(Exception):
@@ -53,6 +116,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     seed: int | None = None
+    max_tokens_key: str = "max_tokens"       # the field the client used (error messages)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,11 +129,12 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(f"'{key}' must be a number, got {value!r}", key)
-    if value > hi or value < lo or (lo_open and value == lo):
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise _bad(f"'{key}' is {value}, expected a value in {bound}", key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"'{key}' must be a number, got {show(value)}", key)
+    bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+    if (isinstance(value, float) and not math.isfinite(value)) or value > hi or value < lo \
+            or (lo_open and value == lo):
+        raise _bad(f"'{key}' is {show(value)}, expected a value in {bound}", key)
     return float(value)
 
 
@@ -79,9 +144,19 @@ def _max_tokens(body: dict[str, Any], default: int, limit: int) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"'{key}' must be an integer, got {value!r}", key)
+        raise _bad(f"'{key}' must be an integer, got {show(value)}", key)
     if not 1 <= value <= limit:
-        raise _bad(f"'{key}' is {value}, expected 1..{limit}", key)
+        raise _bad(f"'{key}' is {show(value)}, expected 1..{limit}", key)
+    return value
+
+
+def _text(value: str, where: str) -> str:
+    """`value` unless it holds a lone surrogate (JSON lets "\\ud800" through; it is no text)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(f"{where} holds a lone surrogate ({show(value[e.start:e.end])} at index "
+                   f"{e.start}), which is not valid Unicode text", where, "invalid_text") from None
     return value
 
 
@@ -93,8 +168,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     if (not isinstance(items, list) or len(items) > MAX_STOP
             or not all(isinstance(s, str) and s for s in items)):
         raise _bad(f"'stop' must be a non-empty string or a list of up to {MAX_STOP} non-empty "
-                   f"strings, got {value!r}", "stop")
-    return tuple(items)
+                   f"strings, got {show(value)}", "stop")
+    return tuple(_text(s, "stop") for s in items)
 
 
 def _image_part(part: dict[str, Any], where: str) -> dict[str, Any]:
@@ -103,14 +178,14 @@ def _image_part(part: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(url, str) or not url:
         raise _bad(f"{where} is an image_url part without a url string", where)
     if not url.startswith("data:"):
-        raise _bad(f"{where} has the url {url[:60]!r}; this server accepts only inline "
+        raise _bad(f"{where} has the url {show(url[:60])}; this server accepts only inline "
                    "data:image/...;base64 URIs and never fetches URLs", where, "invalid_image_url")
     return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _content(content: Any, role: str, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
-        return content
+        return _text(content, where)
     if not isinstance(content, list) or not content:
         raise _bad(f"{where} must be a string or a non-empty list of content parts", where)
     parts: list[dict[str, Any]] = []
@@ -120,14 +195,14 @@ def _content(content: Any, role: str, where: str) -> str | list[dict[str, Any]]:
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise _bad(f"{pwhere} is a text part whose 'text' is not a string", pwhere)
-            parts.append({"type": "text", "text": part["text"]})
+            parts.append({"type": "text", "text": _text(part["text"], pwhere)})
         elif kind == "image_url":
             if role != "user":
                 raise _bad(f"{pwhere}: images are only allowed in user messages", pwhere)
             parts.append(_image_part(part, pwhere))
         else:
-            raise _bad(f"{pwhere} has type {kind!r}; supported content parts are 'text' and "
-                       "'image_url'", pwhere)
+            raise _bad(f"{pwhere} has type {show(kind)}; supported content parts are 'text' "
+                       "and 'image_url'", pwhere)
     return parts
 
 
@@ -139,13 +214,19 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise _bad(f"{where} must be an object with 'role' and 'content'", where)
-        role = ROLE_MAP.get(msg.get("role"))  # type: ignore[arg-type]
+        raw_role = msg.get("role")
+        role = ROLE_MAP.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            raise _bad(f"{where} has role {msg.get('role')!r}; supported roles are "
+            raise _bad(f"{where} has role {show(raw_role)}; supported roles are "
                        f"{', '.join(ROLE_MAP)}", f"{where}.role")
         if role == "system" and out:
-            raise _bad(f"{where} is a {msg['role']} message after the first message; Step3 takes "
+            raise _bad(f"{where} is a {raw_role} message after the first message; Step3 takes "
                        "one system message, first", f"{where}.role")
+        for key, v in msg.items():
+            if key not in MESSAGE_KEYS and v is not None:
+                raise _bad(f"{where} has the field {show(key)}, which step3-edge does not "
+                           "support (tool calls, audio and refusals are not implemented)",
+                           f"{where}.{key}", "unsupported_parameter")
         if msg.get("content") is None:
             raise _bad(f"{where} has no 'content'", f"{where}.content")
         out.append({"role": role, "content": _content(msg["content"], role, f"{where}.content")})
@@ -155,6 +236,23 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _no_op(value: Any, allowed: tuple[Any, ...]) -> bool:
+    # type-exact: n=True or logprobs=0 are not the defaults they compare equal to
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """A 400 naming the first field that asks for something step3-edge does not do."""
+    for key, value in body.items():
+        if value is None or key in SUPPORTED or key in IGNORED:
+            continue
+        if key in NO_OP:
+            if _no_op(value, NO_OP[key]):
+                continue
+            raise _bad(f"'{key}' is {show(value)}: {WHY[key]}", key, "unsupported_parameter")
+        raise _bad(f"unrecognized request argument {show(key)}", key, "unknown_parameter")
+
+
 def parse_chat_request(body: Any, served_model: str, *, default_max_tokens: int = 256,
                        max_tokens_limit: int = 4096) -> ChatRequest:
     """Validate a decoded JSON body of `POST /v1/chat/completions`; raise ApiError if bad."""
@@ -162,25 +260,25 @@ def parse_chat_request(body: Any, served_model: str, *, default_max_tokens: int 
         raise _bad("the request body must be a JSON object", None)
     model = body.get("model", served_model)
     if not isinstance(model, str):
-        raise _bad(f"'model' must be a string, got {model!r}", "model")
+        raise _bad(f"'model' must be a string, got {show(model)}", "model")
     if model != served_model:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves "
-                       f"{served_model!r}", param="model", code="model_not_found")
-    for key in UNSUPPORTED:
-        if body.get(key):
-            raise _bad(f"'{key}' is not supported by step3-edge", key, "unsupported_parameter")
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise _bad(f"'n' is {n!r}; only n=1 is supported", "n", "unsupported_parameter")
+        raise ApiError(404, f"the model {show(model)} does not exist; this server serves "
+                       f"{show(served_model)}", param="model", code="model_not_found")
+    _refuse_unsupported(body)
     stream = body.get("stream", False)
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
-        raise _bad(f"'stream' must be true or false, got {stream!r}", "stream")
+        raise _bad(f"'stream' must be true or false, got {show(stream)}", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad(f"'seed' must be an integer, got {seed!r}", "seed")
+        raise _bad(f"'seed' must be an integer, got {show(seed)}", "seed")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise _bad(f"'seed' is {show(seed)}, expected a 64-bit integer "
+                   f"({SEED_RANGE[0]}..{SEED_RANGE[1]})", "seed")
     return ChatRequest(
         messages=_messages(body.get("messages")),
         model=model,
@@ -191,6 +289,8 @@ def parse_chat_request(body: Any, served_model: str, *, default_max_tokens: int 
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         seed=seed,
+        max_tokens_key=("max_completion_tokens" if body.get("max_completion_tokens") is not None
+                        else "max_tokens"),
     )
 
 

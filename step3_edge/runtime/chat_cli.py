@@ -1,4 +1,4 @@
-"""`step3-edge chat --bundle B [--image IMG]`: an interactive, streaming conversation.
+"""`step3-edge chat [--model PATH] [--image IMG]`: an interactive, streaming conversation.
 
 Each line typed is a user turn; the answer streams as it is generated. `/reset` starts over,
 `/stats` prints the expert-store and timing statistics, `/quit` (or end of input) leaves.
@@ -11,40 +11,33 @@ import json
 import sys
 from typing import Any, TextIO
 
-from step3_edge.sampling import SamplingParams
+from step3_edge.cli import add_model_argument, add_runtime_arguments
+from step3_edge.cli import runtime_overrides as runtime_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the `chat` options on `p`."""
-    p.add_argument("--bundle", required=True, help="bundle folder (from `step3-edge export`)")
-    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--system", help="optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_model_argument(p)
+    p.add_argument("--image", action="append", default=[], metavar="IMG",
+                   help="image file sent with the first question (repeatable)")
+    p.add_argument("--system", help="system message put before the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="most tokens generated per answer")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample within the smallest set of tokens of this probability mass")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampler, for repeatable sampled answers")
     p.add_argument("--timings", action="store_true",
                    help="after each answer, print its tokens, time to first token and decode "
                         "tokens/s to stderr (always on in a terminal)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads of the engine (default: torch's)")
-    p.add_argument("--resident", type=float, default=None,
-                   help="fraction of routed experts kept on the device (default: the plan)")
-    p.add_argument("--miss", choices=["cpu", "copy", "auto"], default=None,
-                   help="on an expert miss: compute on the CPU, copy it in, or decide by cost")
+    add_runtime_arguments(p)
 
 
-def runtime_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The Step3Runtime.load keywords a CLI's --device / --dtype / --threads / --resident /
-    --miss give (chat, profile, app, serve; options a command lacks are skipped)."""
-    o = {k: getattr(args, k, None) for k in ("device", "dtype", "threads", "resident", "miss")}
-    return {k: v for k, v in o.items() if v is not None}
-
-
-def chat_loop(rt: Any, sampling: SamplingParams, args: argparse.Namespace,
+def chat_loop(rt: Any, sampling: Any, args: argparse.Namespace,
               stdin: TextIO = sys.stdin, out: TextIO = sys.stdout,
               err: TextIO = sys.stderr) -> int:
     """Read turns from `stdin` until /quit or end of input; stream answers to `out`, and
@@ -93,12 +86,15 @@ def chat_loop(rt: Any, sampling: SamplingParams, args: argparse.Namespace,
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the bundle and chat; errors are Step3EdgeErrors for the CLI to print."""
+    """Load the model and chat; errors are Step3EdgeErrors for the CLI to print."""
+    from step3_edge.cli import resolve_bundle
     from step3_edge.runtime.api import Step3Runtime
+    from step3_edge.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    with Step3Runtime.load(args.bundle, **runtime_overrides(args)) as rt:
+    bundle, _name = resolve_bundle(args.model)
+    with Step3Runtime.load(bundle, **runtime_overrides(args)) as rt:
         if sys.stdin.isatty():
-            print(f"step3-edge chat: {args.bundle} on {rt.stats()['backend']['device']} "
+            print(f"step3-edge chat: {bundle} on {rt.stats()['backend']['device']} "
                   "(/reset, /stats, /quit)", file=sys.stderr)
         return chat_loop(rt, sampling, args)

@@ -1,4 +1,4 @@
-"""`step3-edge profile --bundle B --prompts FILE`: run prompts through the runtime and record
+"""`step3-edge profile [--model PATH] --prompts FILE`: run prompts through the runtime and record
 how many tokens each routed expert of each MoE layer received, as the JSON that the planner
 reads (`step3-edge plan --expert-counts`, `Step3Runtime.load(expert_counts=...)`).
 
@@ -18,15 +18,20 @@ from step3_edge.errors import PromptError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the `profile` options on `p`."""
-    p.add_argument("--bundle", required=True, help="bundle folder")
-    p.add_argument("--prompts", required=True, help="text file: one prompt per line, or JSONL")
-    p.add_argument("--out", default="expert_counts.json", help="output JSON (default "
-                   "expert_counts.json)")
-    p.add_argument("--trace", help="also write the routing trace to this JSON file")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    from step3_edge.cli import add_model_argument, add_runtime_arguments
+
+    add_model_argument(p)
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="text file: one prompt per line, or JSON lines with {\"prompt\": ...} "
+                   "or {\"messages\": [...]}")
+    p.add_argument("--out", default="expert_counts.json", metavar="JSON",
+                   help="where to write the expert counts")
+    p.add_argument("--trace", metavar="JSON",
+                   help="also write the routing trace to this JSON file")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="tokens generated after each prompt (their routing is counted too)")
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    add_runtime_arguments(p)
 
 
 def read_prompts(path: str | Path) -> list[Any]:
@@ -55,12 +60,13 @@ def read_prompts(path: str | Path) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from step3_edge.cli import resolve_bundle, runtime_overrides
     from step3_edge.runtime.api import Step3Runtime
-    from step3_edge.runtime.chat_cli import runtime_overrides
 
     prompts = read_prompts(args.prompts)
+    bundle, _name = resolve_bundle(args.model)
     # every prompt token routed (the prefix cache would skip repeated prefixes)
-    with Step3Runtime.load(args.bundle, **runtime_overrides(args), prefix_cache=False) as rt:
+    with Step3Runtime.load(bundle, **runtime_overrides(args), prefix_cache=False) as rt:
         ids = []
         for p in prompts:
             if isinstance(p, list):
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         k = rt.config.text_config.moe_top_k
         tokens = sum(next(iter(counts.values()), [])) // k     # tokens through each layer
         data = {"expert_counts": {str(L): c for L, c in counts.items()},
-                "prompts": len(prompts), "tokens": tokens, "bundle": str(args.bundle),
+                "prompts": len(prompts), "tokens": tokens, "bundle": str(bundle),
                 "hit_rate": rt.stats()["experts"]["hit_rate"]}
     Path(args.out).write_text(json.dumps(data) + "\n")
     if trace is not None:

@@ -86,7 +86,7 @@ def test_cli_help_lists_app_and_serve_without_importing_gradio() -> None:
     assert out.stdout.strip() == "[]"
     helps = subprocess.run([sys.executable, "-m", "step3_edge.cli", "app", "--help"],
                            capture_output=True, text=True, check=True).stdout
-    assert "--bundle" in helps and "--share" in helps and "127.0.0.1" in helps
+    assert "--model" in helps and "--share" in helps and "127.0.0.1" in helps
 
 
 @pytest.mark.parametrize("command, blocked", [("app", "gradio"), ("serve", "fastapi"),
@@ -102,11 +102,16 @@ def test_a_missing_package_names_the_app_extra(command: str, blocked: str) -> No
 def test_runtime_options_of_app_and_serve() -> None:
     import argparse
 
-    from step3_edge.app.engine import add_runtime_arguments
-    from step3_edge.runtime.chat_cli import runtime_overrides
+    from step3_edge.app.engine import add_server_arguments
+    from step3_edge.cli import runtime_overrides
 
     p = argparse.ArgumentParser()
-    add_runtime_arguments(p, port=1)
+    add_server_arguments(p, port=1)
     assert runtime_overrides(p.parse_args([])) == {}
-    args = p.parse_args(["--threads", "3", "--device", "cpu"])
-    assert runtime_overrides(args) == {"threads": 3, "device": "cpu"}
+    args = p.parse_args(["--threads", "3", "--device", "cpu", "--kv-tokens", "512",
+                         "--resident", "0.5", "--miss", "cpu", "--backend", "torch", "--afd"])
+    assert runtime_overrides(args) == {"threads": 3, "device": "cpu", "kv_tokens": 512,
+                                       "resident": 0.5, "miss": "cpu", "backend": "torch",
+                                       "afd": True}
+    assert runtime_overrides(p.parse_args(["--resident", "12", "--afd", "env"])) == {
+        "resident": 12, "afd": "env"}
