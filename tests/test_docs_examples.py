@@ -1,0 +1,232 @@
+"""Every code block of README.md and docs/*.md that is meant to run does run.
+
+Fence tags:
+- ```python: run as a script (`python block.py`) in a fresh folder;
+- ```python server: the same, against a `step3-edge serve` of the embedded default model that
+  this module starts (the block's `127.0.0.1:8000` is replaced by that server's address);
+- ```bash: run with `bash -e`;
+- ```console: each `$ ` line is a command; the lines after it (up to the next `$ ` line) are
+  output that must appear in its stdout, in order (a `...` line skips any number of lines);
+- anything else (```text, ```json, no tag): shown, not run.
+
+Each block runs in its own folder holding `ckpt/` (a synthetic `tiny` checkpoint, as
+`step3-edge synth --preset tiny --out ckpt` writes it) and `bundle/` (that checkpoint exported
+for the `cpu` target without ONNX subgraphs), unless the block writes one of them itself, and
+`step3_edge/assets/examples/` (the example images, for the CLI's checkout-relative paths).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+RUN_TAGS = {"python", "bash", "console"}
+FENCE = re.compile(r"^(\s*)```(.*)$")
+BLOCK_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Block:
+    path: Path
+    line: int          # 1-based line of the opening fence
+    tag: str
+    info: str          # the words after the tag
+    text: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.relative_to(REPO)}:{self.line}"
+
+
+def parse_blocks(path: Path) -> list[Block]:
+    out: list[Block] = []
+    lines = path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, words = m.group(1), m.group(2).split()
+        start, body = i, []
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith("```"):
+            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
+            i += 1
+        i += 1
+        tag = words[0] if words else ""
+        out.append(Block(path, start + 1, tag, " ".join(words[1:]), "\n".join(body) + "\n"))
+    return out
+
+
+ALL_BLOCKS = [b for p in DOCS for b in parse_blocks(p)]
+RUNNABLE = [b for b in ALL_BLOCKS if b.tag in RUN_TAGS]
+
+
+# ---------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ckpt/ and bundle/ as the README's walkthrough makes them."""
+    from step3_edge.config import Step3Config
+    from step3_edge.export.bundle import export_bundle
+    from step3_edge.synth import write_checkpoint
+
+    root = tmp_path_factory.mktemp("doc-samples")
+    ckpt = write_checkpoint(Step3Config.preset("tiny"), root / "ckpt", "bf16", seed=0,
+                            progress=False)
+    export_bundle(ckpt, "cpu", 1, root / "bundle", onnx=False, trt=False, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def doc_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(STEP3_EDGE_CACHE=str(tmp_path_factory.mktemp("doc-cache")),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(doc_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """`step3-edge serve` of the embedded default model on a free port of 127.0.0.1."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("doc-server") / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "step3_edge.cli", "serve", "--host",
+                                 "127.0.0.1", "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, env=doc_env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {proc.returncode}:\n"
+                                   + log.read_text(errors="replace")[-4000:])
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() - t0 > 240:
+                raise RuntimeError("serve not ready:\n" + log.read_text(errors="replace"))
+            time.sleep(0.25)
+        yield f"127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+def _workdir(block: Block, samples: Path, tmp_path: Path) -> Path:
+    """A fresh folder with ckpt/ and bundle/ (unless the block writes them) and the examples."""
+    work = tmp_path / "work"
+    work.mkdir()
+    written = set(re.findall(r"--out\s+(\S+?)/?(?:\s|$)", block.text))
+    for name in ("ckpt", "bundle"):
+        if name not in written:
+            (work / name).symlink_to(samples / name)
+    if block.tag in ("bash", "console"):     # checkout-relative image paths of the CLI examples
+        ex = work / "step3_edge" / "assets" / "examples"
+        ex.parent.mkdir(parents=True)
+        ex.symlink_to(REPO / "step3_edge" / "assets" / "examples")
+    return work
+
+
+def _run(cmd: list[str] | str, work: Path, env: dict[str, str], block: Block,
+         shell: bool = False) -> str:
+    r = subprocess.run(cmd, cwd=work, env=env, shell=shell, capture_output=True, text=True,
+                       timeout=BLOCK_TIMEOUT_S, executable="/bin/bash" if shell else None)
+    if r.returncode != 0:
+        pytest.fail(f"{block.id}: exit status {r.returncode}\n--- block\n{block.text}"
+                    f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-5000:]}")
+    return r.stdout
+
+
+def _console_steps(text: str) -> list[tuple[str, list[str]]]:
+    steps: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        elif steps and line.strip():
+            steps[-1][1].append(line.rstrip())
+    return steps
+
+
+def _check_output(block: Block, cmd: str, expected: list[str], got: str) -> None:
+    lines = [ln.rstrip() for ln in got.splitlines()]
+    pos, skipping = 0, False
+    for want in expected:
+        if want.strip() == "...":
+            skipping = True
+            continue
+        if skipping:
+            while pos < len(lines) and lines[pos] != want:
+                pos += 1
+        if pos >= len(lines) or lines[pos] != want:
+            pytest.fail(f"{block.id}: `{cmd}` printed\n{got}\n--- expected a line\n{want}")
+        pos, skipping = pos + 1, False
+
+
+# ------------------------------------------------------------------------------------- tests
+def test_docs_have_runnable_blocks() -> None:
+    assert any(b.path.name == "README.md" for b in RUNNABLE)
+    for b in RUNNABLE:
+        assert b.tag != "console" or b.text.lstrip().startswith("$ "), \
+            f"{b.id}: a console block starts with a `$ ` command"
+
+
+def test_make_demo_is_the_documented_command() -> None:
+    """README's quick start shows the command `make demo` runs."""
+    make = (REPO / "Makefile").read_text()
+    demo = re.search(r"^demo:.*\n\t(.+)$", make, re.M)
+    assert demo is not None
+    cmd = demo.group(1).replace("$(VENV)/bin/", "")
+    readme = (REPO / "README.md").read_text()
+    assert f"$ {cmd}" in readme, f"README does not show `make demo`'s command: {cmd}"
+    assert re.search(r"^test:.*\n\t.*pytest", make, re.M)
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
+def test_doc_block_runs(block: Block, samples: Path, doc_env: dict[str, str],
+                        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    work = _workdir(block, samples, tmp_path)
+    env = dict(doc_env)
+    if block.tag == "python":
+        text = block.text
+        if "server" in block.info.split():
+            text = text.replace("127.0.0.1:8000", request.getfixturevalue("server"))
+        script = tmp_path / "block.py"      # outside the work folder: not on sys.path there
+        script.write_text(text)
+        _run([sys.executable, str(script)], work, env, block)
+    elif block.tag == "bash":
+        _run(block.text, work, env, block, shell=True)
+    else:
+        for cmd, expected in _console_steps(block.text):
+            got = _run(shlex.split(cmd), work, env, block)
+            _check_output(block, cmd, expected, got)
