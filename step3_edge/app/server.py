@@ -14,8 +14,6 @@ implement are refused with a 400 naming them, never ignored. With an API key, ev
 /livez needs `Authorization: Bearer KEY`.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import hmac
@@ -56,16 +54,28 @@ def http_message(e: Step3EdgeError, max_tokens_key: str = "max_tokens") -> str:
     text = _OBJECT_REPR.sub("", text)
     text = _EXC_NAME.sub("", text)
     text = text.replace("max_new_tokens", max_tokens_key)
+    text = text.replace("re-encode the image with base64.b64encode",
+                        "encode the image's bytes in standard base64")
     text = re.sub(r"load with a larger kv_tokens / a plan with more KV",
                   "ask the server's operator for a larger --kv-tokens", text)
     return text.replace("kv_tokens", "--kv-tokens")
 
 
-def _api_error_of(e: Step3EdgeError, max_tokens_key: str = "max_tokens") -> ApiError:
+def _image_parts(messages: list[dict[str, Any]]) -> list[str]:
+    """Where the request's image parts are, e.g. ["messages[0].content[1]"]."""
+    return [f"messages[{i}].content[{j}]" for i, m in enumerate(messages)
+            if isinstance(m["content"], list)
+            for j, p in enumerate(m["content"]) if p.get("type") == "image_url"]
+
+
+def _api_error_of(e: Step3EdgeError, max_tokens_key: str = "max_tokens",
+                  images: list[str] | None = None) -> ApiError:
     """A runtime error -> 400 when the request caused it, 500 when the server did."""
     message = http_message(e, max_tokens_key)
     if isinstance(e, ImageError):
-        return ApiError(400, message, param="messages", code="invalid_image")
+        where = images[0] if images and len(images) == 1 else "messages"
+        return ApiError(400, f"{where}: {message}" if where != "messages" else message,
+                        param=where, code="invalid_image")
     if isinstance(e, PromptError):
         code = ("context_length_exceeded" if "context" in e.problem.lower()
                 or "KV capacity" in e.problem else None)
@@ -242,7 +252,7 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
                 answer.close()
             metrics.finished_completion(None)
             if isinstance(e, Step3EdgeError):
-                raise _api_error_of(e, key) from e
+                raise _api_error_of(e, key, _image_parts(req.messages)) from e
             raise
         if not req.stream:
             try:
@@ -329,8 +339,11 @@ async def read_json(request: Any, limit: int, timeout_s: float = BODY_TIMEOUT_S)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}",
                        code="invalid_json") from None
-    except ValueError as e:         # invalid UTF-8, an integer of more than 4,300 digits
-        raise ApiError(400, f"the request body is not valid JSON: {e}",
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not UTF-8 text (byte {e.start})",
+                       code="invalid_json") from None
+    except ValueError:              # Python refuses integers of more than 4,300 digits
+        raise ApiError(400, "the request body holds a number of more than 4,300 digits",
                        code="invalid_json") from None
 
 

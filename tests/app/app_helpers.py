@@ -14,6 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "step3_edge" / "assets" / "examples"
 START_TIMEOUT_S = 240
+API_KEY = "test-key-3f9c"           # the key of the `keyed_server` fixture
 
 
 def free_port() -> int:

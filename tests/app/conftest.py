@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_helpers import (Served, default_is_trained, printable_checkpoint, spawn,  # noqa: E402
-                         stop)
+from app_helpers import (API_KEY, Served, default_is_trained,  # noqa: E402
+                         printable_checkpoint, spawn, stop)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,7 @@ def gradio_app(bundle: Path, test_model: Path | None, app_env: dict[str, str],
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """`step3-edge app` on a free port; with the default model it gets no --bundle and finds
     the bundle in the (now warm) cache."""
-    args = ["app", "--concurrency", "2"] + ([] if test_model is None else ["--bundle", str(bundle)])
+    args = ["app", "--concurrency", "2"] + ([] if test_model is None else ["--model", str(bundle)])
     served = spawn(args, "/", tmp_path_factory.mktemp("logs") / "app.log", app_env)
     yield served
     stop(served.proc)
@@ -75,9 +75,20 @@ def gradio_app(bundle: Path, test_model: Path | None, app_env: dict[str, str],
 @pytest.fixture(scope="session")
 def openai_server(bundle: Path, app_env: dict[str, str],
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """`step3-edge serve --bundle B` on a free port."""
-    served = spawn(["serve", "--bundle", str(bundle), "--model-name", "step3-test",
-                    "--dtype", "float32", "--log-level", "warning"], "/health",
-                   tmp_path_factory.mktemp("logs") / "serve.log", app_env)
+    """`step3-edge serve --model B` on a free port (a request body has 3 s to arrive)."""
+    served = spawn(["serve", "--model", str(bundle), "--model-name", "step3-test",
+                    "--dtype", "float32", "--log-level", "warning", "--body-timeout", "3"],
+                   "/health", tmp_path_factory.mktemp("logs") / "serve.log", app_env)
+    yield served
+    stop(served.proc)
+
+
+@pytest.fixture(scope="session")
+def keyed_server(bundle: Path, app_env: dict[str, str],
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """`step3-edge serve --api-key KEY` on a free port; ready once /livez (no key) answers."""
+    served = spawn(["serve", "--model", str(bundle), "--model-name", "step3-test",
+                    "--dtype", "float32", "--log-level", "warning", "--api-key", API_KEY],
+                   "/livez", tmp_path_factory.mktemp("logs") / "keyed.log", app_env)
     yield served
     stop(served.proc)
