@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from step3_edge.chat import split_reasoning
-from step3_edge.sampling import SamplingParams
+from step3_edge.errors import BundleError
+from step3_edge.sampling import SamplingParams, check_max_new_tokens, check_seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,11 +37,22 @@ def run(args: argparse.Namespace) -> int:
     from step3_edge.model import Step3ForConditionalGeneration
     from step3_edge.processor import Step3Processor
 
+    from step3_edge.manifest import MANIFEST, looks_like_bundle
+
     folder = Path(args.model) if args.model else default_model()
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    check_seed(args.seed)
     t0 = time.perf_counter()
     runtime = None
-    if (folder / "manifest.json").is_file():        # an exported bundle: the deployment runtime
+    if not (folder / MANIFEST).exists() and looks_like_bundle(folder):
+        raise BundleError(f"{folder} has a bundle's layout (onnx/, experts/ or device-*/ "
+                          f"folders) but no {MANIFEST}", "re-export the bundle; a bundle is "
+                          "never read as a plain checkpoint")
+    from step3_edge.config import Step3Config
+
+    context = Step3Config.from_pretrained(folder).text_config.max_context
+    check_max_new_tokens(args.max_new_tokens, 0, context)      # before any weight is read
+    if (folder / MANIFEST).exists():                # an exported bundle: the deployment runtime
         from step3_edge.runtime.api import Step3Runtime
 
         runtime = Step3Runtime.load(folder, dtype=args.dtype)
@@ -57,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": content}]
         ids, views = proc.apply_chat(messages)
+    check_max_new_tokens(args.max_new_tokens, len(ids),
+                         runtime.max_context if runtime is not None else context)
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     t1 = time.perf_counter()
     if runtime is not None:

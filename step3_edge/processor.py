@@ -40,6 +40,7 @@ MAX_IMAGE_SIZE = 3024       # spec §5.3 step 2: longer sides are scaled down to
 CROP_TOKENS = 81            # tokens of a 504 crop; Step3Processor reads them from the config
 GLOBAL_TOKENS = 169         # tokens of the 728 global view
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb cap of load_image
+MAX_PADDED_PIXELS = 16_000_000   # above, a thin image's square pad is never allocated
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
                   Image.DecompressionBombError)
 _ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
@@ -140,6 +141,20 @@ def load_image(src: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                          "PIL can convert to RGB") from e
 
 
+def check_text(text: Any) -> None:
+    """PromptError unless `text` is a str that is valid Unicode (no lone surrogates: the
+    undecodable bytes of a command-line argument)."""
+    if not isinstance(text, str):
+        raise PromptError(f"text must be a str, got {type(text).__name__}",
+                          "pass the prompt as a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"the prompt holds a character that is not valid Unicode at "
+                          f"position {e.start} ({text[e.start:e.end]!a}: an undecodable byte)",
+                          "pass UTF-8 text (check the terminal's or file's encoding)") from None
+
+
 # ---------------------------------------------------------------------------- cropping
 @dataclass(frozen=True)
 class CropPlan:
@@ -204,6 +219,10 @@ class ImagePatcher:
 
     def plan(self, width: int, height: int) -> CropPlan:
         """Crop plan for an image of `width` x `height` pixels."""
+        for side in (width, height):
+            if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= 2**31:
+                raise ImageError(f"image size {width!r}x{height!r} is not a pair of positive "
+                                 "integers", "pass a non-empty image")
         w, h = width, height
         ratio = w / h
         if min(w, h) < 32 and (ratio > 4 or ratio < 1 / 4):
@@ -228,7 +247,17 @@ class ImagePatcher:
     def __call__(self, img: Image.Image) -> tuple[Image.Image, list[Image.Image], CropPlan]:
         """(global image, crops in raster order, plan) for an RGB image."""
         plan = self.plan(*img.size)
-        if plan.padded != img.size:  # black square, image top-left
+        if plan.padded != img.size and \
+                plan.padded[0] * plan.padded[1] > MAX_PADDED_PIXELS:
+            # A thin image whose square pad would be huge (1x100000 -> 10^10 pixels): scale the
+            # image itself by the pad's resize factor and paste it on the black square of the
+            # resized size, so nothing larger than the resized view is allocated.
+            s = plan.resized[0] / plan.padded[0]
+            small = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))),
+                               Image.Resampling.BILINEAR)
+            img = Image.new(img.mode, plan.resized, 0)
+            img.paste(small, (0, 0))
+        elif plan.padded != img.size:  # black square, image top-left
             padded = Image.new(img.mode, plan.padded, 0)
             padded.paste(img, (0, 0))
             img = padded
@@ -366,9 +395,7 @@ class Step3Processor:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in it map to their ids."""
-        if not isinstance(text, str):
-            raise PromptError(f"text must be a str, got {type(text).__name__}",
-                              "pass the prompt as a string")
+        check_text(text)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
@@ -418,9 +445,7 @@ class Step3Processor:
         if isinstance(images, (str, bytes, bytearray, Path, Image.Image, ImageViews)):
             images = [images]                       # one image given bare
         images = list(images)
-        if not isinstance(text, str):
-            raise PromptError(f"text must be a str, got {type(text).__name__}",
-                              "pass the prompt as a string")
+        check_text(text)
         pieces = text.split(IMAGE_TOKEN)
         if len(pieces) - 1 != len(images):
             raise PromptError(f"the text holds {len(pieces) - 1} {IMAGE_TOKEN} placeholders "

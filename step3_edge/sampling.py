@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,9 +20,50 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise PromptError(f"invalid sampling parameters {self}",
-                              "use temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        t, k, p = self.temperature, self.top_k, self.top_p
+        bad = []
+        if not _number(t) or not math.isfinite(t) or t < 0:
+            bad.append(f"temperature {t!r} (expected a finite number >= 0)")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 2**31:
+            bad.append(f"top_k {k!r} (expected an integer >= 0)")
+        if not _number(p) or not 0 < p <= 1:                # NaN fails both comparisons
+            bad.append(f"top_p {p!r} (expected a number in (0, 1])")
+        if bad:
+            raise PromptError("invalid sampling parameters: " + "; ".join(bad),
+                              "use temperature >= 0 (0: greedy), top_k >= 0 (0: off) and "
+                              "0 < top_p <= 1 (1: off)")
+
+
+MAX_SEED = 2**64 - 1
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_seed(seed: Any) -> int | None:
+    """`seed` as given when it is None or an integer in 0..2**64-1 (what torch.Generator
+    takes); PromptError otherwise."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise PromptError(f"seed {seed!r} is not an integer in 0..{MAX_SEED}",
+                          "pass a seed between 0 and 2**64 - 1")
+    return seed
+
+
+def check_max_new_tokens(max_new_tokens: Any, prompt_tokens: int, context: int) -> int:
+    """`max_new_tokens` when it is an integer >= 1 that fits the context beside the prompt;
+    PromptError naming the largest value that fits otherwise (checked before any KV cache is
+    allocated for it)."""
+    room = context - prompt_tokens
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            not 1 <= max_new_tokens <= room:
+        raise PromptError(f"max_new_tokens {max_new_tokens!r} does not fit: the prompt has "
+                          f"{prompt_tokens:,} tokens and the context {context:,}",
+                          f"pass --max-new-tokens between 1 and {room:,}" if room >= 1 else
+                          "shorten the prompt")
+    return max_new_tokens
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

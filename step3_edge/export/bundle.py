@@ -10,6 +10,7 @@ when complete (docs/bundle.md).
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from dataclasses import asdict
@@ -26,9 +27,9 @@ from step3_edge.export.binding import plan_bindings, precision_of, signature
 from step3_edge.export.onnx_export import OPSET, apply_bindings, export_base, save
 from step3_edge.export.subgraphs import REGISTRY, Instance, SubgraphDecl
 from step3_edge.export.weights import EXPERTS_DIR, readers_of, write_weights
-from step3_edge.fsutil import staged_dir
-from step3_edge.manifest import Artifact, write_manifest
-from step3_edge.quantize.convert import convert_checkpoint
+from step3_edge.fsutil import files_under, staged_dir
+from step3_edge.manifest import MANIFEST, SCHEMA_VERSION, Artifact, write_manifest
+from step3_edge.quantize.convert import convert_checkpoint, side_files
 from step3_edge.quantize.recipe import build_recipe
 from step3_edge.runtime.planner import plan_placement
 from step3_edge.targets import Target, get_target
@@ -53,6 +54,10 @@ def export_bundle(model_dir: str | Path, target: str | Target, devices: int, out
     tgt = get_target(target) if isinstance(target, str) else target
     src = CheckpointReader(model_dir)
     src.check()
+    side_src = side_files(model_dir)             # tokenizer files checked before any weight
+    if not any(n == "tokenizer.json" for n, _ in side_src):
+        raise CheckpointError(f"{model_dir} has no tokenizer.json",
+                              "copy the tokenizer files of the checkpoint into the folder")
     cfg = src.cfg
     recipe = build_recipe(tgt, scheme, attn_scheme)
     modules = recipe.resolve(src.expected.values())
@@ -63,7 +68,7 @@ def export_bundle(model_dir: str | Path, target: str | Target, devices: int, out
                           attn_scheme=attn_scheme or expert_scheme,
                           kv_tokens=kv_tokens).to_dict()
     src_qc = cfg.quantization_config or {}
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, bundle_owned, [model_dir]) as tmp:
         if src_qc.get("quant_method") == "step3_edge" and src_qc.get("modules") == modules:
             qdir = model_dir                     # already quantized with this recipe
         else:
@@ -72,7 +77,7 @@ def export_bundle(model_dir: str | Path, target: str | Target, devices: int, out
         qcfg = Step3Config.from_pretrained(qdir)
         weight_map, wfiles = write_weights(qdir, tmp, qcfg, plan)
         qcfg.save(tmp)
-        side = _copy_side_files(model_dir, tmp)
+        side = _copy_side_files(side_src, tmp)
         if qdir != model_dir:
             shutil.rmtree(qdir)
         reader = CheckpointReader(tmp, qcfg)
@@ -208,18 +213,29 @@ def _device_table(plan: dict, wfiles: list, subgraphs: dict) -> list[dict]:
     return table
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[tuple[str, str]]:
-    """Tokenizer, processor and generation files: every top-level non-weight file."""
+def _copy_side_files(side: list[tuple[str, Path]], dst: Path) -> list[tuple[str, str]]:
+    """Copy the checked tokenizer, processor and generation files (`side_files`)."""
     out = []
-    for f in sorted(src.iterdir()):
-        if (f.is_file() and not f.name.startswith(".") and f.suffix != ".safetensors"
-                and f.name not in (INDEX_NAME, SINGLE_NAME, "config.json")):
-            shutil.copy2(f, dst / f.name)
-            out.append((f.name, "tokenizer" if f.name.startswith("tokenizer") else "config"))
-    if not any(n == "tokenizer.json" for n, _ in out):
-        raise CheckpointError(f"{src} has no tokenizer.json",
-                              "copy the tokenizer files of the checkpoint into the folder")
+    for name, path in side:
+        shutil.copyfile(path, dst / name)
+        out.append((name, "tokenizer" if name.startswith("tokenizer") else "config"))
     return out
+
+
+def bundle_owned(folder: Path) -> str | None:
+    """None when `folder` is a bundle `export` wrote (its manifest.json names every file it
+    holds; a damaged one counts too, so --force can replace it); else why it is not."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        named = {a["path"] for a in data["artifacts"]} | {MANIFEST}
+        ok = data["schema_version"] == SCHEMA_VERSION
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return f"it is not a bundle (no readable {MANIFEST} listing its artifacts)"
+    extra = [p for p in files_under(folder) if p not in named]
+    if not ok or extra:
+        return (f"it holds files its {MANIFEST} does not name: {extra[:5]}" if extra else
+                f"its {MANIFEST} is not a step3-edge bundle manifest")
+    return None
 
 
 def _hash(path: Path) -> tuple[str, int]:

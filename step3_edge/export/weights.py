@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from step3_edge.checkpoint import INDEX_NAME, SINGLE_NAME
+from step3_edge.checkpoint import INDEX_NAME, CheckpointReader, check_values
 from step3_edge.config import Step3Config
 from step3_edge.layout import expected_weights, layer_of
 from step3_edge.quantize.schemes import get_scheme
@@ -77,30 +76,21 @@ def readers_of(folder: str, plan: dict) -> list[int | str]:
 
 
 class _Source:
-    """Stored tensors of a checkpoint folder, readable in slices (memory-mapped)."""
+    """Stored tensors of a checkpoint folder, readable in slices (memory-mapped), through the
+    checkpoint reader (index validated, every file confined to the folder)."""
 
-    def __init__(self, folder: Path) -> None:
-        index = folder / INDEX_NAME
-        if index.is_file():
-            wm = json.loads(index.read_text())["weight_map"]
-            self.where = {n: folder / f for n, f in wm.items()}
-        else:
-            with safe_open(str(folder / SINGLE_NAME), framework="pt") as f:
-                self.where = {n: folder / SINGLE_NAME for n in f.keys()}
-        self._open: dict[Path, object] = {}
+    def __init__(self, folder: Path, cfg: Step3Config) -> None:
+        self.reader = CheckpointReader(folder, cfg)
 
     def slice(self, name: str):
-        p = self.where[name]
-        if p not in self._open:
-            self._open[p] = safe_open(str(p), framework="pt")
-        return self._open[p].get_slice(name)
+        return self.reader.get_slice(name)
 
 
 def write_weights(src_dir: Path, out: Path, cfg: Step3Config, plan: dict,
                   shard_bytes: int = SHARD_BYTES) -> tuple[dict[str, str], list[WeightFile]]:
     """Copy the stored tensors of quantized checkpoint `src_dir` into per-device folders
     of bundle `out`; write the root index. Returns (weight_map, files)."""
-    src = _Source(src_dir)
+    src = _Source(src_dir, cfg)
     qc = cfg.quantization_config or {}
     modules = qc.get("modules", {}) if qc.get("quant_method") == "step3_edge" else {}
     groups: dict[str, list[str]] = {}
@@ -157,13 +147,18 @@ def _write_shard(src: _Source, out: Path, folder: str, i: int, names: list[str])
         for n in names:
             sl = src.slice(n)
             shape = sl.get_shape()
+            scale = n.endswith(("_scale", "_scale_inv"))
             if not shape:
-                f.write(_bytes(sl[:]))
+                t = sl[:]
+                check_values(n, t, scale)
+                f.write(_bytes(t))
                 continue
             row = math.prod(shape[1:]) * _itemsize(sl.get_dtype())
             step = max(1, CHUNK_BYTES // max(row, 1))
             for a in range(0, shape[0], step):
-                f.write(_bytes(sl[a:a + step]))
+                t = sl[a:a + step]
+                check_values(n, t, scale)                     # the chunk in memory
+                f.write(_bytes(t))
     wf.bytes = (out / rel).stat().st_size
     assert wf.bytes == 8 + len(raw) + pos, f"{rel}: wrote {wf.bytes}, expected {8 + len(raw) + pos}"
     return wf

@@ -38,9 +38,22 @@ def test_tampered_weights_fail_verification_and_inspect(copy: Path, capsys) -> N
 def test_tampered_graph_is_refused_when_a_session_is_created(copy: Path) -> None:
     m = load_manifest(copy)
     rel = m.subgraphs["lm_head"]["file"]
-    (copy / rel).write_bytes((copy / rel).read_bytes() + b"\0")
+    data = bytearray((copy / rel).read_bytes())
+    data[len(data) // 2] ^= 0x5A                       # same size: only the hash tells
+    (copy / rel).write_bytes(bytes(data))
     with pytest.raises(BundleError, match="lm_head.onnx does not match its sha256"):
         BundleGraphs(copy).session("lm_head")
+
+
+def test_a_resized_or_deleted_artifact_is_refused_at_load(copy: Path) -> None:
+    m = load_manifest(copy)
+    rel = m.subgraphs["lm_head"]["file"]
+    (copy / rel).write_bytes((copy / rel).read_bytes() + b"\0")
+    with pytest.raises(BundleError, match=r"lm_head.onnx is \d+ bytes, the manifest says"):
+        load_manifest(copy)
+    (copy / rel).unlink()
+    with pytest.raises(BundleError, match="lm_head.onnx of the manifest is missing"):
+        load_manifest(copy)
 
 
 def test_manifest_path_with_dotdot_is_refused(copy: Path, capsys) -> None:
@@ -59,7 +72,8 @@ def test_subgraph_file_outside_the_artifacts_is_refused(copy: Path) -> None:
     data = json.loads(f.read_text())
     data["subgraphs"]["embed"]["file"] = "config.json.bak"
     f.write_text(json.dumps(data))
-    with pytest.raises(BundleError, match="not an artifact of this bundle"):
+    with pytest.raises(BundleError, match=r"subgraphs\['embed'\].file is 'config.json.bak', "
+                       "expected the path of an onnx artifact"):
         BundleGraphs(copy).session("embed")
 
 
