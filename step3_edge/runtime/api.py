@@ -23,8 +23,9 @@ from step3_edge.sampling import SamplingParams
 
 OVERRIDES: dict[str, str] = {
     "device": "torch device: 'cpu', 'cuda', 'cuda:1' (default: CUDA when present)",
-    "dtype": "compute dtype: 'bfloat16' (default), 'float32' (the reference's numerics) or "
-             "'float16'",
+    "dtype": "compute dtype: 'auto' (default: bfloat16 on a GPU and on a CPU where bf16 decode is "
+             "fast (the native kernels, or oneDNN's bf16 math), else float32; stats say which "
+             "and why), 'bfloat16', 'float32' (the reference's numerics) or 'float16'",
     "backend": "'torch', 'onnxruntime' (the bundle's ONNX subgraphs; CPU provider, or CUDA "
                "with onnxruntime-gpu), 'tensorrt' (the bundle's TensorRT engines on a CUDA "
                "GPU) or 'auto' (default: onnxruntime for float32 compute on "
@@ -52,7 +53,8 @@ OVERRIDES: dict[str, str] = {
                        "batches through two GEMMs instead of two per expert: None (default: "
                        "unless the native GEMV runs the experts, which is faster per expert), "
                        "True, False",
-    "native_kernels": "on a CPU with AVX512-BF16 under bf16 compute, run bf16 linears of "
+    "native_kernels": "on an x86-64 CPU (AVX512-BF16, or AVX2 + FMA) under bf16 compute, run "
+                      "bf16 linears of "
                       "decode-sized calls (<= 2 rows), the RMSNorms, SwiGLU MLPs and a decode "
                       "step's experts, its attention (a batch-1-2 step's whole attention side) "
                       "and fp8 KV reads through the native kernels built on first use with "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from functools import cache
 from typing import Any
 
 import torch
@@ -118,14 +119,20 @@ class PackedBf16:
         if self.native is not None and x.shape[0] <= native.MAX_ROWS and \
                 x.dtype == torch.bfloat16:
             return self.native.matmul(x, out)
-        if self.packed is None:
+        if self.packed is None and x.shape[0] >= UPCAST_MIN_ROWS:
             return _upcast_linear(x, self.weight, out)
+        if self.packed is None:
+            y = F.linear(x, self.weight)
+            return y if out is None else out.copy_(y)
         y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
         return y if out is None else out.copy_(y)
 
 
 # float32 elements of one block of an upcast weight (`_upcast_linear`): 64 MB
 UPCAST_BLOCK = 1 << 24
+# Rows from which `_upcast_linear` beats torch's own bf16 GEMM on a CPU without fast bf16
+# math (below, converting the weight costs more than the arithmetic it speeds up)
+UPCAST_MIN_ROWS = 16
 
 
 def _upcast_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
@@ -179,6 +186,59 @@ class DenseLinear(Linear):
         if self.packed is not None:
             return self.packed(x, out)
         return super().matmul_into(x, out)
+
+
+# schemes `NativeQuant` runs -> (its scale part, rows per scale block, inputs per scale group;
+# None: the whole row)
+NATIVE_QUANT: dict[str, tuple[str, int, int | None]] = {
+    "int8_per_channel": ("_scale", 1, None), "fp8_per_channel": ("_scale", 1, None),
+    "int8_block": ("_scale", 1, 128), "block_fp8": ("_scale_inv", 128, 128)}
+
+
+class NativeQuant(Linear):
+    """An int8 / fp8 weight with its float32 scales, as stored, on a CPU with the native kernels
+    under bf16 compute: calls of up to `native.Q8_MAX_ROWS` rows read the stored bytes
+    (`native.QuantWeights`: half the bytes of bf16, no dequantized copy); larger calls
+    dequantize `UPCAST_BLOCK` elements of rows at a time to float32 for a float32 GEMM. Each
+    output is the float32 sum rounded once to bf16."""
+
+    kernel = "native int8/fp8 GEMV (<= 8 rows); float32 GEMM on dequantized row blocks"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        key, self.row_block, group = NATIVE_QUANT[self.scheme.name]
+        n, k = self.shape
+        self.key, self.q = key, self.parts[""].contiguous()            # [out, in] int8 / fp8
+        self.scale = self.parts[key].float().reshape(-(-n // self.row_block), -1).contiguous()
+        self.native = native.QuantWeights([(self.q, self.scale)], group or k, self.row_block)
+
+    @staticmethod
+    def takes(scheme: Scheme) -> bool:
+        """Whether the scheme is one of `NATIVE_QUANT` with the block size named there."""
+        if scheme.name not in NATIVE_QUANT:
+            return False
+        _, rows, group = NATIVE_QUANT[scheme.name]
+        return getattr(scheme, "group", group) == group and \
+            tuple(getattr(scheme, "block", (rows, group))) == (rows, group)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= native.Q8_MAX_ROWS:
+            return self.native.matmul(x)
+        return self.matmul_into(x, torch.empty(x.shape[0], self.shape[0], dtype=x.dtype))
+
+    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= native.Q8_MAX_ROWS:
+            return self.native.matmul(x, out)
+        n, k = self.shape
+        rb = self.row_block
+        step = max(rb, UPCAST_BLOCK // k // rb * rb)
+        xf = x.float()
+        for r in range(0, n, step):
+            rows = min(step, n - r)
+            part = {"": self.q[r:r + rows], self.key: self.scale[r // rb:-(-(r + rows) // rb)]}
+            w = self.scheme.dequantize(part, (rows, k))                  # [rows, in] float32
+            out[:, r:r + rows] = (xf @ w.T).to(x.dtype)
+        return out
 
 
 class Int8WeightOnly(Linear):
@@ -271,7 +331,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 native_kernels: bool | None = None) -> None:
+                 native_kernels: bool | None = None, dtype_reason: str = "asked") -> None:
         """`native_kernels`: under bf16 compute on the CPU, use the native decode kernels
         (`native.py`: the GEMV here; the RMSNorm, SwiGLU / experts, decode attention and fp8 KV
         gather in the engine and the expert store) (None: where they build; False: never;
@@ -279,7 +339,7 @@ class TorchBackend:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = dtype
+        self.dtype, self.dtype_reason = dtype, dtype_reason
         self.native_kernels = native_kernels       # as asked (a CUDA backend's host takes it)
         self.used: Counter[str] = Counter()
         self.caps = self._probe()
@@ -301,15 +361,11 @@ class TorchBackend:
         """Which fast kernels run here, found by trying each once on a small matrix."""
         dev, caps = self.device, {}
         if dev.type == "cpu":
-            w = torch.ones(32, 64, dtype=torch.bfloat16)
             return {"int4pack_cpu": _try(lambda: torch._weight_int4pack_mm_for_cpu(
                 torch.ones(1, 128), torch._convert_weight_to_int4pack_for_cpu(
                     torch.full((32, 128), 8, dtype=torch.int32), 1), 128,
                 torch.ones(1, 32, 2))),
-                "mkldnn_bf16_packed": torch.backends.mkldnn.is_available() and _try(
-                    lambda: torch.ops.mkldnn._linear_pointwise(
-                        torch.ones(2, 64, dtype=torch.bfloat16),
-                        torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], ""))}
+                "mkldnn_bf16_packed": fast_bf16_gemm()}
         q = torch.ones(32, 32, dtype=torch.int8, device=dev)
         caps["int_mm"] = _try(lambda: torch._int_mm(torch.ones(32, 32, dtype=torch.int8,
                                                                device=dev), q.t()))
@@ -330,7 +386,10 @@ class TorchBackend:
         n, k = shape
         cls: type[Linear] | None = None
         name, cuda = scheme.name, self.device.type == "cuda"
-        if name == "int8_per_channel" and not cuda:
+        if not cuda and self.dtype == torch.bfloat16 and self.caps.get("native_kernels") and \
+                NativeQuant.takes(scheme):
+            cls = NativeQuant
+        elif name == "int8_per_channel" and not cuda:
             cls = Int8WeightOnly
         elif name == "int8_per_channel" and self.caps.get("int_mm") and k % 8 == 0 and n % 8 == 0:
             cls = Int8Dynamic
@@ -353,7 +412,9 @@ class TorchBackend:
     def describe(self) -> dict[str, Any]:
         """Device, dtype, probed kernels and how many weights went to each kernel."""
         out = {"backend": self.name, "device": str(self.device),
-               "dtype": str(self.dtype).removeprefix("torch."), "capabilities": self.caps,
+               "dtype": str(self.dtype).removeprefix("torch."), "dtype_reason": self.dtype_reason,
+               "native_isa": native.kernel().isa if self.caps.get("native_kernels") else None,
+               "capabilities": self.caps,
                "kernels": dict(self.used)}
         if self.native_note:
             out["native_unavailable"] = self.native_note
@@ -383,18 +444,56 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@cache
+def fast_bf16_gemm() -> bool:
+    """Whether oneDNN has a fast bf16 GEMM on this CPU (AVX512-BF16, AMX or AVX-NE-CONVERT):
+    it prepacks bf16 weights only there."""
+    w = torch.ones(32, 64, dtype=torch.bfloat16)
+    return torch.backends.mkldnn.is_available() and _try(
+        lambda: torch.ops.mkldnn._linear_pointwise(
+            torch.ones(2, 64, dtype=torch.bfloat16),
+            torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], ""))
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | None) -> tuple[torch.dtype, str]:
+    """The compute dtype and why: as asked, or for None / "auto" the fastest correct one for
+    the device. bf16 on CUDA, and on a CPU where bf16 decode is fast (the native kernels run,
+    or oneDNN has fast bf16 math); float32 on a CPU with neither, where torch's bf16 kernels
+    run at a few GFLOP/s (the weights stay bf16 in the bundle; they are upcast at load)."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype)
+    if dtype not in (None, "auto"):
+        if not isinstance(dtype, str) or dtype.removeprefix("torch.") not in DTYPES:
+            raise ConfigError(f"compute dtype {dtype!r}",
+                              "use 'auto', 'float32', 'bfloat16' or 'float16'")
+        return getattr(torch, dtype.removeprefix("torch.")), "asked"
+    if torch.device(device or default_device()).type != "cpu":
+        return torch.bfloat16, "auto: bfloat16 on a GPU"
+    if native.kernel() is not None:
+        return torch.bfloat16, f"auto: bfloat16 with the native kernels ({native.kernel().isa})"
+    if fast_bf16_gemm():
+        return torch.bfloat16, "auto: bfloat16 (oneDNN has fast bf16 math on this CPU)"
+    return torch.float32, (f"auto: float32 (no fast bf16 math on this CPU, and no native "
+                           f"kernels: {native.unavailable_reason()})")
+
+
 def make_backend(name: str = "torch", device: str | None = None,
                  dtype: torch.dtype | str | None = None, *, manifest: Any = None,
                  threads: int | None = None, native_kernels: bool | None = None) -> Any:
     """The backend called `name` on `device` (default: CUDA when present, else the CPU),
-    computing in `dtype` (default bf16; the graph backends compute in float32). ONNX Runtime and
+    computing in `dtype` (torch: `resolve_dtype`'s choice for None / "auto"; the graph
+    backends compute in float32). ONNX Runtime and
     TensorRT need the bundle's `manifest` (its subgraphs / engines); `threads` are ONNX
     Runtime's intra-op threads; `native_kernels` is the torch backend's (`TorchBackend`)."""
-    if isinstance(dtype, str):
-        if dtype.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"compute dtype {dtype!r}", "use float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype.removeprefix("torch."))
     device = device or default_device()
+    why = ""
+    if name == "torch":
+        dtype, why = resolve_dtype(dtype, device)
+    elif isinstance(dtype, str):
+        dtype = None if dtype == "auto" else resolve_dtype(dtype, device)[0]
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError) as e:
@@ -403,7 +502,7 @@ def make_backend(name: str = "torch", device: str | None = None,
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available",
                           "pass device='cpu' or run on a machine with a CUDA GPU")
     if name == "torch":
-        return TorchBackend(device, dtype or torch.bfloat16, native_kernels)
+        return TorchBackend(device, dtype, native_kernels, why)
     if name == "onnxruntime":
         from step3_edge.runtime.ort_backend import OrtBackend
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+# seconds the start-up probe gives each rate it times, beyond a first call (`_timed`)
+PROBE_BUDGET_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -28,19 +32,31 @@ class Bandwidths:
     copy_overhead: float = 5e-4
 
 
-def _timed(fn: Callable[[], object], sync: Callable[[], None], reps: int = 3) -> float:
+def _timed(fn: Callable[[], object], sync: Callable[[], None], reps: int = 3,
+           budget: float = PROBE_BUDGET_S) -> float:
+    """Seconds per call of `fn`: its first call (warm-up) is timed too, and the repetitions
+    stop at `reps` or once `budget` seconds are spent, so a slow kernel costs about
+    2 x `budget` at most."""
+    t0 = time.perf_counter()
     fn()
     sync()
+    first = time.perf_counter() - t0
+    n = min(reps, int(budget / max(first, 1e-9)))
+    if n < 1:
+        return first
     t0 = time.perf_counter()
-    for _ in range(reps):
+    for _ in range(n):
         fn()
     sync()
-    return (time.perf_counter() - t0) / reps
+    return (time.perf_counter() - t0) / n
 
 
-def measure_bandwidths(device: torch.device, dtype: torch.dtype, nbytes: int = 32 << 20
-                       ) -> Bandwidths:
-    """Copy bandwidths and GEMM rates of this machine (a fraction of a second)."""
+def measure_bandwidths(device: torch.device, dtype: torch.dtype, nbytes: int = 32 << 20,
+                       backend: Any = None) -> Bandwidths:
+    """Copy bandwidths and GEMM rates of this machine (well under 2 s). The host GEMM is the
+    one the runtime runs on the CPU: the torch `backend`'s own bf16 matrix (`pack_bf16`:
+    oneDNN's prepacked GEMM, or float32 blocks where the CPU has no fast bf16 math) under bf16
+    compute, else `x @ w` in `dtype`."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     a = torch.empty(nbytes, dtype=torch.uint8)
@@ -50,7 +66,12 @@ def measure_bandwidths(device: torch.device, dtype: torch.dtype, nbytes: int = 3
     # 64 tokens through a 4096 x 4096 weight: a 1024 x 1024 one under-measured an AMX CPU 4x
     # (0.83 vs 3.4 TFLOP/s on an expert-sized GEMM, bench/results/runtime_cuda.json)
     x, w = torch.full((64, 4096), 0.01, dtype=dtype), torch.full((4096, 4096), 0.01, dtype=dtype)
-    host_flops = 2 * 64 * 4096 * 4096 / _timed(lambda: x @ w, lambda: None)
+    gemm: Callable[[], object] = lambda: x @ w
+    if dtype == torch.bfloat16 and hasattr(backend, "pack_bf16") and \
+            backend.device.type == "cpu":
+        packed = backend.pack_bf16([w])
+        gemm = lambda: packed(x)
+    host_flops = 2 * 64 * 4096 * 4096 / _timed(gemm, lambda: None)
     if not cuda:
         return Bandwidths(host / 2, host, host, host_flops, host_flops)
     pinned = a.pin_memory()

@@ -151,7 +151,7 @@ class ExpertStore:
         pinned = resident if policy == "static" else ()
         self.cache = ExpertCache(0 if policy == "static" else len(resident), policy, pinned,
                                  initial=sorted(resident))
-        self.bw = bandwidths or measure_bandwidths(dev, backend.dtype)
+        self.bw = bandwidths or measure_bandwidths(dev, backend.dtype, backend=backend)
         self.cost = CostModel(self.bw, cfg.hidden_size, torch.finfo(backend.dtype).bits // 8,
                               dev.type == "cpu")
         self.on_device: dict[Key, Step3MLP] = {}
@@ -215,6 +215,8 @@ class ExpertStore:
                 for L in cfg.moe_layers}
         if not all(isinstance(m, FusedSwiGLU) for ms in mlps.values() for m in ms):
             return "the experts are not oneDNN-prepacked bf16"
+        if not self.backend.caps.get("mkldnn_bf16_packed"):
+            return "the experts are not oneDNN-prepacked bf16 (no fast bf16 GEMM on this CPU)"
         self.stacked = {L: StackedExperts(ms, self.bw) for L, ms in mlps.items()}
         return ""
 

@@ -17,7 +17,7 @@ from step3_edge.config import Step3Config
 from step3_edge.errors import BundleError, ConfigError, PlanError
 from step3_edge.manifest import Manifest, load_manifest
 from step3_edge.model import Step3MoE
-from step3_edge.runtime.backends import TorchBackend
+from step3_edge.runtime.backends import TorchBackend, resolve_dtype
 from step3_edge.runtime.engine import AttentionWorker, FFNWorker, Shard
 from step3_edge.runtime.cost_model import Bandwidths, measure_bandwidths
 from step3_edge.runtime.expert_store import ExpertStore, Router, read_linear
@@ -43,14 +43,14 @@ def bandwidths_option(bw: Any) -> Bandwidths | None:
                       "out to measure at start-up")
 
 
-def measure_with_threads(dev: torch.device, dtype: torch.dtype, threads: int) -> Bandwidths:
+def measure_with_threads(dev: torch.device, backend: Any, threads: int) -> Bandwidths:
     """`measure_bandwidths` at the engine thread's intra-op count (`threads`): a CPU's copy
     rate, which the cost model (and the stacked experts' choice) reads, grows with the
     threads that copy."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return measure_bandwidths(dev, dtype)
+        return measure_bandwidths(dev, backend.dtype, backend=backend)
     finally:
         torch.set_num_threads(before)
 
@@ -82,15 +82,15 @@ GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
 
 def choose_backend(o: dict[str, Any], manifest: Manifest) -> str:
     """`backend` as asked, or for "auto" (the default): ONNX Runtime when the bundle has ONNX
-    subgraphs, no GPU is used and float32 compute is asked for (the CPU graphs compute in
+    subgraphs, no GPU is used and the compute is float32 (asked, or `resolve_dtype`'s choice) (the CPU graphs compute in
     float32, where ORT's fused graphs beat torch ~2x); torch otherwise (bf16 compute reads
     the stored bf16 weights, half the bytes, and is as fast or faster: README.md, runtime)."""
     name = o.get("backend") or "auto"
     if name != "auto":
         return name
     dev = str(o.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = str(o.get("dtype") or "bfloat16").removeprefix("torch.")
-    if manifest.subgraphs and dev.startswith("cpu") and dtype == "float32":
+    if manifest.subgraphs and dev.startswith("cpu") and \
+            resolve_dtype(o.get("dtype"), dev)[0] == torch.float32:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -226,7 +226,7 @@ def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: T
     policy = o.get("cache", "lfu")
     bw = bandwidths_option(o.get("bandwidths"))
     if bw is None and dev.type == "cpu" and o.get("threads"):
-        bw = measure_with_threads(dev, backend.dtype, o["threads"])
+        bw = measure_with_threads(dev, backend, o["threads"])
     if routers is None:               # prefetch, and the trace's next-layer predictions
         routers = load_routers(cfg, reader, backend)
     store = ExpertStore(t, reader, backend, resident, policy=policy,

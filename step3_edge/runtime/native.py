@@ -51,8 +51,9 @@ HEADER = NATIVE_DIR / "s3e.h"
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
 # instruction set -> (the /proc/cpuinfo flags it needs, compiler flags), fastest first
 ISAS = {
-    "avx512_bf16": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
-                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]),
+    "avx512_bf16": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+                    ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                     "-mavx512bf16"]),
     "avx2_fma": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
 # Rows of x per call (the kernel takes up to 8). Each weight load feeds one VDPBF16PS per row,
@@ -130,7 +131,7 @@ def _build(cc: str, name: str) -> Path:
 
 
 # attribute -> C symbol; each returns void and is typed from its prototype in s3e.h
-_SYMBOLS = {"gemv": "s3e_gemv_bf16", "rmsnorm": "s3e_rmsnorm_bf16", "decode_mfa": "s3e_decode_mfa",
+_SYMBOLS = {"gemv": "s3e_gemv_bf16", "gemv_q8": "s3e_gemv_q8", "rmsnorm": "s3e_rmsnorm_bf16", "decode_mfa": "s3e_decode_mfa",
             "fp8_gather": "s3e_fp8_gather", "argmax": "s3e_argmax_f32",
             "swiglu": "s3e_swiglu_bf16", "attention_block": "s3e_attention_block"}
 _C_TYPES = {"int64_t": _I, "int": ctypes.c_int, "float": _F}
@@ -221,6 +222,51 @@ class Weights:
         threads = torch.get_num_threads() if self._threaded else 1
         self._gemv(x.data_ptr(), m, self.k, self._ptrs, self._rows, len(self.parts),
                    out.data_ptr(), out.stride(0), out.dtype == torch.float32, threads)
+        return out
+
+
+# stored weight dtypes `QuantWeights` takes -> the kernel's code for each
+Q8_KINDS = {torch.int8: 0, torch.float8_e4m3fn: 1}
+# rows of x per `QuantWeights` call (the kernel's limit)
+Q8_MAX_ROWS = 8
+
+
+class QuantWeights:
+    """One or more int8 / fp8 e4m3fn weights [rows_i, K] with float32 scales, used as one
+    [sum(rows_i), K] matrix, held by reference (no copy, no dequantized weight): each scale
+    covers a block of `row_block` rows and `group` inputs (scales_i float32 [ceil(rows_i /
+    row_block), ceil(K / group)]): per channel (1, K), `int8_block` (1, 128), `block_fp8`
+    (128, 128)."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], group: int,
+                 row_block: int = 1) -> None:
+        kind = parts[0][0].dtype
+        assert kind in Q8_KINDS and all(q.dtype == kind and q.dim() == 2 and q.is_contiguous()
+                                        and q.shape[1] == parts[0][0].shape[1] and
+                                        s.dtype == torch.float32 and s.is_contiguous()
+                                        for q, s in parts)
+        self.parts = parts                               # kept alive: the kernel reads them
+        self.k = parts[0][0].shape[1]
+        self.rows = sum(q.shape[0] for q, _ in parts)
+        self.fmt, self.group, self.row_block = Q8_KINDS[kind], group, row_block
+        self._ptrs = (ctypes.c_void_p * len(parts))(*[q.data_ptr() for q, _ in parts])
+        self._scales = (ctypes.c_void_p * len(parts))(*[s.data_ptr() for _, s in parts])
+        self._rows = (ctypes.c_int64 * len(parts))(*[q.shape[0] for q, _ in parts])
+        self._threaded = self.rows * self.k >= THREADED_MIN_ELEMENTS
+        self._gemv = kernel().gemv_q8
+
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M <= 8, K] (bf16 or float32) -> bf16 [M, rows], or into `out` ([M, >= rows]
+        float32 or bf16, rows contiguous; float32 receives the bf16-rounded value)."""
+        m = x.shape[0]
+        assert 0 < m <= Q8_MAX_ROWS and x.shape[1] == self.k
+        xf = x.float().contiguous()
+        if out is None:
+            out = torch.empty(m, self.rows, dtype=torch.bfloat16)
+        threads = torch.get_num_threads() if self._threaded else 1
+        self._gemv(xf.data_ptr(), m, self.k, self._ptrs, self._scales, self._rows,
+                   len(self.parts), self.fmt, self.group, self.row_block, out.data_ptr(),
+                   out.stride(0), out.dtype == torch.float32, threads)
         return out
 
 

@@ -7,7 +7,7 @@ import torch
 
 from step3_edge.errors import ConfigError
 from step3_edge.quantize.schemes import get_scheme
-from step3_edge.runtime.backends import TorchBackend, make_backend
+from step3_edge.runtime.backends import NativeQuant, TorchBackend, make_backend
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -36,13 +36,16 @@ def test_cpu_linear_matches_dequantized_weight(scheme: str, kernel: str,
     if scheme == "bf16" and dtype == torch.bfloat16:
         kernel = "oneDNN prepacked bf16" if be.caps.get("mkldnn_bf16_packed") else \
             "float32 GEMM on bf16 row blocks"
+    if dtype == torch.bfloat16 and be.caps.get("native_kernels") and NativeQuant.takes(sch):
+        kernel = "native int8/fp8 GEMV"                             # the stored bytes
     assert kernel in lin.kernel
-    x = torch.randn(5, 3, w.shape[1])                               # [..., in]
-    want = x @ sch.dequantize(parts, tuple(w.shape)).t()            # [..., out] fp32
-    got = lin(x.to(dtype)).float()
-    tol = 1e-4 if dtype == torch.float32 and "int" not in kernel else 3e-2
-    assert got.shape == want.shape
-    assert (got - want).abs().max() <= tol * want.abs().max() + 1e-5
+    # 15 rows (the GEMM paths) and 2 (a decode step's: the native GEMV where it runs)
+    for x in (torch.randn(5, 3, w.shape[1]), torch.randn(2, w.shape[1])):     # [..., in]
+        want = x @ sch.dequantize(parts, tuple(w.shape)).t()        # [..., out] fp32
+        got = lin(x.to(dtype)).float()
+        tol = 1e-4 if dtype == torch.float32 and "int" not in kernel else 3e-2
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= tol * want.abs().max() + 1e-5
     assert lin.nbytes == sch.nbytes(tuple(w.shape))
     again = lin.remake(be)                                          # the copy path
     assert torch.equal(again(x.to(dtype)), lin(x.to(dtype)))
@@ -84,8 +87,8 @@ def _misaligned(t: torch.Tensor, offset: int = 8) -> torch.Tensor:
 
 def test_int8_kernel_takes_misaligned_weights_and_inputs() -> None:
     """torch's CPU _weight_int8pack_mm crashes on data that is not 64-byte aligned: the
-    backend hands it aligned copies."""
-    be = TorchBackend("cpu", torch.bfloat16)
+    backend hands it aligned copies (the native int8 GEMV, off here, takes any alignment)."""
+    be = TorchBackend("cpu", torch.bfloat16, native_kernels=False)
     sch = get_scheme("int8_per_channel")
     parts = {k: _misaligned(v) for k, v in sch.quantize(_weight(64, 128)).items()}
     lin = be.linear(sch, parts, (64, 128))

@@ -18,7 +18,7 @@ from runtime_helpers import FIXED_BW
 
 from step3_edge.errors import ConfigError
 from step3_edge.model import RMSNorm, mfa_attention
-from step3_edge.runtime import Step3Runtime, native
+from step3_edge.runtime import Step3Runtime, backends, native
 from step3_edge.runtime.backends import PackedBf16, TorchBackend
 from step3_edge.runtime.engine import NativeRMSNorm
 from step3_edge.runtime.kv import plan_step
@@ -54,6 +54,60 @@ def test_native_kernels_against_float64(k: int, m: int) -> None:
         for threaded in (False, True):
             nw._threaded = threaded
             _check_product(nw.matmul(x), x, torch.cat(ws))
+
+
+@needs_native
+@pytest.mark.parametrize("scheme", ["int8_per_channel", "fp8_per_channel", "int8_block",
+                                    "block_fp8"])
+@pytest.mark.parametrize("k", [96, 200, 300])
+def test_quantized_gemv_against_float64(scheme: str, k: int) -> None:
+    """`QuantWeights` (int8 / fp8 bytes with their scales, as stored) against float64 of the
+    dequantized weight, up to one bf16 rounding: K with a tail of 16 and a partial last group
+    of 128, rows not a multiple of 128 (block_fp8's partial row block), 1-2 segments, 1-8
+    rows, threaded or not, bf16 or float32 output (the bf16 value)."""
+    from step3_edge.quantize.schemes import get_scheme
+
+    g, sch = _gen(), get_scheme(scheme)
+    key, row_block, group = backends.NATIVE_QUANT[scheme]
+    for rows in ([70], [200, 130]):
+        parts = [sch.quantize(torch.randn(r, k, generator=g) / k ** 0.5) for r in rows]
+        w = torch.cat([sch.dequantize(p, (r, k)) for p, r in zip(parts, rows)])
+        qw = native.QuantWeights([(p[""], p[key].float().reshape(-(-r // row_block), -1)
+                                   .contiguous()) for p, r in zip(parts, rows)],
+                                 group or k, row_block)
+        for m in (1, 3, 8):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            for threaded in (False, True):
+                qw._threaded = threaded
+                y = qw.matmul(x)
+                _check_product(y, x, w)
+                y32 = qw.matmul(x, torch.empty(m, qw.rows))
+                assert torch.equal(y32, y.float())
+
+
+def test_instruction_set_follows_the_cpu_flags(monkeypatch) -> None:
+    """AVX512-BF16 where the CPU has it, else AVX2 + FMA, else none (with the reason said)."""
+    avx2 = {"avx", "avx2", "fma", "f16c", "sse4_2"}
+    cases = [(avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "avx512_bf16"),
+             (avx2 | {"avx512f", "avx512bw", "avx512vl"}, "avx2_fma"), (avx2, "avx2_fma"),
+             ({"avx", "sse4_2"}, None)]
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    for flags, want in cases:
+        monkeypatch.setattr(native, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert native.isa() == want
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert native.isa() is None
+
+
+def test_the_abi_is_read_from_the_header() -> None:
+    """Every entry point the Python side calls has a prototype in s3e.h, typed argument by
+    argument (a pointer, int64_t, int or float)."""
+    types = native._entry_points()
+    assert set(native._SYMBOLS.values()) <= set(types)
+    assert types["s3e_gemv_bf16"] == [native._P, native._I, native._I, native._P, native._P,
+                                      native._I, native._P, native._I, ctypes.c_int,
+                                      ctypes.c_int]
+    assert len(types["s3e_decode_mfa"]) == 24 and types["s3e_decode_mfa"][18] == native._F
 
 
 @needs_native

@@ -12,13 +12,6 @@ INLINE void load_bf16_pairs(const uint16_t* p, __m256* even, __m256* odd) {
     *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int32_t)0xFFFF0000u)));
 }
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* One weight row against M (<= 8) rows of x (row stride ldx): sums[m] = dot(x[m], w), 16
  * elements a step (even and odd halves, one FMA each). With M <= 2 each row of x has two
  * accumulator pairs (two steps in flight) to hide the FMA latency; larger M has independent

@@ -62,6 +62,8 @@ static inline float bf16_to_float(uint16_t h) {
 enum { KV_FP8 = 0, KV_BF16 = 1, KV_F32 = 2 };
 static void load_kv_row(const void* pool, int kind, int64_t row, float* out, int64_t D);
 
+#include "avx2_common.h"
+
 #if defined(__AVX512BF16__)
 #include "isa_avx512.h"
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -130,6 +132,34 @@ void s3e_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* cons
         int64_t per = ((rows + T - 1) / T + 15) & ~(int64_t)15; /* whole cache lines of y */
         int64_t lo = t * per, hi = lo + per < rows ? lo + per : rows;
         if (lo < hi) run_rows(x, M, K, segs, seg_rows, nseg, y, ldy, out_f32, lo, hi);
+    }
+}
+
+/* Entry point for quantized weights. x: float32 [M, K] contiguous (the bf16 activations
+ * widened); segs[s]: int8 or fp8 e4m3fn bytes (fmt) [seg_rows[s], K] contiguous; scales[s]:
+ * float32 [ceil(seg_rows[s] / row_block), ceil(K / group)] contiguous, the scale of each
+ * block of row_block rows and group inputs (per channel: row_block 1, group K; int8_block:
+ * 1, 128; block_fp8: 128, 128); y as `s3e_gemv_bf16`'s: each output the float32 sum of the
+ * groups' scaled dot products, rounded to bf16. */
+void s3e_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t* const* segs,
+                 const float* const* scales, const int64_t* seg_rows, int64_t nseg, int fmt,
+                 int64_t group, int64_t row_block, void* y, int64_t ldy, int out_f32,
+                 int threads) {
+    int64_t rows = 0;
+    for (int64_t s = 0; s < nseg; s++) rows += seg_rows[s];
+    if (threads <= 1) {
+        run_rows_q8(x, M, K, segs, scales, seg_rows, nseg, fmt, group, row_block, y, ldy,
+                    out_f32, 0, rows);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        int64_t per = ((rows + T - 1) / T + 15) & ~(int64_t)15; /* whole cache lines of y */
+        int64_t lo = t * per, hi = lo + per < rows ? lo + per : rows;
+        if (lo < hi)
+            run_rows_q8(x, M, K, segs, scales, seg_rows, nseg, fmt, group, row_block, y, ldy,
+                        out_f32, lo, hi);
     }
 }
 

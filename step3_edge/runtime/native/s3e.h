@@ -28,6 +28,10 @@ const char* s3e_isa(void);
 void s3e_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* const* segs,
                    const int64_t* seg_rows, int64_t nseg, void* y, int64_t ldy, int out_f32,
                    int threads);
+void s3e_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t* const* segs,
+                 const float* const* scales, const int64_t* seg_rows, int64_t nseg, int fmt,
+                 int64_t group, int64_t row_block, void* y, int64_t ldy, int out_f32,
+                 int threads);
 void s3e_rmsnorm_bf16(const uint16_t* x, int64_t ldx, const float* w, uint16_t* y,
                       int64_t rows, int64_t n, float eps);
 void s3e_decode_mfa(const uint16_t* y, int64_t ldy, int64_t koff, int64_t voff, uint16_t* q,
