@@ -139,3 +139,102 @@ def test_index_cannot_point_outside_the_folder(tiny_bf16, tmp_path):
 def test_every_expected_tensor_is_stored(tiny_bf16, tiny_cfg):
     r = CheckpointReader(tiny_bf16)
     assert set(r.stored_names()) == set(expected_weights(tiny_cfg))
+
+
+def hub_snapshot(src, root, repo="models--stepfun-ai--step3", rev=None):
+    """`src` laid out as a Hugging Face hub cache: snapshots/<rev>/* link to ../../blobs/."""
+    import hashlib
+    import os
+
+    rev = rev or os.urandom(20).hex()
+    blobs, snap = root / repo / "blobs", root / repo / "snapshots" / rev
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (root / repo / "refs").mkdir()
+    (root / repo / "refs" / "main").write_text(rev)
+    for f in sorted(src.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blobs / digest)
+        (snap / f.name).symlink_to(f"../../blobs/{digest}")
+    return snap
+
+
+def test_a_hugging_face_hub_cache_snapshot_loads(tiny_fp8, tmp_path, rng):
+    from step3_edge.processor import Step3Processor
+
+    snap = hub_snapshot(tiny_fp8, tmp_path / "hub")
+    r = CheckpointReader(snap)
+    r.check()
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(r.read(name), CheckpointReader(tiny_fp8).read(name))
+    proc = Step3Processor.from_pretrained(snap)
+    text = "".join(chr(int(c)) for c in torch.randint(97, 123, (12,), generator=rng))
+    assert proc.decode(proc.encode(text)) == text
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors.index.json", "shard", "tokenizer.json",
+                                    "config.json"])
+def test_a_link_out_of_the_checkpoint_or_its_hub_repo_is_refused(tiny_fp8, tmp_path, victim):
+    from step3_edge.errors import Step3EdgeError
+    from step3_edge.processor import Step3Processor
+
+    snap = hub_snapshot(tiny_fp8, tmp_path / "hub")
+    if victim == "shard":
+        victim = json.loads((tiny_fp8 / "model.safetensors.index.json").read_text())[
+            "weight_map"]["model.norm.weight"]
+    outside = tmp_path / "outside"
+    outside.write_bytes((snap / victim).read_bytes())          # same bytes, outside the repo
+    (snap / victim).unlink()
+    (snap / victim).symlink_to(outside)
+    with pytest.raises(Step3EdgeError, match="outside its folder or its Hugging Face hub"):
+        CheckpointReader(snap).check()
+        Step3Processor.from_pretrained(snap)
+
+
+def test_tokenizer_linked_to_etc_passwd_is_refused(tiny_fp8, tmp_path):
+    from step3_edge.errors import ConfigError
+    from step3_edge.tokenizer import load_tokenizer
+
+    ck = _copy(tiny_fp8, tmp_path / "ck")
+    (ck / "tokenizer.json").unlink()
+    (ck / "tokenizer.json").symlink_to("/etc/passwd")
+    with pytest.raises(ConfigError, match="outside its folder"):
+        load_tokenizer(ck)
+
+
+@pytest.mark.parametrize("index,match", [
+    ({"weight_map": ["model.norm.weight"]}, "weight_map is a list"),
+    ({"weight_map": {"model.norm.weight": 1}}, r"weight_map\['model.norm.weight'\] is 1"),
+    ({"weight_map": {}}, "weight_map is empty"),
+    ([], "weight_map is a list"),
+    ({"weight_map": {"model.norm.weight": "/etc/passwd"}}, "points outside the folder"),
+    ({"weight_map": {"model.norm.weight": "sub/../../x.safetensors"}}, "points outside"),
+    ({"metadata": [], "weight_map": {"model.norm.weight": "a.safetensors"}}, "metadata is"),
+])
+def test_malformed_index_is_a_checkpoint_error(tiny_fp8, tmp_path, index, match):
+    ck = _copy(tiny_fp8, tmp_path / "ck")
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=match):
+        CheckpointReader(ck)
+
+
+def test_index_that_is_not_json_is_a_checkpoint_error(tiny_fp8, tmp_path, rng):
+    ck = _copy(tiny_fp8, tmp_path / "ck")
+    junk = bytes(torch.randint(0, 256, (64,), generator=rng, dtype=torch.uint8).tolist())
+    (ck / "model.safetensors.index.json").write_bytes(b"{" + junk)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        CheckpointReader(ck)
+
+
+def test_a_nan_weight_is_refused_on_read_naming_it(tiny_bf16, tmp_path, rng):
+    ck = _copy(tiny_bf16, tmp_path / "ck")
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.input_layernorm.weight"
+    shard = ck / index["weight_map"][name]
+    tensors = load_file(shard)
+    w = tensors[name].clone()
+    w[int(torch.randint(0, w.numel(), (1,), generator=rng))] = float("nan")
+    tensors[name] = w
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' holds NaN or inf"):
+        CheckpointReader(ck).read(name)

@@ -101,3 +101,92 @@ def test_rope_parameters_v5_style_is_read():
     del data["text_config"]["rope_theta"]
     data["text_config"]["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "default"}
     assert Step3Config.from_dict(data).text_config.rope_theta == 10000.0
+
+
+def _with(name: str, path: tuple[str, ...], value):
+    data = copy.deepcopy(PRESETS[name])
+    d = data
+    for key in path[:-1]:
+        d = d.setdefault(key, {})
+    d[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("path,value", [
+    (("text_config", "num_attention_heads"), 0),
+    (("text_config", "head_dim"), -32),
+    (("text_config", "hidden_size"), 2**40),
+    (("text_config", "vocab_size"), True),
+    (("text_config", "num_hidden_layers"), 4.0),
+    (("text_config", "rms_norm_eps"), -1e-5),
+    (("text_config", "rms_norm_eps"), float("inf")),
+    (("text_config", "rms_norm_eps"), float("nan")),
+    (("text_config", "rope_theta"), float("nan")),
+    (("text_config", "rope_theta"), -500000.0),
+    (("text_config", "rope_theta"), "500000"),
+    (("text_config", "max_position_embedding"), 0),
+    (("text_config", "max_position_embedding"), -65536),
+    (("vision_config", "patch_size"), 0),
+    (("vision_config", "num_attention_heads"), 0),
+    (("vision_config", "patch_size"), 500),
+    (("vision_config", "layer_norm_eps"), 2.0),
+    (("vision_config", "num_channels"), 4),
+    (("text_config", "eos_token_id"), 10**6),
+    (("torch_dtype",), "int3"),
+    (("text_config", "rope_scaling"), {"rope_type": "linear", "factor": float("nan")}),
+    (("quantization_config",), {"quant_method": "awq"}),
+    (("quantization_config",), {"quant_method": "fp8", "weight_block_size": [0, 128]}),
+    (("quantization_config",), {"quant_method": "fp8", "weight_block_size": ["128", "128"]}),
+    (("quantization_config",), {"quant_method": "fp8", "weight_block_size": 128}),
+    (("quantization_config",), {"quant_method": "step3_edge", "modules": {"x": "int2"}}),
+    (("quantization_config",), "fp8"),
+])
+def test_every_out_of_range_field_is_a_config_error_naming_it(tmp_path, path, value):
+    (tmp_path / "config.json").write_text(json.dumps(_with("tiny", path, value)))
+    with pytest.raises(ConfigError) as e:
+        Step3Config.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "config.json") in msg                      # the file
+    assert path[-1] in msg                                            # the field
+    assert "expected" in msg and "remedy:" in msg                     # expected value, remedy
+
+
+def test_all_bad_fields_are_reported_together():
+    data = _with("tiny", ("text_config", "num_attention_heads"), 0)
+    data["vision_config"]["patch_size"] = "14"
+    data["text_config"]["rope_theta"] = float("-inf")
+    with pytest.raises(ConfigError, match="3 invalid fields") as e:
+        Step3Config.from_dict(data)
+    for field in ("text_config.num_attention_heads is 0", "vision_config.patch_size is '14'",
+                  "text_config.rope_theta is -inf"):
+        assert field in str(e.value)
+
+
+def test_random_valid_values_pass_and_random_invalid_ones_fail():
+    import random
+
+    r = random.Random()
+    for _ in range(50):
+        data = copy.deepcopy(PRESETS["tiny"])
+        good = r.uniform(1e-7, 0.5)
+        data["text_config"]["rms_norm_eps"] = good
+        assert Step3Config.from_dict(data).text_config.rms_norm_eps == good
+        data["text_config"]["rms_norm_eps"] = -r.uniform(1e-7, 1e3)
+        with pytest.raises(ConfigError, match="rms_norm_eps"):
+            Step3Config.from_dict(data)
+
+
+def test_config_json_linked_outside_its_folder_is_refused(tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps(PRESETS["tiny"]))
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").symlink_to(outside)
+    with pytest.raises(ConfigError, match="outside its folder"):
+        Step3Config.from_pretrained(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("raw", ["[" * 100000, "\xff\xfe{}", '{"text_config": 1}'])
+def test_unparseable_or_deeply_nested_config_is_a_config_error(tmp_path, raw):
+    (tmp_path / "config.json").write_bytes(raw.encode("latin-1"))
+    with pytest.raises(ConfigError):
+        Step3Config.from_pretrained(tmp_path)
