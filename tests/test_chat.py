@@ -118,3 +118,55 @@ def test_sandbox_blocks_attribute_escape() -> None:
     with pytest.raises((PromptError, ConfigError)):
         render_chat([{"role": "user", "content": "x"}],
                     "{{ messages.__class__.__mro__[1].__subclasses__() }}")
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}"
+    "{% endfor %}{% endfor %}{% endfor %}",
+    "{% for a in messages * 9999 %}{% for b in messages * 9999 %}{% for c in messages * 9999 %}"
+    "{% endfor %}{% endfor %}{% endfor %}",
+])
+def test_a_template_that_runs_for_ever_stops_with_a_prompt_error(monkeypatch, template) -> None:
+    import time
+
+    import step3_edge.chat as chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    t0 = time.monotonic()
+    with pytest.raises(PromptError, match="rendering took longer than 0.3 s"):
+        render_chat([{"role": "user", "content": "hi"}], template)
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'a' * 10**10 }}", "{{ 'a'|center(10**10) }}", "{{ 'a'.ljust(10**10) }}",
+    "{{ 9 ** 9 ** 9 }}", "{{ '%1000000000d' % 1 }}", "{{ '{:>1000000000}'.format('a') }}",
+    "{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('ab') }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}{{ ns.s }}",
+    "{% set x = 'ab' * 4000000 %}{{ x.replace('', x) }}",
+    "{{ range(99999)|join('x' * 9999999) }}",
+    "{{ ('a\\n' * 4000000)|indent(9999) }}",
+])
+def test_a_template_that_grows_without_bound_is_refused_before_allocating(template) -> None:
+    with pytest.raises(PromptError, match="chat template stopped"):
+        render_chat([{"role": "user", "content": "hi"}], template)
+
+
+def test_an_oversized_template_is_a_config_error() -> None:
+    from step3_edge.chat import MAX_TEMPLATE_CHARS
+
+    with pytest.raises(ConfigError, match="at most"):
+        render_chat([{"role": "user", "content": "hi"}], "x" * (MAX_TEMPLATE_CHARS + 1))
+
+
+def test_bounded_sandbox_still_renders_ordinary_templates() -> None:
+    import random
+
+    words = ["".join(random.choice("abcdefgh") for _ in range(6)) for _ in range(5)]
+    msgs = [{"role": "user", "content": w} for w in words]
+    t = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+         "{{ m['content']|upper|replace('A', 'a') }}{{ ','.join(['x', 'y']) }}{% endfor %}"
+         "{{ ns.n }}{{ '%d' % 7 }}{{ '{}!'.format(1) }}")
+    text, _ = render_chat(msgs, t)
+    assert text == "".join(w.upper().replace("A", "a") + "x,y" for w in words) + "57" + "1!"

@@ -398,3 +398,75 @@ def test_apply_chat_end_to_end(proc: Step3Processor) -> None:
     assert text.count("<im_patch>") == 169 and text.startswith("<｜begin▁of▁sentence｜>Be brief.")
     assert text.endswith("Color?<|EOT|><|BOT|>assistant\n<think>\n")
     assert proc.decode(ids) == "Be brief.user\nColor?assistant\n\n"
+
+
+@pytest.mark.parametrize("size", [(1, 100000), (100000, 1), (9, 20000)])
+def test_a_thin_image_gets_an_answer_without_allocating_its_square_pad(
+        proc: Step3Processor, monkeypatch, size) -> None:
+    rng = random.Random()
+    colour = tuple(rng.randrange(1, 256) for _ in range(3))
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    assert len(buf.getvalue()) < 2000                     # a few hundred bytes on disk
+    biggest = []
+    real_new = Image.new
+
+    def new(mode, sz, *a, **k):
+        biggest.append(sz[0] * sz[1])
+        return real_new(mode, sz, *a, **k)
+    monkeypatch.setattr(processor_module.Image, "new", new)
+    views = proc.preprocess(buf.getvalue())
+    assert max(biggest) <= processor_module.MAX_IMAGE_SIZE ** 2
+    assert views.global_view.shape == (3, 728, 728) and views.num_crops > 0
+    black = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    g = views.global_view
+    assert torch.allclose(g[:, -1, -1], black, atol=1e-4)  # the pad is black ...
+    assert (g[:, 0, 0] - black).abs().max() > 0.05         # ... and the image sits top-left
+
+
+@pytest.mark.parametrize("w,h", [(0, 5), (5, -1), (2.5, 3), ("7", 7), (True, 4)])
+def test_crop_plan_refuses_sizes_that_are_not_positive_integers(w, h) -> None:
+    with pytest.raises(ImageError, match="not a pair of positive integers"):
+        ImagePatcher().plan(w, h)
+
+
+def test_undecodable_text_is_a_prompt_error(proc: Step3Processor) -> None:
+    raw = bytes(random.Random().randrange(0x80, 0x100) for _ in range(5))
+    text = "x" + raw.decode("utf-8", "surrogateescape")
+    with pytest.raises(PromptError, match="not valid Unicode at position 1"):
+        proc.encode(text)
+    with pytest.raises(PromptError, match="not valid Unicode"):
+        proc(text)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"temperature": float("nan")}, "temperature nan"),
+    ({"temperature": float("inf")}, "temperature inf"),
+    ({"temperature": -0.5}, "temperature -0.5"),
+    ({"top_k": -3}, "top_k -3"),
+    ({"top_k": 2.5}, "top_k 2.5"),
+    ({"top_p": float("nan")}, "top_p nan"),
+    ({"top_p": 0.0}, "top_p 0.0"),
+    ({"top_p": 1.5}, "top_p 1.5"),
+])
+def test_sampling_parameters_are_checked(kw, match) -> None:
+    from step3_edge.sampling import SamplingParams
+
+    with pytest.raises(PromptError, match=match):
+        SamplingParams(**kw)
+
+
+def test_seed_and_max_new_tokens_checks() -> None:
+    from step3_edge.sampling import MAX_SEED, check_max_new_tokens, check_seed
+
+    r = random.Random()
+    seed = r.randrange(0, MAX_SEED)
+    assert check_seed(seed) == seed and check_seed(None) is None
+    for bad in (MAX_SEED + 1, -1, 1.5, "3", True):
+        with pytest.raises(PromptError, match="seed"):
+            check_seed(bad)
+    ctx, prompt = r.randrange(100, 10000), r.randrange(1, 99)
+    assert check_max_new_tokens(ctx - prompt, prompt, ctx) == ctx - prompt
+    for bad in (0, -5, ctx - prompt + 1, 10**9, 2.0):
+        with pytest.raises(PromptError, match=f"between 1 and {ctx - prompt:,}"):
+            check_max_new_tokens(bad, prompt, ctx)
