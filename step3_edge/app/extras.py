@@ -1,9 +1,11 @@
-"""Lazy imports of the `app` extra (gradio, fastapi, uvicorn) with a clear error when absent."""
+"""Lazy imports of the `app` extra (gradio, fastapi, uvicorn) with a clear error when absent,
+and the clean-up of error text shown to the app's and the server's users."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import threading
 from types import ModuleType
 
@@ -33,3 +35,16 @@ def import_in_background(module: str, package: str, feature: str) -> threading.T
                               name=f"import-{module}")
     thread.start()
     return thread
+
+
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_DATA_URI = re.compile(r"(?:image )?data URI \(\d+ chars, [^)]*\)")
+_EXC_NAME = re.compile(r"\b[A-Z]\w*(?:Error|Exception): ")
+
+
+def plain_text(message: str) -> str:
+    """An error message without Python object reprs (`<_io.BytesIO object at 0x...>`),
+    exception class names or the echo of a data URI (-> "the image")."""
+    message = _DATA_URI.sub("the image", message)
+    message = _OBJECT_REPR.sub("", message)
+    return _EXC_NAME.sub("", message)

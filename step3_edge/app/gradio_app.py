@@ -191,8 +191,10 @@ def make_respond(engine: Any) -> Any:
 
 
 def _user_error(e: Step3EdgeError, partial: str, paths: Sequence[str] = ()) -> str:
-    return _without_paths(e.problem + (f" — {e.remedy}" if e.remedy else "") +
-                          (f"\n\n(partial answer: {partial})" if partial else ""), paths)
+    from step3_edge.app.extras import plain_text
+
+    text = plain_text(e.problem + (f" — {e.remedy}" if e.remedy else ""))
+    return _without_paths(text + (f"\n\n(partial answer: {partial})" if partial else ""), paths)
 
 
 def _without_paths(text: str, paths: Sequence[str]) -> str:
@@ -309,7 +311,7 @@ def build_demo(engine: Any, *, concurrency: int = 4) -> Any:
         api_message = gr.MultimodalTextbox(visible=False, file_types=["image"],
                                            file_count="multiple")
         api_history = gr.JSON(visible=False, value=None)
-        api_answer = gr.Textbox(visible=False)
+        api_answer = gr.Textbox(visible=False, label="answer")
         gr.Button(visible=False).click(
             make_api(engine), [api_message, temperature, top_p, max_tokens, api_history],
             [api_answer, stats], api_name="chat", concurrency_limit=concurrency,

@@ -39,20 +39,13 @@ API_KEY_ENV = "STEP3_EDGE_API_KEY"
 OPEN_PATHS = ("/livez",)
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/livez")
 _END = object()
-# Python-side words in runtime errors -> what an HTTP client sent or can do
-_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
-_DATA_URI = re.compile(r"image data URI \(\d+ chars, [^)]*\)|data URI \(\d+ chars, [^)]*\)")
-_EXC_NAME = re.compile(r"\b(?:[A-Z]\w*(?:Error|Exception)): ")
-
-
 def http_message(e: Step3EdgeError, max_tokens_key: str = "max_tokens") -> str:
     """A runtime error's text in the words of an HTTP client: the request's field names, no
     Python object reprs or exception class names, the server's options as its operator
     passes them."""
-    text = e.problem + (f" ({e.remedy})" if e.remedy else "")
-    text = _DATA_URI.sub("the image", text)
-    text = _OBJECT_REPR.sub("", text)
-    text = _EXC_NAME.sub("", text)
+    from step3_edge.app.extras import plain_text
+
+    text = plain_text(e.problem + (f" ({e.remedy})" if e.remedy else ""))
     text = text.replace("max_new_tokens", max_tokens_key)
     text = text.replace("re-encode the image with base64.b64encode",
                         "encode the image's bytes in standard base64")

@@ -178,16 +178,17 @@ def open_app(page: object, url: str, timeout_ms: int = 60_000) -> None:
     page.wait_for_selector("#chat_input textarea", timeout=timeout_ms)  # type: ignore
 
 
-def ask_in_browser(page: object, image: Path, question: str, timeout_ms: int = 120_000
+def ask_in_browser(page: object, image: Path | None, question: str, timeout_ms: int = 120_000
                    ) -> dict:
-    """Upload `image`, type `question`, send, and wait for the answer to finish.
+    """Upload `image` (if any), type `question`, send, and wait for the answer to finish.
 
     Returns the bot-message changes the page saw ({t, text}, ms), the send time and the side
     panel's text once the answer is complete.
     """
     pg = page
-    pg.set_input_files("#chat_input input[type=file]", str(image))  # type: ignore
-    pg.wait_for_selector("#chat_input img", timeout=timeout_ms)  # type: ignore
+    if image is not None:
+        pg.set_input_files("#chat_input input[type=file]", str(image))  # type: ignore
+        pg.wait_for_selector("#chat_input img", timeout=timeout_ms)  # type: ignore
     pg.fill("#chat_input textarea", question)  # type: ignore
     pg.evaluate(WATCH_JS)  # type: ignore
     sent = pg.evaluate("() => performance.now()")  # type: ignore

@@ -1,4 +1,6 @@
-"""`gradio_client` drives the running `step3-edge app` on 127.0.0.1 through its `/chat` API."""
+"""`gradio_client` drives the running `step3-edge app` on 127.0.0.1 through its stateless `/chat`
+API: each call answers its message (after the history it passes, if any), returns the model's
+text without the chat's markup, and raises the reason of a bad request."""
 
 from __future__ import annotations
 
@@ -16,19 +18,20 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture
 def client(gradio_app: Served) -> Any:
-    """A fresh client: its own session, so its own chat history."""
+    """A client with its own session."""
     from gradio_client import Client
 
     return Client(gradio_app.url + "/", verbose=False)
 
 
-def ask(client: Any, text: str, files: tuple[Path, ...] = (), max_tokens: int = 24
-        ) -> tuple[str, str]:
+def ask(client: Any, text: str, files: tuple[Path, ...] = (), max_tokens: int = 24,
+        history: list[dict] | None = None) -> tuple[str, str]:
     from gradio_client import handle_file
 
     message = {"text": text, "files": [handle_file(str(f)) for f in files]}
-    answer, stats = client.predict(message, 0.0, 1.0, max_tokens, api_name="/chat")
-    return answer, stats
+    if history is None:
+        return client.predict(message, 0.0, 1.0, max_tokens, api_name="/chat")
+    return client.predict(message, 0.0, 1.0, max_tokens, history, api_name="/chat")
 
 
 def prompt_tokens(stats: str) -> int:
@@ -44,15 +47,38 @@ def test_text_question(client: Any) -> None:
     assert "tokens/s" in stats and "expert-cache hit rate" in stats and "RSS" in stats
 
 
-def test_image_question_and_history_keeps_the_image(client: Any) -> None:
-    text_only, _ = ask(client, "Hello")
-    answer, stats = ask(client, "What colour is the circle?", (EXAMPLES / "shapes.png",))
-    assert not answer.startswith(ERROR_PREFIX), answer
-    with_image = prompt_tokens(stats)
-    assert with_image > 100, stats              # the image's tokens are in the prompt
-    follow_up, stats2 = ask(client, "And the square?")
+def test_one_client_asking_twice_gets_the_same_answer_as_a_fresh_one(gradio_app: Served,
+                                                                      client: Any) -> None:
+    """No turn of an earlier call is carried into the next one."""
+    from gradio_client import Client
+
+    circle = ("What colour is the circle?", (EXAMPLES / "shapes.png",))
+    first, stats1 = ask(client, *circle)
+    ask(client, "How many shapes are there?", (EXAMPLES / "four_shapes_wide.png",))
+    again, stats2 = ask(client, *circle)
+    fresh, stats3 = ask(Client(gradio_app.url + "/", verbose=False), *circle)
+    assert first == again == fresh, (first, again, fresh)
+    assert prompt_tokens(stats1) == prompt_tokens(stats2) == prompt_tokens(stats3) > 100
+
+
+def test_history_is_passed_explicitly(client: Any) -> None:
+    alone, stats = ask(client, "And the square?")
+    history = [{"role": "user", "content": "What colour is the circle?"},
+               {"role": "assistant", "content": "red"}]
+    follow_up, stats2 = ask(client, "And the square?", history=history)
     assert not follow_up.startswith(ERROR_PREFIX), follow_up
-    assert prompt_tokens(stats2) > with_image   # the earlier image is still in the conversation
+    assert prompt_tokens(stats2) > prompt_tokens(stats)     # the earlier turns are in it
+    assert prompt_tokens(ask(client, "And the square?")[1]) == prompt_tokens(stats)
+
+
+def test_the_answer_is_the_model_text_without_chat_markup(client: Any) -> None:
+    from step3_edge.app.gradio_app import THINK_SHOWN
+    from step3_edge.tokenizer import THINK_END
+
+    answer, _ = ask(client, "What colour is the circle?", (EXAMPLES / "shapes.png",), 48)
+    assert THINK_SHOWN not in answer and not answer.startswith(ERROR_PREFIX), answer
+    if THINK_END in answer:          # a trained model thinks first: `</think>` as it came
+        assert answer.rpartition(THINK_END)[2].strip(), answer
 
 
 def test_streamed_answer(client: Any) -> None:
@@ -70,15 +96,23 @@ def test_streamed_answer(client: Any) -> None:
     assert final == texts[-1] and not final.startswith(ERROR_PREFIX)
 
 
-def test_corrupt_and_enormous_images_answer_in_chat_and_the_queue_goes_on(
-        client: Any, tmp_path: Path) -> None:
-    bad, _ = ask(client, "What is this?", (corrupt_png(tmp_path / "corrupt.png"),))
-    assert bad.startswith(ERROR_PREFIX) and "image" in bad.lower(), bad
-    huge, _ = ask(client, "And this?", (enormous_png(tmp_path / "huge.png"),))
-    assert huge.startswith(ERROR_PREFIX) and "pixels" in huge.lower(), huge
-    # the same session goes on: the failed turns are dropped from the conversation
+def test_corrupt_and_enormous_images_raise_their_reason_and_the_queue_goes_on(
+        client: Any, app_env: dict[str, str], tmp_path: Path) -> None:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as e:
+        ask(client, "What is this?", (corrupt_png(tmp_path / "corrupt.png"),))
+    msg = str(e.value)
+    assert "image" in msg.lower() and "corrupt.png" in msg, msg
+    assert app_env["GRADIO_TEMP_DIR"] not in msg and "/tmp" not in msg, msg   # the name only
+    assert "Error:" not in msg and " object at 0x" not in msg, msg
+    with pytest.raises(AppError) as e:
+        ask(client, "And this?", (enormous_png(tmp_path / "huge.png"),))
+    assert "pixels" in str(e.value).lower(), str(e.value)
+    with pytest.raises(AppError):
+        ask(client, "   ")
     ok, stats = ask(client, "What colour is the circle?", (EXAMPLES / "shapes.png",))
-    assert not ok.startswith(ERROR_PREFIX), ok
+    assert ok and not ok.startswith(ERROR_PREFIX), ok
     assert "tokens/s" in stats
 
 
