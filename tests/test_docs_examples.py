@@ -1,12 +1,15 @@
 """Every code block of README.md and docs/*.md that is meant to run does run.
 
 Fence tags:
-- ```python: run as a script (`python block.py`) in a fresh folder;
+- ```python: run as a script in a fresh folder (in this process, where torch is loaded
+  already; a block with an `if __name__ == "__main__":` guard runs as `python block.py` in a
+  process of its own, since it may spawn processes that re-import it);
 - ```python server: the same, against a `step3-edge serve` of the embedded default model that
   this module starts (the block's `127.0.0.1:8000` is replaced by that server's address);
 - ```bash: run with `bash -e`;
-- ```console: each `$ ` line is a command; the lines after it (up to the next `$ ` line) are
-  output that must appear in its stdout, in order (a `...` line skips any number of lines);
+- ```console: each `$ ` line is a command (`step3-edge ...` runs `step3_edge.cli.main` in this
+  process); the lines after it, up to the next `$ ` line, are output that must appear in its
+  stdout, in order (a `...` line skips any number of lines);
 - anything else (```text, ```json, no tag): shown, not run.
 
 Each block runs in its own folder holding `ckpt/` (a synthetic `tiny` checkpoint, as
@@ -17,6 +20,8 @@ for the `cpu` target without ONNX subgraphs), unless the block writes one of the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -107,9 +112,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def server(doc_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """`step3-edge serve` of the embedded default model on a free port of 127.0.0.1."""
+    """`step3-edge serve` of the embedded default model on a free port of 127.0.0.1, started
+    first (it loads while the other blocks run); `address()` waits until it answers."""
     port = _free_port()
     log = tmp_path_factory.mktemp("doc-server") / "serve.log"
     with open(log, "wb") as out:
@@ -117,22 +123,25 @@ def server(doc_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
                                  "127.0.0.1", "--port", str(port)], stdout=out,
                                 stderr=subprocess.STDOUT, env=doc_env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    try:
+
+    def address() -> str:
         t0 = time.monotonic()
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"serve exited with {proc.returncode}:\n"
                                    + log.read_text(errors="replace")[-4000:])
             try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+                with urllib.request.urlopen(url + "/livez", timeout=5) as r:
                     if r.status == 200:
-                        break
+                        return f"127.0.0.1:{port}"
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() - t0 > 240:
                 raise RuntimeError("serve not ready:\n" + log.read_text(errors="replace"))
             time.sleep(0.25)
-        yield f"127.0.0.1:{port}"
+
+    try:
+        yield address
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -212,21 +221,86 @@ def test_make_demo_is_the_documented_command() -> None:
     assert re.search(r"^test:.*\n\t.*pytest", make, re.M)
 
 
+@contextlib.contextmanager
+def _in(work: Path, env: dict[str, str]):
+    """cwd and environment of a block run in this process, restored afterwards."""
+    old_cwd, old_env = os.getcwd(), dict(os.environ)
+    os.chdir(work)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+
+
+def _cli(block: Block, cmd: str, work: Path, env: dict[str, str]) -> str:
+    """`step3-edge ARGS` through `step3_edge.cli.main`, in this process; its stdout."""
+    from step3_edge.cli import main
+
+    argv = shlex.split(cmd)
+    if argv[0] != "step3-edge":
+        return _run(argv, work, env, block)
+    out, err = io.StringIO(), io.StringIO()
+    with _in(work, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv[1:])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+    if rc != 0:
+        pytest.fail(f"{block.id}: `{cmd}` exit status {rc}\n--- stdout\n"
+                    f"{out.getvalue()[-3000:]}\n--- stderr\n{err.getvalue()[-5000:]}")
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
-def test_doc_block_runs(block: Block, samples: Path, doc_env: dict[str, str],
-                        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_doc_block_runs(block: Block, samples: Path, doc_env: dict[str, str], server,
+                        tmp_path: Path) -> None:
     work = _workdir(block, samples, tmp_path)
-    env = dict(doc_env)
+    env = {k: doc_env[k] for k in ("STEP3_EDGE_CACHE", "GRADIO_ANALYTICS_ENABLED")}
     if block.tag == "python":
         text = block.text
         if "server" in block.info.split():
-            text = text.replace("127.0.0.1:8000", request.getfixturevalue("server"))
+            text = text.replace("127.0.0.1:8000", server())
         script = tmp_path / "block.py"      # outside the work folder: not on sys.path there
         script.write_text(text)
-        _run([sys.executable, str(script)], work, env, block)
+        if "__main__" in text:
+            _run([sys.executable, str(script)], work, doc_env, block)
+        else:
+            with _in(work, env):
+                exec(compile(text, f"{block.id}", "exec"),
+                     {"__name__": "__main__", "__file__": str(script)})
     elif block.tag == "bash":
-        _run(block.text, work, env, block, shell=True)
+        _run(block.text, work, doc_env, block, shell=True)
     else:
         for cmd, expected in _console_steps(block.text):
-            got = _run(shlex.split(cmd), work, env, block)
-            _check_output(block, cmd, expected, got)
+            _check_output(block, cmd, expected, _cli(block, cmd, work, env))
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings."""
+    out = set()
+    for line in path.read_text().splitlines():
+        m = re.match(r"^#+\s+(.*)$", line)
+        if m:
+            a = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            out.add(a)
+    return out
+
+
+def test_doc_links_resolve() -> None:
+    """Relative links of README.md and docs/*.md name files (and headings) that exist."""
+    bad = []
+    for doc in DOCS:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            path = (doc.parent / file).resolve() if file else doc
+            if not path.exists():
+                bad.append(f"{doc.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                bad.append(f"{doc.relative_to(REPO)}: {target} (no such heading)")
+    assert not bad, "\n".join(bad)
