@@ -76,7 +76,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter,
         text = action.help or ""
         if text is argparse.SUPPRESS or "default" in text or "%(default)" in text:
             return text
-        if action.default in (None, False, [], argparse.SUPPRESS):
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d):
             return text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return text + " (default: %(default)s)"

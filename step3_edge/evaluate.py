@@ -155,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="reference-model dtype (checkpoints only)")
     p.add_argument("--json", type=Path, metavar="FILE",
-                   help="also write the report (with every answer) here")
+                   help="also write the report (with every answer) here (default: not written)")
     p.add_argument("--show-errors", type=int, default=0, metavar="N",
                    help="print up to N wrong answers")
     from step3_edge import variants

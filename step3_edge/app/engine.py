@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class AnswerStats:
     """What one answer cost: tokens, time to first token, speed and expert-cache hit rate."""

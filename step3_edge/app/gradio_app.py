@@ -332,7 +332,8 @@ def _after_stop(engine: Any) -> Any:
 
 
 def _examples() -> list[list[dict[str, Any]]] | None:
-    found = [(defaults.EXAMPLES / name, q) for name, q in EXAMPLES if (defaults.EXAMPLES / name).is_file()]
+    found = [(defaults.EXAMPLES / name, q) for name, q in EXAMPLES
+             if (defaults.EXAMPLES / name).is_file()]
     return [[{"text": q, "files": [str(p)]}] for p, q in found] or None
 
 

@@ -65,7 +65,8 @@ def show(value: Any, depth: int = 0) -> str:
         return json.dumps(value if len(value) <= 60 else value[:57] + "...")
     if isinstance(value, int):
         # str() of a 5,000-digit int is a ValueError; bit_length is cheap
-        return str(value) if value.bit_length() < 200 else f"an integer of {value.bit_length()} bits"
+        bits = value.bit_length()
+        return str(value) if bits < 200 else f"an integer of {bits} bits"
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, (list, dict)):

@@ -27,9 +27,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from step3_edge.app.engine import add_server_arguments
-from step3_edge.app.openai_protocol import (ApiError, chunk_body, completion_body, error_body,
-                                            model_body, models_body, new_completion_id,
-                                            parse_chat_request, usage)
+from step3_edge.app.openai_protocol import (
+    ApiError,
+    chunk_body,
+    completion_body,
+    error_body,
+    model_body,
+    models_body,
+    new_completion_id,
+    parse_chat_request,
+    usage,
+)
 from step3_edge.errors import ImageError, PromptError, Step3EdgeError
 
 log = logging.getLogger("step3_edge.app.server")
@@ -152,7 +160,7 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
     fastapi = require("fastapi", "fastapi", "the HTTP server (step3-edge serve)")
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 

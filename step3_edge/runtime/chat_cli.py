@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the `chat` options on `p`."""
     add_model_argument(p)
     p.add_argument("--image", action="append", default=[], metavar="IMG",
-                   help="image file sent with the first question (repeatable)")
-    p.add_argument("--system", help="system message put before the conversation")
+                   help="image file sent with the first question (repeatable; default: none)")
+    p.add_argument("--system", help="system message put before the conversation (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="most tokens generated per answer")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="sample within the smallest set of tokens of this probability mass")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed of the sampler, for repeatable sampled answers")
+                   help="seed of the sampler, for repeatable sampled answers (default: a "
+                   "random seed)")
     p.add_argument("--timings", action="store_true",
                    help="after each answer, print its tokens, time to first token and decode "
                         "tokens/s to stderr (always on in a terminal)")
@@ -97,4 +98,4 @@ def run(args: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             print(f"step3-edge chat: {bundle} on {rt.stats()['backend']['device']} "
                   "(/reset, /stats, /quit)", file=sys.stderr)
-        return chat_loop(rt, sampling, args)
+        return chat_loop(rt, sampling, args, sys.stdin, sys.stdout, sys.stderr)

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="expert_counts.json", metavar="JSON",
                    help="where to write the expert counts")
     p.add_argument("--trace", metavar="JSON",
-                   help="also write the routing trace to this JSON file")
+                   help="also write the routing trace to this JSON file (default: no trace)")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="tokens generated after each prompt (their routing is counted too)")
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")

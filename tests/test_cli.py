@@ -1,0 +1,168 @@
+"""The `step3-edge` command line: one `--model` convention, help and shown defaults on every
+option, `--version`, a `--help` that does not import torch, runtime flags from one table."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from step3_edge.cli import COMMANDS, RUNTIME_OPTIONS, build_parser, main, version
+
+# the commands whose options this test holds to the convention (their modules' parsers)
+OWN = ("chat", "plan", "profile", "app", "serve", "eval")
+RUNTIME_COMMANDS = ("chat", "profile", "app", "serve")
+MODEL_DEFAULTS = ("chat", "profile", "app", "serve", "generate", "eval")
+LIGHT = ("chat", "plan", "profile", "app", "serve", "export", "inspect")
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    parser = build_parser(name)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _imports_after(argv: list[str]) -> set[str]:
+    code = ("import sys\nfrom step3_edge.cli import main\ntry:\n"
+            f"    main({argv!r})\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'gradio', 'fastapi', 'onnxruntime') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"')))
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version as dist_version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"step3-edge {dist_version('step3-edge')}"
+    assert version() == dist_version("step3-edge")
+
+
+def test_top_level_help_lists_every_command_and_imports_nothing_heavy() -> None:
+    out = subprocess.run([sys.executable, "-m", "step3_edge.cli", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert all(f"    {name} " in out for name in COMMANDS), out
+    assert "--version" in out and "--model" in out
+    assert "this file only" not in out and "add_arguments" not in out   # no developer notes
+    assert _imports_after(["--help"]) == set()
+
+
+@pytest.mark.parametrize("command", LIGHT)
+def test_command_help_imports_nothing_heavy(command: str) -> None:
+    assert _imports_after([command, "--help"]) == set()
+
+
+@pytest.mark.parametrize("command", OWN)
+def test_every_option_has_help_and_its_default_shown(command: str) -> None:
+    p = _subparser(command)
+    formatter = p._get_formatter()
+    required_groups = {a for g in p._mutually_exclusive_groups if g.required
+                       for a in g._group_actions}
+    # `eval --variants` and its options belong to step3_edge/variants.py
+    variants = {a for g in p._action_groups if g.title and "variants" in g.title
+                for a in g._group_actions}
+    missing = []
+    for action in p._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        flag = action.option_strings[-1]
+        assert action.help, f"{command} {flag} has no help"
+        if (action.dest == "help" or action.default is False or action.required
+                or action in required_groups or action in variants):
+            continue
+        shown = formatter._expand_help(action)       # the help text as --help prints it
+        if "default" not in shown:
+            missing.append(f"{flag}: {shown}")
+    assert not missing, f"{command}: no default shown for\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("command", MODEL_DEFAULTS)
+def test_the_model_flag_is_optional_where_a_default_model_exists(command: str) -> None:
+    p = _subparser(command)
+    model = next(a for a in p._actions if "--model" in a.option_strings)
+    assert not model.required and model.default is None
+    assert "default" in (model.help or "") and "embedded" in model.help
+
+
+@pytest.mark.parametrize("command", ["plan", "export", "quantize"])
+def test_the_checkpoint_commands_take_model_too(command: str) -> None:
+    assert any("--model" in a.option_strings for a in _subparser(command)._actions)
+
+
+@pytest.mark.parametrize("command", RUNTIME_COMMANDS)
+def test_bundle_is_a_hidden_alias_of_model(command: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    p = _subparser(command)
+    extra = ["--prompts", "p.txt"] if command == "profile" else []
+    args = p.parse_args(["--bundle", "/some/bundle", *extra])
+    assert args.model == "/some/bundle"
+    assert "deprecated" in capsys.readouterr().err
+    assert p.parse_args(["--model", "/x", *extra]).model == "/x"
+    assert "--bundle" not in p.format_help()
+
+
+@pytest.mark.parametrize("command", RUNTIME_COMMANDS)
+def test_runtime_flags_come_from_one_table(command: str) -> None:
+    from step3_edge.cli import runtime_overrides
+    from step3_edge.runtime.api import OVERRIDES
+
+    p = _subparser(command)
+    flags = {s for a in p._actions for s in a.option_strings}
+    assert {o.flag for o in RUNTIME_OPTIONS} <= flags
+    assert {o.key for o in RUNTIME_OPTIONS} <= set(OVERRIDES)
+    extra = ["--prompts", "p.txt"] if command == "profile" else []
+    args = p.parse_args(["--kv-tokens", "4096", "--resident", "0.25", "--miss", "copy",
+                         "--backend", "torch", "--afd", "--threads", "2", "--dtype",
+                         "float32", "--cache", "lru", *extra])
+    assert runtime_overrides(args) == {"kv_tokens": 4096, "resident": 0.25, "miss": "copy",
+                                       "backend": "torch", "afd": True, "threads": 2,
+                                       "dtype": "float32", "cache": "lru"}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--resident", "1.5", *extra])         # a fraction above 1
+
+
+def test_plan_defaults_devices_as_export(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--preset", "tiny", "--target", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"] == 1
+    assert main(["plan", "--preset", "full", "--target", "l20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"] == 8
+    assert main(["plan", "--preset", "tiny", "--target", "cpu", "--devices", "0"]) == 2
+
+
+def test_a_checkpoint_is_exported_once_and_a_bundle_used_as_it_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from step3_edge.cli import resolve_bundle
+    from step3_edge.defaults import default_model
+    from step3_edge.errors import BundleError
+
+    monkeypatch.setenv("STEP3_EDGE_CACHE", str(tmp_path / "cache"))
+    bundle, name = resolve_bundle(default_model(), progress=False)
+    assert (bundle / "manifest.json").is_file() and bundle.is_relative_to(tmp_path)
+    assert name == default_model().name
+    stamp = (bundle / "manifest.json").stat().st_mtime_ns
+    assert resolve_bundle(str(default_model()), progress=False)[0] == bundle
+    assert (bundle / "manifest.json").stat().st_mtime_ns == stamp      # not exported again
+    assert resolve_bundle(bundle, progress=False) == (bundle, None)
+    for bad in (tmp_path / "missing", tmp_path):
+        with pytest.raises(BundleError) as e:
+            resolve_bundle(bad, progress=False)
+        assert "--model" in str(e.value) and "config.json" in str(e.value)
+
+
+def test_chat_runs_on_the_default_model_without_a_flag(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("STEP3_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What colour is the circle?\n/quit\n"))
+    assert main(["chat", "--max-new-tokens", "4", "--dtype", "float32", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.strip()
