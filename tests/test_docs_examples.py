@@ -4,8 +4,9 @@ Fence tags:
 - ```python: run as a script in a fresh folder (in this process, where torch is loaded
   already; a block with an `if __name__ == "__main__":` guard runs as `python block.py` in a
   process of its own, since it may spawn processes that re-import it);
-- ```python server: the same, against a `step3-edge serve` of the embedded default model that
-  this module starts (the block's `127.0.0.1:8000` is replaced by that server's address);
+- ```python server / ```python app: the same, against a `step3-edge serve` / `step3-edge app`
+  of the embedded default model that this module starts (the block's `127.0.0.1:8000` /
+  `127.0.0.1:7860` is replaced by that server's address);
 - ```bash: run with `bash -e`;
 - ```console: each `$ ` line is a command (`step3-edge ...` runs `step3_edge.cli.main` in this
   process); the lines after it, up to the next `$ ` line, are output that must appear in its
@@ -112,39 +113,52 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def server(doc_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """`step3-edge serve` of the embedded default model on a free port of 127.0.0.1, started
-    first (it loads while the other blocks run); `address()` waits until it answers."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("doc-server") / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "step3_edge.cli", "serve", "--host",
-                                 "127.0.0.1", "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, env=doc_env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
+SERVERS = {"server": ("serve", "127.0.0.1:8000", "/livez"),
+           "app": ("app", "127.0.0.1:7860", "/")}
 
-    def address() -> str:
+
+@pytest.fixture(scope="module", autouse=True)
+def servers(doc_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """`step3-edge serve` and `step3-edge app` of the embedded default model on free ports of
+    127.0.0.1, started first (they load while the other blocks run). Yields a function that
+    waits until the one a block names answers and returns its host:port."""
+    procs: dict[str, tuple[subprocess.Popen, str, Path]] = {}
+    for kind, (command, _, ready) in SERVERS.items():
+        if not any(kind in b.info.split() for b in RUNNABLE):
+            continue
+        port = _free_port()
+        log = tmp_path_factory.mktemp(f"doc-{command}") / f"{command}.log"
+        with open(log, "wb") as out:
+            procs[kind] = (subprocess.Popen(
+                [sys.executable, "-m", "step3_edge.cli", command, "--host", "127.0.0.1",
+                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=doc_env,
+                cwd=REPO), f"127.0.0.1:{port}", log)
+
+    def address(kind: str) -> str:
+        proc, addr, log = procs[kind]
         t0 = time.monotonic()
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {proc.returncode}:\n"
+                raise RuntimeError(f"{kind} exited with {proc.returncode}:\n"
                                    + log.read_text(errors="replace")[-4000:])
             try:
-                with urllib.request.urlopen(url + "/livez", timeout=5) as r:
+                with urllib.request.urlopen(f"http://{addr}{SERVERS[kind][2]}",
+                                            timeout=5) as r:
                     if r.status == 200:
-                        return f"127.0.0.1:{port}"
+                        return addr
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() - t0 > 240:
-                raise RuntimeError("serve not ready:\n" + log.read_text(errors="replace"))
+                raise RuntimeError(f"{kind} not ready:\n" + log.read_text(errors="replace"))
             time.sleep(0.25)
 
     try:
         yield address
     finally:
-        if proc.poll() is None:
-            proc.terminate()
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _, _ in procs.values():
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -255,14 +269,14 @@ def _cli(block: Block, cmd: str, work: Path, env: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
-def test_doc_block_runs(block: Block, samples: Path, doc_env: dict[str, str], server,
+def test_doc_block_runs(block: Block, samples: Path, doc_env: dict[str, str], servers,
                         tmp_path: Path) -> None:
     work = _workdir(block, samples, tmp_path)
     env = {k: doc_env[k] for k in ("STEP3_EDGE_CACHE", "GRADIO_ANALYTICS_ENABLED")}
     if block.tag == "python":
         text = block.text
-        if "server" in block.info.split():
-            text = text.replace("127.0.0.1:8000", server())
+        for kind in set(block.info.split()) & set(SERVERS):
+            text = text.replace(SERVERS[kind][1], servers(kind))
         script = tmp_path / "block.py"      # outside the work folder: not on sys.path there
         script.write_text(text)
         if "__main__" in text:
