@@ -228,7 +228,9 @@ class Step3Config:
                        "num_attention_heads x head_dim x share_q_dim"),
                       (t.intermediate_size * t.hidden_size, "intermediate_size x hidden_size"),
                       (v.intermediate_size * v.hidden_size,
-                       "vision intermediate_size x hidden_size"))
+                       "vision intermediate_size x hidden_size"),
+                      (((v.image_size // v.patch_size) ** 2 + 1) * v.hidden_size,
+                       "vision position embeddings x hidden_size"))
         p.check(biggest[0] <= MAX_TENSOR_ELEMS, "text_config", biggest[1] + f" = {biggest[0]}",
                 f"at most {MAX_TENSOR_ELEMS} values in one tensor")
         rs = t.rope_scaling or {}

@@ -66,6 +66,10 @@ MAX_BLOCK = 1 << 16              # largest weight_block_size entry
 CROP_SIDE = 504                  # the processor's crop size (spec §5.3)
 _ZERO_OK = frozenset({"text_config.bos_token_id", "text_config.eos_token_id", "image_token_id"})
 _EPS = frozenset({"text_config.rms_norm_eps", "vision_config.layer_norm_eps"})
+# counts that size loops (layers, experts) or pixel buffers (the global view): far above
+# Step3's (61 and 63 layers, 48 experts, 728 px), far below what would hang or exhaust memory
+_MAX = {"text_config.num_hidden_layers": 4096, "vision_config.num_hidden_layers": 4096,
+        "text_config.moe_num_experts": 4096, "vision_config.image_size": 4096}
 _REMEDY = ("fix these fields of config.json (compare with stepfun-ai/step3's config.json), "
            "or re-create the checkpoint")
 
@@ -152,9 +156,9 @@ def _coerce(value: Any, default: Any, name: str, p: Problems) -> Any:
     elif isinstance(default, bool):
         ok, expected = isinstance(value, bool), "true or false"
     elif isinstance(default, int):
-        lo = 0 if name in _ZERO_OK else 1
-        ok = number and isinstance(value, int) and lo <= value <= MAX_DIM
-        expected = f"an integer in {lo}..{MAX_DIM}"
+        lo, hi = 0 if name in _ZERO_OK else 1, _MAX.get(name, MAX_DIM)
+        ok = number and isinstance(value, int) and lo <= value <= hi
+        expected = f"an integer in {lo}..{hi}"
     elif isinstance(default, float):
         ok = positive(value) and (name not in _EPS or value < 1)
         expected = "a finite number in (0, 1)" if name in _EPS else "a finite positive number"
