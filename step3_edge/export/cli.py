@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "bf16 keeps the weights unquantized -> fp32 ONNX graphs)")
     p.add_argument("--attn-scheme", help="weight scheme of the attention linears")
     p.add_argument("--kv-tokens", type=int, help="KV cache budget in tokens for the plan")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing bundle (only one export wrote: never the source, "
+                   "a folder of other files, a file or the current folder)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip checking each subgraph against the reference model")
     p.add_argument("--validate-all", action="store_true",

@@ -1,5 +1,6 @@
 """`step3-edge inspect BUNDLE`: a readable summary of a bundle, then every artifact's sha256
-checked against the manifest (exit status 2 on any mismatch)."""
+and the manifest's own content hash checked (exit status 2 on any mismatch). The manifest's
+schema, paths and artifact sizes are checked first in any case (docs/errors.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from step3_edge.manifest import Manifest, load_manifest
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the `inspect` options on `p`."""
     p.add_argument("bundle", help="bundle folder written by `step3-edge export`")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 checks (schema, paths and sizes are still checked)")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
 
 
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         _print(s)
     if not args.no_verify:
         checked = m.verify()                       # BundleError (exit 2) on any mismatch
-        print(f"verified {len(checked)} artifacts: sizes and sha256 match the manifest")
+        print(f"verified {len(checked)} artifacts: sizes and sha256 match the manifest, and "
+              "the manifest matches its content hash")
     return 0
 
 

@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the per-tensor error report as JSON")
     p.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20,
                    help="output shard size in MiB")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder (only a checkpoint quantize wrote: "
+                   "never the source, a folder of other files, a file or the current folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
