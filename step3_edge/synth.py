@@ -63,7 +63,7 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
     cfg = cfg.with_quantization(FP8_QUANT_CONFIG if fmt == "block-fp8" else None)
     fp8 = BlockFP8()
     specs = list(expected_weights(cfg).values())
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, synthetic_checkpoint_owned) as tmp:
         shard: dict[str, torch.Tensor] = {}   # only one shard is held in memory at a time
         n, size, total = 1, 0, 0
         weight_map: dict[str, int] = {}
@@ -97,6 +97,21 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
             {"bos_token_id": cfg.text_config.bos_token_id,
              "eos_token_id": cfg.text_config.eos_token_id}, indent=2) + "\n")
     return out
+
+
+_SYNTH_FILES = ("config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "model.safetensors.index.json")
+
+
+def synthetic_checkpoint_owned(folder: Path) -> str | None:
+    """None when `folder` holds only what `write_checkpoint` writes (no folders); else why
+    --force must not replace it."""
+    other = sorted(p.name for p in folder.iterdir()
+                   if p.is_dir() or p.is_symlink() or not (p.name in _SYNTH_FILES
+                                                           or p.suffix == ".safetensors"))
+    if not (folder / "config.json").is_file():
+        return "it is not a checkpoint (no config.json)"
+    return f"it holds files a synthetic checkpoint does not: {other[:5]}" if other else None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
