@@ -22,6 +22,7 @@ for the `cpu` target without ONNX subgraphs), unless the block writes one of the
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -115,6 +116,12 @@ def _free_port() -> int:
 
 SERVERS = {"server": ("serve", "127.0.0.1:8000", "/livez"),
            "app": ("app", "127.0.0.1:7860", "/")}
+# the extras a server block needs (the `app` and `dev` extras); without them its blocks skip
+NEEDS = {"server": ("fastapi", "uvicorn", "openai"), "app": ("gradio", "gradio_client")}
+
+
+def _missing(kind: str) -> list[str]:
+    return [m for m in NEEDS[kind] if importlib.util.find_spec(m) is None]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,7 +131,7 @@ def servers(doc_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     waits until the one a block names answers and returns its host:port."""
     procs: dict[str, tuple[subprocess.Popen, str, Path]] = {}
     for kind, (command, _, ready) in SERVERS.items():
-        if not any(kind in b.info.split() for b in RUNNABLE):
+        if not any(kind in b.info.split() for b in RUNNABLE) or _missing(kind):
             continue
         port = _free_port()
         log = tmp_path_factory.mktemp(f"doc-{command}") / f"{command}.log"
@@ -276,6 +283,8 @@ def test_doc_block_runs(block: Block, samples: Path, doc_env: dict[str, str], se
     if block.tag == "python":
         text = block.text
         for kind in set(block.info.split()) & set(SERVERS):
+            if _missing(kind):
+                pytest.skip(f"needs {', '.join(_missing(kind))} (pip install -e '.[app,dev]')")
             text = text.replace(SERVERS[kind][1], servers(kind))
         script = tmp_path / "block.py"      # outside the work folder: not on sys.path there
         script.write_text(text)
