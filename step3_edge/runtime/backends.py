@@ -107,43 +107,53 @@ class PackedBf16:
 
     def __init__(self, weights: list[torch.Tensor], use_native: bool, prepack: bool = True
                  ) -> None:
-        w = weights[0] if len(weights) == 1 else torch.cat(weights)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if prepack else None
-        self.weight = None if prepack else w.contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(
+            weights[0] if len(weights) == 1 else torch.cat(weights), 1) if prepack else None
+        self.weights = None if prepack else [t.contiguous() for t in weights]  # no copy made
         self.native = native.Weights([t.contiguous() for t in weights]) if use_native else None
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] -> [M, rows] bf16, or written into `out` ([M, rows], any float dtype)."""
         if x.dim() != 2 and out is None:
             return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
-        if self.native is not None and x.shape[0] <= native.MAX_ROWS and \
-                x.dtype == torch.bfloat16:
+        m = x.shape[0]
+        if self.native is not None and m <= native.MAX_ROWS and x.dtype == torch.bfloat16:
             return self.native.matmul(x, out)
-        if self.packed is None and x.shape[0] >= UPCAST_MIN_ROWS:
-            return _upcast_linear(x, self.weight, out)
-        if self.packed is None:
-            y = F.linear(x, self.weight)
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [],
+                                                   "")
             return y if out is None else out.copy_(y)
-        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
-        return y if out is None else out.copy_(y)
+        if out is None:
+            out = torch.empty(m, sum(w.shape[0] for w in self.weights), dtype=x.dtype)
+        if self.native is not None and m < UPCAST_MIN_ROWS and x.dtype == torch.bfloat16:
+            step = native.GEMV_MAX_ROWS                       # no faster GEMM: rows of 8
+            for r in range(0, m, step):
+                self.native.matmul(x[r:r + step], out[r:r + step])
+            return out
+        col = 0
+        for w in self.weights:                      # each part into its columns of out
+            if m >= UPCAST_MIN_ROWS:
+                _upcast_linear(x, w, out[:, col:col + w.shape[0]])
+            else:
+                out[:, col:col + w.shape[0]] = F.linear(x, w)
+            col += w.shape[0]
+        return out
 
 
 # float32 elements of one block of an upcast weight (`_upcast_linear`): 64 MB
 UPCAST_BLOCK = 1 << 24
-# Rows from which `_upcast_linear` beats torch's own bf16 GEMM on a CPU without fast bf16
-# math (below, converting the weight costs more than the arithmetic it speeds up)
-UPCAST_MIN_ROWS = 16
+# Rows from which `_upcast_linear` beats the native GEMV in calls of 8 rows and torch's own
+# bf16 GEMM on a CPU without fast bf16 math (below, converting the weight costs more than the
+# arithmetic it speeds up)
+UPCAST_MIN_ROWS = 64
 
 
-def _upcast_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T for bf16 w on a CPU without a fast bf16 GEMM: float32 products and
-    sums, rounded once to x's dtype, with w upcast `UPCAST_BLOCK` elements of rows at a time
-    (no float32 copy of the whole weight is made or kept)."""
+def _upcast_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ w [N, K]^T for bf16 w on a CPU without a fast bf16 GEMM: float32
+    products and sums, rounded once to x's dtype, with w upcast `UPCAST_BLOCK` elements of rows
+    at a time (no float32 copy of the whole weight is made or kept)."""
     n, k = w.shape
     xf = x.float()
-    if out is None:
-        out = torch.empty(x.shape[0], n, dtype=x.dtype)
     step = max(1, UPCAST_BLOCK // k)
     for r in range(0, n, step):
         y = xf @ w[r:r + step].float().T                                 # [M, step] float32
@@ -470,7 +480,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | None) -> tuple[
             raise ConfigError(f"compute dtype {dtype!r}",
                               "use 'auto', 'float32', 'bfloat16' or 'float16'")
         return getattr(torch, dtype.removeprefix("torch.")), "asked"
-    if torch.device(device or default_device()).type != "cpu":
+    if str(device or default_device()).partition(":")[0] != "cpu":    # checked where it is made
         return torch.bfloat16, "auto: bfloat16 on a GPU"
     if native.kernel() is not None:
         return torch.bfloat16, f"auto: bfloat16 with the native kernels ({native.kernel().isa})"

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config, Step3TextConfig
@@ -151,7 +152,9 @@ class AttentionWorker:
         self.cfg, self.backend = cfg, backend
         self.frontend = Frontend(cfg, reader, backend, vision)
         self.layers: list[Step3DecoderLayer] = []
-        for L in range(t.num_hidden_layers):
+        # progress on a terminal (a real model's weights take minutes to read)
+        for L in tqdm(range(t.num_hidden_layers), desc="load attention", unit="layer",
+                      disable=None, leave=False):
             with torch.device("meta"):
                 layer = Step3DecoderLayer(t, L)
             p = f"model.layers.{L}."

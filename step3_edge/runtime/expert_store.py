@@ -21,6 +21,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3TextConfig
@@ -87,9 +88,12 @@ class FusedSwiGLU(Step3MLP):
         down_native = getattr(getattr(down, "packed", None), "native", None)
         self.native = native.SwiGLU(gate.weight, up.weight, down.weight) \
             if self.packed.native is not None and down_native is not None else None
+        # without oneDNN's blocked GEMM the native MLP is the fastest path up to its 8 rows
+        self.native_rows = native.MAX_ROWS if self.packed.packed is not None else \
+            native.GEMV_MAX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                 # [n, h] -> [n, h]
-        if self.native is not None and x.dim() == 2 and x.shape[0] <= native.MAX_ROWS and \
+        if self.native is not None and x.dim() == 2 and x.shape[0] <= self.native_rows and \
                 x.dtype == torch.bfloat16:
             return self.native(x)
         gu = self.packed(x)                                              # [n, 2m]
@@ -159,7 +163,8 @@ class ExpertStore:
         self.ready: dict[Key, torch.cuda.Event] = {}
         self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         names = [f"moe.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-        for L in cfg.moe_layers:
+        for L in tqdm(cfg.moe_layers, desc="load experts", unit="layer", disable=None,
+                      leave=False):                # progress on a terminal
             for e in range(cfg.moe_num_experts):
                 key = (L, e)
                 if owned is not None and key not in owned:

@@ -62,6 +62,9 @@ ISAS = {
 # 1 row 5.1-5.4 / 10.5-12.3, 2 rows 7.2-8.7 / 11.8-12.9, 3 rows 8.1-8.9 / 9.2-9.7,
 # 4 rows 15.5 / 10.5-12.1, 16 rows 14.4-21.8 / 12.6-15.6.
 MAX_ROWS = 2
+# Rows of x the GEMV takes in one call: where no blocked bf16 GEMM exists (a CPU without fast
+# bf16 math), larger calls run it on 8 rows at a time (`backends.PackedBf16`)
+GEMV_MAX_ROWS = 8
 # Rows of x up to which a MoE layer's shared and routed experts run as one `swiglu` call
 # (`ExpertStore._native_sum`; decode batches): each (row, expert) pair is a GEMV, so an expert
 # two rows chose is read twice (the second time mostly from cache). Prefill chunks keep
@@ -215,7 +218,7 @@ class Weights:
         """x bf16 [M <= 8, K] -> bf16 [M, rows], or into `out` ([M, >= rows] float32
         or bf16, rows contiguous; float32 receives the bf16-rounded value)."""
         m = x.shape[0]
-        assert x.dtype == torch.bfloat16 and 0 < m <= 8
+        assert x.dtype == torch.bfloat16 and 0 < m <= GEMV_MAX_ROWS
         x = x.contiguous()
         if out is None:
             out = torch.empty(m, self.rows, dtype=torch.bfloat16)
