@@ -86,9 +86,11 @@ def openai_server(bundle: Path, app_env: dict[str, str],
 @pytest.fixture(scope="session")
 def keyed_server(bundle: Path, app_env: dict[str, str],
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """`step3-edge serve --api-key KEY` on a free port; ready once /livez (no key) answers."""
+    """`step3-edge serve --api-key KEY --kv-tokens 512` on a free port; ready once /livez
+    (no key) answers."""
     served = spawn(["serve", "--model", str(bundle), "--model-name", "step3-test",
-                    "--dtype", "float32", "--log-level", "warning", "--api-key", API_KEY],
+                    "--dtype", "float32", "--log-level", "warning", "--api-key", API_KEY,
+                    "--kv-tokens", "512", "--resident", "1.0", "--miss", "cpu"],
                    "/livez", tmp_path_factory.mktemp("logs") / "keyed.log", app_env)
     yield served
     stop(served.proc)

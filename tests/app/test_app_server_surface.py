@@ -246,3 +246,22 @@ def test_api_key_guards_every_route_but_liveness(keyed_server: Served) -> None:
     assert httpx.get(url + "/livez", timeout=10).status_code == 200       # no key needed
     metrics = parse_prometheus(httpx.get(url + "/metrics", headers=auth, timeout=60).text)
     assert _value(metrics, "step3_edge_http_requests_total", status="401") >= 4
+
+
+def test_runtime_flags_reach_the_runtime_and_its_errors_speak_http(keyed_server: Served) -> None:
+    """`serve --kv-tokens 512 --resident 1.0 --miss cpu`: the runtime runs with them, and a
+    request beyond that KV pool is a 400 in the request's and the server's words."""
+    import httpx
+    import openai
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    runtime = httpx.get(keyed_server.url + "/health", headers=auth, timeout=60).json()["runtime"]
+    assert runtime["scheduler"]["kv_capacity_tokens"] == 512
+    assert runtime["experts"]["miss"] == "cpu"
+    good = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key=API_KEY, max_retries=0,
+                         timeout=120)
+    with pytest.raises(openai.BadRequestError) as e:
+        good.chat.completions.create(model=MODEL, max_tokens=1000, messages=HI)
+    msg = e.value.body["message"]
+    assert "max_tokens" in msg and "--kv-tokens" in msg, msg
+    assert "max_new_tokens" not in msg and "kv_tokens" not in msg, msg
