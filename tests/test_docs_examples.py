@@ -327,3 +327,15 @@ def test_doc_links_resolve() -> None:
             elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
                 bad.append(f"{doc.relative_to(REPO)}: {target} (no such heading)")
     assert not bad, "\n".join(bad)
+
+
+def test_runtime_options_documented() -> None:
+    """docs/runtime.md names every `Step3Runtime.load` option and every runtime flag."""
+    from step3_edge.cli import RUNTIME_OPTIONS
+    from step3_edge.runtime.api import OVERRIDES
+
+    doc = (REPO / "docs" / "runtime.md").read_text()
+    load = doc[doc.index("## Load options"):doc.index("## Command-line options")]
+    flags = doc[doc.index("## Command-line options"):doc.index("## Placement planner")]
+    assert not [k for k in OVERRIDES if f"`{k}`" not in load]
+    assert not [o.flag for o in RUNTIME_OPTIONS if f"`{o.flag}" not in flags]
