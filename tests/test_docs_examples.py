@@ -245,15 +245,18 @@ def test_make_demo_is_the_documented_command() -> None:
 @contextlib.contextmanager
 def _in(work: Path, env: dict[str, str]):
     """cwd and environment of a block run in this process, restored afterwards."""
-    old_cwd, old_env = os.getcwd(), dict(os.environ)
+    old_cwd, old_env = os.getcwd(), {k: os.environ.get(k) for k in env}
     os.chdir(work)
     os.environ.update(env)
     try:
         yield
     finally:
         os.chdir(old_cwd)
-        os.environ.clear()
-        os.environ.update(old_env)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _cli(block: Block, cmd: str, work: Path, env: dict[str, str]) -> str:
