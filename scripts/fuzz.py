@@ -100,7 +100,7 @@ def mutate_json(obj: Any, r: random.Random, extra: list[Any] = ()) -> Any:
     """One random structural or value change of a JSON value (in place when possible)."""
     slots = _slots(obj, [])
     if not slots or r.random() < 0.03:
-        return r.choice(ODD_VALUES + list(extra))
+        return copy.deepcopy(r.choice(ODD_VALUES + list(extra)))
     parent, key = r.choice(slots)
     value = parent[key]
     op = r.randrange(6)
@@ -113,10 +113,10 @@ def mutate_json(obj: Any, r: random.Random, extra: list[Any] = ()) -> Any:
         parent[key] = r.choice([value + r.choice(["/..", "x", "\x00", "/", " "]), "",
                                 value[:len(value) // 2], "../" + value, "/" + value])
     elif op == 3 and isinstance(value, list) and value:
-        parent[key] = r.choice([value[:-1], value + [r.choice(value)], value[::-1],
-                                [r.choice(ODD_VALUES)] + value[1:]])
+        parent[key] = copy.deepcopy(r.choice([value[:-1], value + [r.choice(value)],
+                                              value[::-1], [r.choice(ODD_VALUES)] + value[1:]]))
     else:
-        parent[key] = r.choice(ODD_VALUES + list(extra))
+        parent[key] = copy.deepcopy(r.choice(ODD_VALUES + list(extra)))
     return obj
 
 

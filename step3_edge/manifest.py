@@ -16,7 +16,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from step3_edge.errors import BundleError
+from step3_edge.errors import BundleError, CheckpointError, ConfigError
 from step3_edge.fsutil import confined, read_json
 
 SCHEMA_VERSION = 1
@@ -157,6 +157,28 @@ def check_artifact_sizes(m: Manifest) -> None:
         _check_size(inside(m.bundle, a["path"]), a)
 
 
+def _check_files(m: Manifest, f: Path) -> None:
+    """config.json equals the manifest's config; the weight index is valid and names only
+    weight artifacts (small files, read here so no later reader meets them unchecked)."""
+    from step3_edge.checkpoint import validate_index
+    from step3_edge.config import Step3Config
+
+    try:
+        same = Step3Config.from_dict(m.data["config"], f"{f} (config)") == \
+            Step3Config.from_pretrained(m.path("config.json"))
+        index = m.path(m.data["weights"]["index"])
+        weight_map = validate_index(read_json(index, BundleError, _REEXPORT), index)
+    except (ConfigError, CheckpointError) as e:     # a bundle's own file: the bundle is bad
+        raise BundleError(e.problem, _REEXPORT) from e
+    if not same:
+        raise BundleError(f"{f}: its config differs from the bundle's config.json", _REEXPORT)
+    kinds = {a["path"]: a["kind"] for a in m.data["artifacts"]}
+    stray = sorted({v for v in weight_map.values() if kinds.get(v) != "weights"})
+    if stray:
+        raise BundleError(f"{index.name} names files that are not weight artifacts of the "
+                          f"manifest: {stray[:5]}", _REEXPORT)
+
+
 def looks_like_bundle(folder: str | Path) -> bool:
     """A folder with a bundle's layout (ONNX graphs, per-device weights, a bundle's staging
     name), whatever its manifest says: such a folder must never be read as a checkpoint."""
@@ -188,11 +210,7 @@ def load_manifest(bundle: str | Path, verify: bool = False) -> Manifest:
     validate_manifest(data, str(f))
     m = Manifest(bundle, data)
     check_artifact_sizes(m)
-    from step3_edge.config import Step3Config
-
-    if Step3Config.from_dict(data["config"], f"{f} (config)") != \
-            Step3Config.from_pretrained(m.path("config.json")):
-        raise BundleError(f"{f}: its config differs from the bundle's config.json", _REEXPORT)
+    _check_files(m, f)
     if verify:
         m.verify()
     return m

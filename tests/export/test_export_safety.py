@@ -65,16 +65,23 @@ def test_an_edited_manifest_loads_but_fails_verify_and_inspect(copy: Path, capsy
 
 
 def test_index_that_is_not_json_is_a_clean_error(copy: Path, rng) -> None:
-    from step3_edge.checkpoint import CheckpointReader
-    from step3_edge.errors import CheckpointError
-
     f = copy / "model.safetensors.index.json"
     size = f.stat().st_size
     junk = torch.randint(0, 256, (size,), generator=rng, dtype=torch.uint8)
     f.write_bytes(b"{" + bytes(junk.tolist())[1:])       # same size: only parsing tells
-    load_manifest(copy)
-    with pytest.raises(CheckpointError, match="not valid JSON"):
-        CheckpointReader(copy)
+    with pytest.raises(BundleError, match="model.safetensors.index.json is not valid JSON"):
+        load_manifest(copy)
+
+
+def test_index_naming_a_file_that_is_not_a_weight_artifact_is_refused(copy: Path) -> None:
+    f = copy / "model.safetensors.index.json"
+    index = json.loads(f.read_text())
+    index["weight_map"]["model.norm.weight"] = "tokenizer.json"
+    f.write_text(json.dumps(index))
+    _edit(copy, lambda d: [a.update(bytes=f.stat().st_size) for a in d["artifacts"]
+                           if a["path"] == f.name])
+    with pytest.raises(BundleError, match=r"not weight artifacts of the manifest: \['tokenizer"):
+        load_manifest(copy)
 
 
 @pytest.mark.parametrize("name", ["manifest.json", "tokenizer.json", "tokenizer_config.json"])
