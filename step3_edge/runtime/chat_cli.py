@@ -20,16 +20,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     p.add_argument("--image", action="append", default=[], metavar="IMG",
                    help="image file sent with the first question (repeatable; default: none)")
-    p.add_argument("--system", help="system message put before the conversation (default: none)")
-    p.add_argument("--max-new-tokens", type=int, default=256,
+    p.add_argument("--system", metavar="TEXT",
+                   help="system message put before the conversation (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="most tokens generated per answer")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=0,
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
                    help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=float, default=1.0,
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="sample within the smallest set of tokens of this probability mass")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=int, default=None, metavar="N",
                    help="seed of the sampler, for repeatable sampled answers (default: a "
                    "random seed)")
     p.add_argument("--timings", action="store_true",

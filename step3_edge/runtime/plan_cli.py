@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="plan a preset config (`full` is the real Step3)")
     src.add_argument("--model", metavar="PATH",
                      help="checkpoint or bundle folder: reads only its config.json")
-    p.add_argument("--target", default="l20", help=f"card profile: {', '.join(TARGETS)}")
-    p.add_argument("--devices", type=int, default=None,
+    p.add_argument("--target", default="l20", metavar="NAME",
+                   help=f"card profile: {', '.join(TARGETS)}")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="number of cards (default: 1 for cpu, else the target's cards per "
                    "server, as `export`)")
     p.add_argument("--cpu-mem", default=None, metavar="SIZE",
@@ -39,14 +40,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "given)")
     p.add_argument("--kv-dtype", choices=["fp8", "int8", "bf16"], default="fp8",
                    help="KV cache element type (fp8 as in the Step3 paper)")
-    p.add_argument("--scheme", help="weight scheme of the FFN linears (default: the target's)")
-    p.add_argument("--attn-scheme", help="weight scheme of the attention linears (default: "
+    p.add_argument("--scheme", metavar="SCHEME",
+                   help="weight scheme of the FFN linears (default: the target's)")
+    p.add_argument("--attn-scheme", metavar="SCHEME",
+                   help="weight scheme of the attention linears (default: "
                    "the same as --scheme)")
     p.add_argument("--attention-devices", type=int, metavar="N",
                    help="cards of the attention side (default: the planner's A/F split)")
     p.add_argument("--activation-reserve", default=None, metavar="SIZE",
                    help=f"per-device activation reserve (default: {ACTIVATION_RESERVE_GIB}GiB)")
-    p.add_argument("--headroom", type=float, default=HEADROOM,
+    p.add_argument("--headroom", type=float, default=HEADROOM, metavar="FRACTION",
                    help="fraction of each card kept free")
     p.add_argument("--expert-counts", metavar="JSON",
                    help="expert counts from `step3-edge profile`, to pick the hot experts "
