@@ -368,7 +368,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "key out of the process list)")
     g.add_argument("--model-name", metavar="NAME",
                    help="model id reported by /v1/models and expected in requests (default: "
-                   "the bundle's folder name, step3-edge-default for the embedded model)")
+                   "the --model folder's name; step3-edge-default for the embedded model)")
     g.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                    help="max_tokens of a request that gives none")
     g.add_argument("--max-body-mb", type=_positive_float, default=MAX_BODY_BYTES / 2**20,
