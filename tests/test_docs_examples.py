@@ -9,7 +9,7 @@ Fence tags:
   `127.0.0.1:7860` is replaced by that server's address);
 - ```bash: run with `bash -e`;
 - ```console: each `$ ` line is a command (`step3-edge ...` runs `step3_edge.cli.main` in this
-  process); the lines after it, up to the next `$ ` line, are output that must appear in its
+  process, anything else runs through bash); the lines after it, up to the next `$ ` line, are output that must appear in its
   stdout, in order (a `...` line skips any number of lines);
 - anything else (```text, ```json, no tag): shown, not run.
 
@@ -264,8 +264,8 @@ def _cli(block: Block, cmd: str, work: Path, env: dict[str, str]) -> str:
     from step3_edge.cli import main
 
     argv = shlex.split(cmd)
-    if argv[0] != "step3-edge":
-        return _run(argv, work, env, block)
+    if argv[0] != "step3-edge" or set(argv) & {"<", ">", ">>", "|", "&&", ";"}:   # bash
+        return _run(cmd, work, {**os.environ, **env}, block, shell=True)
     out, err = io.StringIO(), io.StringIO()
     with _in(work, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
