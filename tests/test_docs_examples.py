@@ -9,8 +9,9 @@ Fence tags:
   `127.0.0.1:7860` is replaced by that server's address);
 - ```bash: run with `bash -e`;
 - ```console: each `$ ` line is a command (`step3-edge ...` runs `step3_edge.cli.main` in this
-  process, anything else runs through bash); the lines after it, up to the next `$ ` line, are output that must appear in its
-  stdout, in order (a `...` line skips any number of lines);
+  process; anything else, or a line with a redirection or pipe, runs through bash); the lines
+  after it, up to the next `$ ` line, are output that must appear in its stdout, in order (a
+  `...` line skips any number of lines);
 - anything else (```text, ```json, no tag): shown, not run.
 
 Each block runs in its own folder holding `ckpt/` (a synthetic `tiny` checkpoint, as
