@@ -112,15 +112,14 @@ class ServerMetrics:
             key = (route, method, status)
             self.requests[key] = self.requests.get(key, 0) + 1
 
-    def started_completion(self) -> None:
+    def in_flight(self, delta: int) -> None:
+        """A chat-completion request started (+1) or its response ended (-1)."""
         with self._lock:
-            self.in_progress += 1
+            self.in_progress += delta
 
     def finished_completion(self, stats: Any | None) -> None:
-        """One chat completion ended; `stats` is its `app.engine.AnswerStats` (None: it
-        failed before its answer started)."""
+        """One chat completion's answer ended; `stats` is its `app.engine.AnswerStats`."""
         with self._lock:
-            self.in_progress -= 1
             if stats is None:
                 return
             self.prompt_tokens += stats.prompt_tokens

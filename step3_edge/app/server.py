@@ -144,10 +144,15 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
-        try:
+        chat = route == "/v1/chat/completions" and method == "POST"
+        if chat:
+            self.metrics.in_flight(+1)
+        try:      # returns once the response is sent, or the client has gone
             await self.app(scope, receive, counted)
         finally:
             self.metrics.count_request(route, method, status[0])
+            if chat:
+                self.metrics.in_flight(-1)
 
 
 def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens: int = 256,
@@ -239,7 +244,6 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
                                  max_tokens_limit=engine.max_tokens_limit)
         key = req.max_tokens_key
         cid, now = new_completion_id(), int(time.time())
-        metrics.started_completion()
         answer = None
         try:   # images are decoded and the prompt checked here: errors are still a 4xx
             answer = await run_in_threadpool(
@@ -251,7 +255,6 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
         except BaseException as e:
             if answer is not None:
                 answer.close()
-            metrics.finished_completion(None)
             if isinstance(e, Step3EdgeError):
                 raise _api_error_of(e, key, _image_parts(req.messages)) from e
             raise

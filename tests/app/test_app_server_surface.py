@@ -217,6 +217,7 @@ def test_metrics_count_requests_tokens_latency_and_experts(openai_server: Served
     assert {lab["kind"] for lab, _ in after[p + "bytes_moved_total"]} == {
         "expert_weights", "activations"}
     assert after[p + "info"][0][0]["model"] == MODEL
+    assert _value(after, p + "requests_in_progress") == 0
 
 
 def test_liveness_is_cheap_and_apart_from_health(openai_server: Served) -> None:
