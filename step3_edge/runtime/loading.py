@@ -82,9 +82,10 @@ GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
 
 def choose_backend(o: dict[str, Any], manifest: Manifest) -> str:
     """`backend` as asked, or for "auto" (the default): ONNX Runtime when the bundle has ONNX
-    subgraphs, no GPU is used and the compute is float32 (asked, or `resolve_dtype`'s choice) (the CPU graphs compute in
-    float32, where ORT's fused graphs beat torch ~2x); torch otherwise (bf16 compute reads
-    the stored bf16 weights, half the bytes, and is as fast or faster: README.md, runtime)."""
+    subgraphs, no GPU is used and the compute is float32 (asked, or `resolve_dtype`'s choice:
+    the CPU graphs compute in float32, where ORT's fused graphs beat torch ~2x); torch
+    otherwise (bf16 compute reads the stored bf16 weights, half the bytes, and is as fast or
+    faster: docs/runtime.md)."""
     name = o.get("backend") or "auto"
     if name != "auto":
         return name

@@ -134,8 +134,9 @@ def _build(cc: str, name: str) -> Path:
 
 
 # attribute -> C symbol; each returns void and is typed from its prototype in s3e.h
-_SYMBOLS = {"gemv": "s3e_gemv_bf16", "gemv_q8": "s3e_gemv_q8", "rmsnorm": "s3e_rmsnorm_bf16", "decode_mfa": "s3e_decode_mfa",
-            "fp8_gather": "s3e_fp8_gather", "argmax": "s3e_argmax_f32",
+_SYMBOLS = {"gemv": "s3e_gemv_bf16", "gemv_q8": "s3e_gemv_q8", "rmsnorm": "s3e_rmsnorm_bf16",
+            "decode_mfa": "s3e_decode_mfa", "fp8_gather": "s3e_fp8_gather",
+            "argmax": "s3e_argmax_f32",
             "swiglu": "s3e_swiglu_bf16", "attention_block": "s3e_attention_block"}
 _C_TYPES = {"int64_t": _I, "int": ctypes.c_int, "float": _F}
 
