@@ -166,6 +166,7 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
@@ -271,7 +272,10 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
             return completion_body(cid, served, text, s.finish_reason, s.prompt_tokens,
                                    s.completion_tokens, now)
 
+        started = []
+
         async def events() -> AsyncIterator[str]:
+            started.append(True)
             try:
                 yield _sse(chunk_body(cid, served, now, {"role": "assistant", "content": ""}))
                 piece = first
@@ -296,8 +300,15 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
                 metrics.finished_completion(answer.stats)
             yield "data: [DONE]\n\n"
 
+        def never_streamed() -> None:
+            # runs after the response, also when the client left before the stream began
+            if not started:
+                answer.close()
+                metrics.finished_completion(answer.stats)
+
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(never_streamed))
 
     return app
 
