@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from step3_edge.errors import ImageError, PromptError, Step3EdgeError
+
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
 SEED_RANGE = (-2**63, 2**64 - 1)        # what torch.Generator.manual_seed takes
@@ -293,6 +295,47 @@ def parse_chat_request(body: Any, served_model: str, *, default_max_tokens: int 
         max_tokens_key=("max_completion_tokens" if body.get("max_completion_tokens") is not None
                         else "max_tokens"),
     )
+
+
+# ------------------------------------------------------------------ runtime errors -> HTTP
+def http_message(e: Step3EdgeError, max_tokens_key: str = "max_tokens") -> str:
+    """A runtime error's text in the words of an HTTP client: the request's field names, no
+    Python object reprs or exception class names, the server's options as its operator
+    passes them."""
+    from step3_edge.app.extras import plain_text
+
+    text = plain_text(e.problem + (f" ({e.remedy})" if e.remedy else ""))
+    text = text.replace("max_new_tokens", max_tokens_key)
+    text = text.replace("re-encode the image with base64.b64encode",
+                        "encode the image's bytes in standard base64")
+    text = text.replace("load with a larger kv_tokens / a plan with more KV",
+                        "ask the server's operator for a larger --kv-tokens")
+    return text.replace("kv_tokens", "--kv-tokens")
+
+
+def image_parts(messages: list[dict[str, Any]]) -> list[str]:
+    """Where the request's image parts are, e.g. ["messages[0].content[1]"]."""
+    return [f"messages[{i}].content[{j}]" for i, m in enumerate(messages)
+            if isinstance(m["content"], list)
+            for j, p in enumerate(m["content"]) if p.get("type") == "image_url"]
+
+
+def api_error_of(e: Step3EdgeError, max_tokens_key: str = "max_tokens",
+                  images: list[str] | None = None) -> ApiError:
+    """A runtime error -> 400 when the request caused it, 500 when the server did."""
+    message = http_message(e, max_tokens_key)
+    if isinstance(e, ImageError):
+        where = images[0] if images and len(images) == 1 else "messages"
+        return ApiError(400, f"{where}: {message}" if where != "messages" else message,
+                        param=where, code="invalid_image")
+    if isinstance(e, PromptError):
+        code = ("context_length_exceeded" if "context" in e.problem.lower()
+                or "KV capacity" in e.problem else None)
+        return ApiError(400, message, param="messages", code=code)
+    import logging
+
+    logging.getLogger("step3_edge.app.server").error("runtime error: %s", e)
+    return ApiError(500, "the server failed to answer; see its log", type_="server_error")
 
 
 def new_completion_id() -> str:

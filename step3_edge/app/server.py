@@ -20,25 +20,16 @@ import hmac
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from step3_edge.app.engine import add_server_arguments
-from step3_edge.app.openai_protocol import (
-    ApiError,
-    chunk_body,
-    completion_body,
-    error_body,
-    model_body,
-    models_body,
-    new_completion_id,
-    parse_chat_request,
-    usage,
-)
-from step3_edge.errors import ImageError, PromptError, Step3EdgeError
+from step3_edge.app.openai_protocol import (ApiError, api_error_of, chunk_body, completion_body,
+                                            error_body, image_parts, model_body, models_body,
+                                            new_completion_id, parse_chat_request, usage)
+from step3_edge.errors import Step3EdgeError
 
 log = logging.getLogger("step3_edge.app.server")
 MAX_BODY_BYTES = 32 * 2**20
@@ -47,44 +38,6 @@ API_KEY_ENV = "STEP3_EDGE_API_KEY"
 OPEN_PATHS = ("/livez",)
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/livez")
 _END = object()
-def http_message(e: Step3EdgeError, max_tokens_key: str = "max_tokens") -> str:
-    """A runtime error's text in the words of an HTTP client: the request's field names, no
-    Python object reprs or exception class names, the server's options as its operator
-    passes them."""
-    from step3_edge.app.extras import plain_text
-
-    text = plain_text(e.problem + (f" ({e.remedy})" if e.remedy else ""))
-    text = text.replace("max_new_tokens", max_tokens_key)
-    text = text.replace("re-encode the image with base64.b64encode",
-                        "encode the image's bytes in standard base64")
-    text = re.sub(r"load with a larger kv_tokens / a plan with more KV",
-                  "ask the server's operator for a larger --kv-tokens", text)
-    return text.replace("kv_tokens", "--kv-tokens")
-
-
-def _image_parts(messages: list[dict[str, Any]]) -> list[str]:
-    """Where the request's image parts are, e.g. ["messages[0].content[1]"]."""
-    return [f"messages[{i}].content[{j}]" for i, m in enumerate(messages)
-            if isinstance(m["content"], list)
-            for j, p in enumerate(m["content"]) if p.get("type") == "image_url"]
-
-
-def _api_error_of(e: Step3EdgeError, max_tokens_key: str = "max_tokens",
-                  images: list[str] | None = None) -> ApiError:
-    """A runtime error -> 400 when the request caused it, 500 when the server did."""
-    message = http_message(e, max_tokens_key)
-    if isinstance(e, ImageError):
-        where = images[0] if images and len(images) == 1 else "messages"
-        return ApiError(400, f"{where}: {message}" if where != "messages" else message,
-                        param=where, code="invalid_image")
-    if isinstance(e, PromptError):
-        code = ("context_length_exceeded" if "context" in e.problem.lower()
-                or "KV capacity" in e.problem else None)
-        return ApiError(400, message, param="messages", code=code)
-    log.error("runtime error: %s", e)
-    return ApiError(500, "the server failed to answer; see its log", type_="server_error")
-
-
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -257,13 +210,13 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
             if answer is not None:
                 answer.close()
             if isinstance(e, Step3EdgeError):
-                raise _api_error_of(e, key, _image_parts(req.messages)) from e
+                raise api_error_of(e, key, image_parts(req.messages)) from e
             raise
         if not req.stream:
             try:
                 rest = await run_in_threadpool(lambda: "".join(it))
             except Step3EdgeError as e:
-                raise _api_error_of(e, key) from e
+                raise api_error_of(e, key) from e
             finally:
                 answer.close()
                 metrics.finished_completion(answer.stats)
@@ -290,7 +243,7 @@ def create_app(engine: Any, *, model_name: str | None = None, default_max_tokens
                                           usage(s.prompt_tokens, s.completion_tokens),
                                           with_choice=False))
             except Step3EdgeError as e:
-                yield _sse(_api_error_of(e, key).body())
+                yield _sse(api_error_of(e, key).body())
             except Exception:  # noqa: BLE001 - headers are sent: report in the stream
                 log.exception("stream failed")
                 yield _sse(error_body("internal server error; see the server log",
