@@ -9,6 +9,7 @@ import json
 import math
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -298,9 +299,12 @@ class Fuzzer:
         op = r.randrange(3)
         if op == 0:
             raw = corrupt_bytes(raw, r)
-        elif op == 1 and raw.startswith(b"\x89PNG"):      # IHDR size edited (CRC kept)
-            raw = raw[:16] + r.randint(1, 2**31).to_bytes(4, "big") + \
-                r.randint(1, 2**16).to_bytes(4, "big") + raw[24:]
+        elif op == 1 and raw.startswith(b"\x89PNG"):      # IHDR size edited, CRC fixed
+            dims = [r.choice([1, r.randint(1, 64), r.randint(1, 10**5), r.randint(1, 2**31 - 1)])
+                    for _ in range(2)]
+            ihdr = b"IHDR" + b"".join(d.to_bytes(4, "big") for d in dims) + raw[24:29]
+            crc = zlib.crc32(ihdr).to_bytes(4, "big") if r.random() < 0.9 else raw[29:33]
+            raw = raw[:12] + ihdr + crc + raw[33:]
 
         def run() -> None:
             proc = self.processor()
