@@ -64,7 +64,7 @@ def bundle(app_env: dict[str, str], test_model: Path | None) -> Path:
 @pytest.fixture(scope="session")
 def gradio_app(bundle: Path, test_model: Path | None, app_env: dict[str, str],
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """`step3-edge app` on a free port; with the default model it gets no --bundle and finds
+    """`step3-edge app` on a free port; with the default model it gets no --model and finds
     the bundle in the (now warm) cache."""
     args = ["app", "--concurrency", "2"] + ([] if test_model is None else ["--model", str(bundle)])
     served = spawn(args, "/", tmp_path_factory.mktemp("logs") / "app.log", app_env)

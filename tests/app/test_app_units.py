@@ -93,7 +93,7 @@ def test_cli_help_lists_app_and_serve_without_importing_gradio() -> None:
                                               ("serve", "uvicorn")])
 def test_a_missing_package_names_the_app_extra(command: str, blocked: str) -> None:
     code = (f"import sys; sys.modules[{blocked!r}] = None; from step3_edge.cli import main; "
-            f"sys.exit(main([{command!r}, '--bundle', '/nonexistent']))")
+            f"sys.exit(main([{command!r}, '--model', '/nonexistent']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert f"'{blocked}'" in out.stderr and "step3-edge[app]" in out.stderr
