@@ -161,8 +161,9 @@ class RuntimeOption:
 RUNTIME_OPTIONS: tuple[RuntimeOption, ...] = (
     RuntimeOption("--device", "device", "torch device of the runtime: cpu, cuda, cuda:1 "
                   "(default: CUDA when present, else cpu)", metavar="DEVICE"),
-    RuntimeOption("--dtype", "dtype", "compute dtype (default: bfloat16)",
-                  choices=("bfloat16", "float32", "float16")),
+    RuntimeOption("--dtype", "dtype", "compute dtype; auto: bfloat16 on a GPU and on a CPU "
+                  "where bf16 decode is fast, else float32 (default: auto)",
+                  choices=("auto", "bfloat16", "float32", "float16")),
     RuntimeOption("--backend", "backend", "engine backend: torch, onnxruntime (the bundle's "
                   "ONNX subgraphs), tensorrt (its TensorRT engines, CUDA), auto (default: "
                   "onnxruntime for float32 on a CPU when the bundle has ONNX subgraphs, "
