@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     t0 = time.perf_counter()
     runtime = None
-    if not (folder / MANIFEST).exists() and looks_like_bundle(folder):
+    bundle = (folder / MANIFEST).exists() or (folder / MANIFEST).is_symlink()
+    if not bundle and looks_like_bundle(folder):
         raise BundleError(f"{folder} has a bundle's layout (onnx/, experts/ or device-*/ "
                           f"folders) but no {MANIFEST}", "re-export the bundle; a bundle is "
                           "never read as a plain checkpoint")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     context = Step3Config.from_pretrained(folder).text_config.max_context
     check_max_new_tokens(args.max_new_tokens, 0, context)      # before any weight is read
-    if (folder / MANIFEST).exists():                # an exported bundle: the deployment runtime
+    if bundle:                                      # an exported bundle: the deployment runtime
         from step3_edge.runtime.api import Step3Runtime
 
         runtime = Step3Runtime.load(folder, dtype=args.dtype)

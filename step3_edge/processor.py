@@ -371,7 +371,8 @@ class Step3Processor:
         In a bundle (a folder with manifest.json) only the files its manifest names are read,
         and each must have the manifest's size."""
         cfg = cfg if cfg is not None else Step3Config.from_pretrained(folder)
-        if (Path(folder) / "manifest.json").exists():
+        marker = Path(folder) / "manifest.json"
+        if marker.exists() or marker.is_symlink():
             from step3_edge.manifest import load_manifest
 
             m = load_manifest(folder)
