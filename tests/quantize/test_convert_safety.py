@@ -94,3 +94,23 @@ def test_tokenizer_linked_outside_is_refused_before_any_weight(tiny_bf16, tmp_pa
     monkeypatch.setattr(C._Converter, "weight", lambda *a: pytest.fail("a weight was read"))
     with pytest.raises(Step3EdgeError, match="tokenizer.json.*outside its folder"):
         convert_checkpoint(src, tmp_path / "q", "cpu", progress=False)
+
+
+def test_a_hub_cache_snapshot_quantizes(tiny_fp8: Path, tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from step3_edge.checkpoint import CheckpointReader
+
+    repo = tmp_path / "hub" / "models--stepfun-ai--step3-fp8"
+    snap = repo / "snapshots" / os.urandom(20).hex()     # files link to ../../blobs/<sha>
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in tiny_fp8.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / digest)
+        (snap / f.name).symlink_to(f"../../blobs/{digest}")
+    out = convert_checkpoint(snap, tmp_path / "q", "cpu", progress=False).out
+    tok = out / "tokenizer.json"
+    assert not tok.is_symlink() and tok.read_bytes() == (tiny_fp8 / "tokenizer.json").read_bytes()
+    CheckpointReader(out).check()
