@@ -251,6 +251,33 @@ class NativeQuant(Linear):
         return out
 
 
+class FusedQuant:
+    """`NativeQuant` weights of one scheme [rows_i, K] used as one [sum(rows_i), K] matrix (a
+    fused q|k|v), as stored: decode rows through one quantized GEMV call over the parts,
+    larger calls each part's GEMM into its columns. `native` is None: the attention block
+    (`native.AttentionLayer`) takes bf16 weights only."""
+
+    native = None
+
+    def __init__(self, lins: list[NativeQuant]) -> None:
+        assert len({(lin.scheme.name, lin.shape[1]) for lin in lins}) == 1
+        self.lins, self.rows = lins, sum(lin.shape[0] for lin in lins)
+        self.quant = native.QuantWeights([(lin.q, lin.scale) for lin in lins],
+                                         lins[0].native.group, lins[0].row_block)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] -> [M, rows] in x's dtype, or written into `out` ([M, rows])."""
+        if out is None:
+            out = torch.empty(x.shape[0], self.rows, dtype=x.dtype)
+        if x.shape[0] <= native.Q8_MAX_ROWS:
+            return self.quant.matmul(x, out)
+        col = 0
+        for lin in self.lins:
+            lin.matmul_into(x, out[:, col:col + lin.shape[0]])
+            col += lin.shape[0]
+        return out
+
+
 class Int8WeightOnly(Linear):
     """int8 [out, in] x per-row scale through `torch._weight_int8pack_mm`."""
 

@@ -28,7 +28,7 @@ from step3_edge.errors import PromptError
 from step3_edge.model import (RMSNorm, Step3DecoderLayer, Step3ForConditionalGeneration,
                               apply_rope, mfa_attention)
 from step3_edge.runtime import native
-from step3_edge.runtime.backends import PackedBf16, TorchBackend
+from step3_edge.runtime.backends import FusedQuant, NativeQuant, PackedBf16, TorchBackend
 from step3_edge.runtime.expert_cache import Key
 from step3_edge.runtime.expert_store import ExpertStore, make_mlp, read_linear
 from step3_edge.runtime.kv import Group, GroupCache, KVPool, SeqKV, StepBatch, plan_step
@@ -104,10 +104,14 @@ class Frontend(nn.Module):
         return self._encode(images)
 
 
-def _fuse_qkv(attn: nn.Module) -> PackedBf16 | None:
-    """q_proj, k_proj and v_proj as one prepacked bf16 matrix [share_q + 2d, h] (when all three
-    are prepacked; bit-identical to three GEMMs), else None."""
+def _fuse_qkv(attn: nn.Module) -> PackedBf16 | FusedQuant | None:
+    """q_proj, k_proj and v_proj as one matrix [share_q + 2d, h]: one prepacked bf16 one (when
+    all three are prepacked; bit-identical to three GEMMs), their stored int8 / fp8 bytes
+    (`FusedQuant`, when all three are `NativeQuant` of one scheme), else None."""
     lins = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if all(isinstance(lin, NativeQuant) for lin in lins) and \
+            len({lin.scheme.name for lin in lins}) == 1:
+        return FusedQuant(list(lins))
     if any(getattr(lin, "packed", None) is None for lin in lins):
         return None
     for lin in lins:
@@ -115,7 +119,7 @@ def _fuse_qkv(attn: nn.Module) -> PackedBf16 | None:
     return lins[0].backend.pack_bf16([lin.weight for lin in lins])
 
 
-def _attention_side(layer: Step3DecoderLayer, qkv: PackedBf16, h: torch.Tensor,
+def _attention_side(layer: Step3DecoderLayer, qkv: PackedBf16 | FusedQuant, h: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                     cache: GroupCache) -> tuple[torch.Tensor, torch.Tensor]:
     """`Step3DecoderLayer.attention_side` with q/k/v projected by one GEMM: the reference's

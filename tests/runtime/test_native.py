@@ -454,7 +454,7 @@ def test_runtime_logits_with_native_kernels_match_onednn(bundle: Path, monkeypat
 def test_quantized_bundle_reads_its_weights_as_stored(tmp_path: Path, scheme: str) -> None:
     """An l20-style fp8 / a6000-style int8 bundle under bf16 compute: with the native kernels
     every quantized linear keeps the stored bytes (no dequantized copy) and serves decode
-    rows through the quantized GEMV. Logits of a prompt (GEMM on dequantized row blocks) and
+    rows through the quantized GEMV (q|k|v in one call over their parts). Logits of a prompt (GEMM on dequantized row blocks) and
     of 4 decode steps, with the kernels and without (the weights dequantized to bf16 at load),
     match the float32 reference on the bundle's own weights: RMS within 2% of the logits'
     range and max within 10% (bf16 compute rounded through 4 layers: max 1.2-2.0% on both
@@ -481,6 +481,7 @@ def test_quantized_bundle_reads_its_weights_as_stored(tmp_path: Path, scheme: st
             eng = rt.engine
             q = eng.attn.layers[1].self_attn.q_proj
             assert isinstance(q, backends.NativeQuant) == on
+            assert isinstance(eng.attn.qkv[1], backends.FusedQuant) == on       # q|k|v
             if on:
                 assert q.q.data_ptr() == q.parts[""].data_ptr()             # as stored
                 assert any("native int8/fp8 GEMV" in k
