@@ -8,8 +8,8 @@ each (gloo on CPU, NCCL when every rank has its own GPU; two groups, so that wit
 FFN outputs never queue behind FFN inputs on one communicator's stream); *ctrl* (always gloo,
 CPU tensors) carries the step headers and the JSON messages (handshake, statistics,
 shutdown). Messages between a pair of ranks in one group are matched in the order they were
-posted, which both sides follow (README.md, "Protocol" under the runtime's AFD section, has
-the full sequence).
+posted, which both sides follow (docs/runtime.md, "Protocol" under "AFD across
+processes", has the full sequence).
 
 Per layer L and micro-batch m, from every attention rank a with n_am > 0 rows in it, to every
 FFN rank that serves layer L:

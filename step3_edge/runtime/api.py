@@ -29,7 +29,7 @@ OVERRIDES: dict[str, str] = {
     "backend": "'torch', 'onnxruntime' (the bundle's ONNX subgraphs; CPU provider, or CUDA "
                "with onnxruntime-gpu), 'tensorrt' (the bundle's TensorRT engines on a CUDA "
                "GPU) or 'auto' (default: onnxruntime for float32 compute on "
-               "a CPU when the bundle has ONNX subgraphs, else torch; README.md, runtime)",
+               "a CPU when the bundle has ONNX subgraphs, else torch; docs/runtime.md, Backends)",
     "resident": "routed experts on the device: a fraction in [0, 1] or a count "
                 "(default: the plan's hot set)",
     "cache": "device expert cache policy: 'static', 'lru' or 'lfu' (default)",

@@ -1,5 +1,6 @@
 """The runtime's model: an attention side and an FFN side that exchange, per layer,
-(hidden [N, h], top-k ids [N, k], top-k weights [N, k]) and nothing else (AFD, spec §7).
+(hidden [N, h], top-k ids [N, k], top-k weights [N, k]) and nothing else (AFD, as in the
+Step3 paper).
 
 `AttentionWorker` holds the embeddings, the vision tower, every layer's norms, MFA attention and
 router, the final norm, lm_head and the paged KV pool; `FFNWorker` holds the dense MLPs, shared

@@ -141,7 +141,7 @@ class ExpertStore:
         """`owned`: the experts this store serves (an FFN rank's shard; default: all).
         `stacked`: stack the layers' experts for decode-sized batches where that is exact
         and nothing can miss (`StackedExperts`); None: unless the backend's native GEMV runs
-        the experts (per expert it beats the stack: README, "Decode speed")."""
+        the experts (per expert it beats the stack: docs/runtime.md, "Decode speed")."""
         if miss not in MISS_POLICIES:
             raise ConfigError(f"unknown miss policy {miss!r}",
                               f"choose one of: {', '.join(MISS_POLICIES)}")

@@ -72,7 +72,7 @@ GEMV_MAX_ROWS = 8
 EXPERT_MAX_ROWS = 16
 # Sequences per `AttentionLayer` call (the kernel's limit; larger decode groups take several).
 # A layer's attention weights are small (mini: 1.2 MB), so up to 8 rows the block is bound by
-# per-call costs, not by its VDPBF16PS count: on session 13's 2-vCPU AMD EPYC, batch-16 decode
+# per-call costs, not by its VDPBF16PS count: on a 2-vCPU AMD EPYC (AVX512-BF16), batch-16 decode
 # went from 490 to 670 tok/s on 2 threads (two calls of 8 per layer instead of oneDNN and ~25
 # torch ops), and AFD's attention side with 3 micro-batches from ~17.5 to ~7.5 ms per step.
 BLOCK_MAX_ROWS = 8
@@ -338,7 +338,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # `decode_mfa` (keys x head_dim x heads) and `fp8_gather` (values out) split their work over
 # the OpenMP team from this size. A decode step's attention, 8 heads of 64, fp8 KV, on
-# session 12's 2-vCPU AMD EPYC: S = 64 / 512 / 4,096 took 32 / 60 / 276 us on one thread,
+# a 2-vCPU AMD EPYC (AVX512-BF16): S = 64 / 512 / 4,096 took 32 / 60 / 276 us on one thread,
 # 41 / 71 / 206 on two (torch's ops: 316 / 478 / 1,665; bench_native_kernels.py).
 TEAM_MIN_ELEMENTS = 1 << 16
 # KV pool dtypes `decode_mfa` reads and writes -> the kernel's code for each

@@ -1,16 +1,17 @@
 """Placement planner: which device runs what, which experts are hot, how much KV cache fits.
 
 A pure function of config, target, device count and budgets; it never reads a weight, so
-`step3-edge plan --preset full` plans the real 321B model on a laptop (design.md).
+`step3-edge plan --preset full` plans the real 321B model on a laptop.
 
-Roles (AFD, spec §6 "Deployment layout"): attention devices run data-parallel attention, each
-with its own sequences, so each holds every layer's attention weights, norms and routers, the
-KV cache of its sequences (one KV head: tensor parallelism would only replicate the cache) and
-a replica of embed_tokens + lm_head + final norm (used every decode step by every DP instance;
-one shared copy would put all logits behind one device). The vision tower (prefill only) lives
-on the first attention device. FFN devices hold the dense MLPs and the shared experts (whole
-units, balanced by bytes) and fill the rest of their memory with hot routed experts (expert
-parallel); cold experts stay in CPU memory. One device runs everything.
+Roles (AFD, the Step3 paper's deployment layout): attention devices run data-parallel
+attention, each with its own sequences, so each holds every layer's attention weights, norms
+and routers, the KV cache of its sequences (one KV head: tensor parallelism would only
+replicate the cache) and a replica of embed_tokens + lm_head + final norm (used every decode
+step by every DP instance; one shared copy would put all logits behind one device). The
+vision tower (prefill only) lives on the first attention device. FFN devices hold the dense
+MLPs and the shared experts (whole units, balanced by bytes) and fill the rest of their memory
+with hot routed experts (expert parallel); cold experts stay in CPU memory.
+One device runs everything.
 
 A/F split rule: the fewest attention devices whose KV room holds the KV budget asked for
 (without a budget: one, giving every other device to experts; KV then takes all the room left
@@ -214,7 +215,7 @@ class _Sizes:
 def weight_bytes_by_role(cfg: Step3Config, scheme: str, attn_scheme: str | None = None,
                          vision: bool = True) -> dict[str, int]:
     """Stored bytes per layout role: linears under `scheme` (attention under `attn_scheme`),
-    routers, norms, embeddings and vision in bf16 (spec §4.2)."""
+    routers, norms, embeddings and vision in bf16 (as the step3-fp8 checkpoint keeps them)."""
     lin, att, bf = get_scheme(scheme), get_scheme(attn_scheme or scheme), get_scheme("bf16")
     out: dict[str, int] = {}
     for w in expected_weights(cfg, vision=vision).values():

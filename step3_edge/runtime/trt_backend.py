@@ -13,7 +13,7 @@ to the GPU in the engine's I/O types, outputs come back as float32 / int64 host 
 boundary of the ONNX backend: the paged KV pool stays in host memory).
 
 Written against TensorRT 10's Python API (`execute_async_v3`, named I/O tensors); tested here
-without TensorRT only up to its refusals and the profile choice (README, "TensorRT backend").
+without TensorRT only up to its refusals and the profile choice (docs/runtime.md, "Backends").
 """
 
 from __future__ import annotations
