@@ -53,6 +53,19 @@ class _Schema:
                         optional)
 
 
+def _text(cfg: Any) -> dict:
+    """The manifest config's text_config, {} when it is not an object (the config is
+    validated on its own by Step3Config.from_dict)."""
+    t = cfg.get("text_config") if isinstance(cfg, dict) else None
+    return t if isinstance(t, dict) else {}
+
+
+def _count(t: dict, key: str) -> int:
+    """An integer field of the text config as a bound, 2^31 when it is not an integer."""
+    v = t.get(key)
+    return v if type(v) is int else 2**31
+
+
 def _pairs(s: _Schema, v: Any, where: str, layers: set[int], n_exp: int) -> list[tuple]:
     ok = isinstance(v, list) and all(
         isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
@@ -66,7 +79,7 @@ def _pairs(s: _Schema, v: Any, where: str, layers: set[int], n_exp: int) -> list
 
 def _plan(s: _Schema, plan: Any, cfg: dict) -> None:
     w = "plan"
-    t = cfg.get("text_config", {}) if isinstance(cfg, dict) else {}
+    t = _text(cfg)
     for k in ("target", "scheme", "attn_scheme"):
         s.get(plan, k, _STR, w)
     devices = s.nat(plan, "devices", w, 1)
@@ -102,7 +115,7 @@ def _plan(s: _Schema, plan: Any, cfg: dict) -> None:
               lambda v: all(type(x) is int and x >= 0 for x in v.values()))
         for k in ("dense_layers", "shared_expert_layers"):
             s.get(d, k, _LIST, dw, "a list of layer indices",
-                  lambda v: all(type(x) is int and 0 <= x < t.get("num_hidden_layers", 2**31)
+                  lambda v: all(type(x) is int and 0 <= x < _count(t, "num_hidden_layers")
                                 for x in v))
         seen += _pairs(s, d.get("hot_experts", []), f"{dw}.hot_experts", layer_set, n_exp)
     if len(seen) != len(set(seen)):
@@ -159,7 +172,7 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> None:
         if name not in arts:
             s.problems.append(f"artifacts lack {name}")
     subs = s.get(data, "subgraphs", _DICT, "manifest") or {}
-    t = cfg.get("text_config", {}) if isinstance(cfg.get("text_config"), dict) else {}
+    t = _text(cfg)
     for name, sg in subs.items():
         w = f"subgraphs[{name!r}]"
         if not isinstance(sg, dict):
@@ -172,8 +185,8 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> None:
         s.get(sg, "instances", _LIST, w, "a list of [layer or null, expert or null]",
               lambda v: all(isinstance(p, list) and len(p) == 2 and all(
                   x is None or type(x) is int and x >= 0 for x in p)
-                  and (p[0] is None or p[0] < t.get("num_hidden_layers", 2**31))
-                  and (p[1] is None or p[1] < t.get("moe_num_experts", 2**31)) for p in v))
+                  and (p[0] is None or p[0] < _count(t, "num_hidden_layers"))
+                  and (p[1] is None or p[1] < _count(t, "moe_num_experts")) for p in v))
         s.get(sg, "weights", _LIST, w, "a list of weight bindings",
               lambda v: all(isinstance(b, dict) and isinstance(b.get("tensor"), str)
                             and isinstance(b.get("initializers"), list)

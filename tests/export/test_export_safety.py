@@ -46,6 +46,9 @@ def _edit(bundle: Path, edit) -> None:
     (lambda d: d["devices"][0]["subgraphs"].append("nothing"), "subgraph names"),
     (lambda d: d.update(schema_version="1"), "schema_version is '1'"),
     (lambda d: d.clear(), "schema_version is None"),
+    (lambda d: d["config"]["text_config"].update(num_hidden_layers="4"),
+     "num_hidden_layers is '4'"),
+    (lambda d: d["config"].update(text_config=[4]), "moe_num_experts"),
 ])
 def test_a_malformed_manifest_is_a_bundle_error(copy: Path, edit, match, capsys) -> None:
     _edit(copy, edit)
