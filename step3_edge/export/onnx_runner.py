@@ -34,6 +34,19 @@ def _ort():
     return onnxruntime
 
 
+# what ONNX Runtime raises for a graph file it cannot load: not protobuf, not a valid graph,
+# an operator it lacks, initializers the graph does not have (EPFail, a provider that cannot
+# start, is the machine's problem and stays as it is)
+_LOAD_ERRORS = ("InvalidProtobuf", "InvalidGraph", "Fail", "InvalidArgument", "NoSuchFile",
+                "NoModel", "NotImplemented", "RuntimeException")
+RE_EXPORT = "the graph file was damaged or replaced; re-export the bundle (step3-edge export)"
+
+
+def _load_errors(ort: Any) -> tuple[type[BaseException], ...]:
+    state = ort.capi.onnxruntime_pybind11_state
+    return tuple(getattr(state, n) for n in _LOAD_ERRORS if hasattr(state, n))
+
+
 @dataclass
 class BoundSession:
     """An ORT session of one graph with one instance's weights bound (kept alive with it)."""
@@ -45,9 +58,10 @@ class BoundSession:
     @classmethod
     def create(cls, model: str | Path | bytes, bound: dict[str, Bound],
                providers: list[str] | None = None, threads: int | None = None,
-               spin: bool = True) -> BoundSession:
+               spin: bool = True, name: str | None = None) -> BoundSession:
         """`threads`: intra-op threads (default: ORT's, one per core); `spin=False` stops
-        idle ORT threads from busy-waiting (use it when torch shares the cores)."""
+        idle ORT threads from busy-waiting (use it when torch shares the cores). A graph ONNX
+        Runtime cannot load is a `BundleError` naming `name` (default: the file)."""
         ort = _ort()
         so = ort.SessionOptions()
         if threads:
@@ -62,7 +76,14 @@ class BoundSession:
                   ort.OrtValue.ortvalue_from_numpy(bound[n].array) for n in names]
         so.add_external_initializers(names, values)
         src = str(model) if isinstance(model, Path) else model
-        sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+        try:
+            sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+        except _load_errors(ort) as e:
+            what = name or (str(model) if isinstance(model, (str, Path)) else "an ONNX graph")
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BundleError(f"{what} is not an ONNX graph ONNX Runtime "
+                              f"{ort.__version__} can load with its weights: {why[:300]}",
+                              RE_EXPORT) from None
         return cls(sess, values, [o.name for o in sess.get_outputs()])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -122,8 +143,11 @@ class BundleGraphs:
     def _create(self, name: str, bound: dict[str, Bound]) -> Any:
         """The session of subgraph `name` with one instance's weights (an ORT session here;
         the runtime's TensorRT backend makes an engine instead)."""
-        return BoundSession.create(self._file(name), bound, self.providers, self.threads,
-                                   self.spin)
+        sg = self.manifest.subgraphs[name]
+        sess = BoundSession.create(self._file(name), bound, self.providers, self.threads,
+                                   self.spin, name=sg["file"])
+        check_io(sess.session, sg)
+        return sess
 
     def run(self, kind: str, feeds: dict[str, np.ndarray], layer: int | None = None,
             expert: int | None = None) -> dict[str, np.ndarray]:
@@ -142,6 +166,18 @@ class BundleGraphs:
         """Providers the created sessions really use (empty before the first session)."""
         sess = next(iter(self._sessions.values()), None)
         return list(sess.session.get_providers()) if sess is not None else []
+
+
+def check_io(session: Any, sg: dict[str, Any]) -> None:
+    """The graph's inputs and outputs are the ones manifest.json declares for its subgraph
+    (a graph file swapped for another of the bundle loads, and would be fed the wrong
+    tensors)."""
+    for side, have in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        want = [io["name"] for io in sg.get(side, [])]
+        got = [io.name for io in have]
+        if sorted(got) != sorted(want):
+            raise BundleError(f"{sg['file']} has {side} {got}, but manifest.json declares "
+                              f"{want} for its subgraph", RE_EXPORT)
 
 
 @dataclass

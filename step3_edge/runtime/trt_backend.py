@@ -184,7 +184,19 @@ class TrtGraphs(BundleGraphs):
         from step3_edge.export.trt import refit_engine
 
         with torch.cuda.device(self.device):
-            engine = refit_engine(self._plan(name), bound, self.logger, self.runtime)
+            plan = self._plan(name)
+            try:       # a plan TensorRT cannot read deserializes to None (TypeError in refit)
+                engine = refit_engine(plan, bound, self.logger, self.runtime)
+            except (TypeError, RuntimeError) as e:
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
+                raise BundleError(f"{self.plans[name].path} is not a TensorRT engine that "
+                                  f"TensorRT {self.trt.__version__} on this GPU can load with "
+                                  f"its weights: {str(e)[:300]}",
+                                  "engines run only on the GPU model and TensorRT version "
+                                  "that built them: re-export the bundle on this machine "
+                                  "(step3-edge export), or load it with "
+                                  "backend='onnxruntime'") from None
             return TrtEngine(self.trt, engine, self.scratch, name)
 
     @property

@@ -112,3 +112,64 @@ def test_existing_bundle_needs_force(tiny_bf16: Path, fp32_bundle: Path) -> None
 
     with pytest.raises(Step3EdgeError, match="already exists"):
         export_bundle(tiny_bf16, "cpu", 1, fp32_bundle, onnx=False, progress=False)
+
+
+def _replace_and_rehash(bundle: Path, rel: str, raw: bytes) -> None:
+    """Put other bytes in `rel` and give the manifest their size and sha256 (and its own
+    hash): only the file's content tells it is not what it claims to be."""
+    from step3_edge.manifest import sha256_file, write_manifest
+
+    (bundle / rel).write_bytes(raw)
+    data = json.loads((bundle / "manifest.json").read_text())
+    for a in data["artifacts"]:
+        if a["path"] == rel:
+            a["sha256"], a["bytes"] = sha256_file(bundle / rel), len(raw)
+    data.pop("manifest_sha256")
+    write_manifest(bundle, data)
+
+
+def test_a_graph_that_is_not_onnx_with_a_matching_hash_is_a_bundle_error(copy: Path) -> None:
+    rel = load_manifest(copy).subgraphs["lm_head"]["file"]
+    _replace_and_rehash(copy, rel, b"not a protobuf" * 64)
+    load_manifest(copy, verify=True)                  # the manifest itself is consistent
+    with pytest.raises(BundleError, match=f"{rel} is not an ONNX graph ONNX Runtime") as e:
+        BundleGraphs(copy).session("lm_head")
+    assert "re-export" in e.value.remedy
+
+
+def test_a_graph_swapped_for_another_of_the_bundle_is_a_bundle_error(copy: Path) -> None:
+    from step3_edge.export.onnx_runner import check_io
+
+    m = load_manifest(copy)
+    rel = m.subgraphs["embed"]["file"]                # other weights: ORT refuses the binding
+    _replace_and_rehash(copy, rel, (copy / m.subgraphs["lm_head"]["file"]).read_bytes())
+    with pytest.raises(BundleError, match=f"{rel} is not an ONNX graph"):
+        BundleGraphs(copy).session("embed")
+    # a graph that binds but has other inputs / outputs than its subgraph declares
+    lm_head = BundleGraphs(copy).session("lm_head").session
+    with pytest.raises(BundleError, match=r"onnx/embed.onnx has inputs \['hidden'\], but "
+                       r"manifest.json declares \['input_ids'\]"):
+        check_io(lm_head, m.subgraphs["embed"])
+
+
+def test_a_tensorrt_plan_that_does_not_deserialize_is_a_bundle_error(copy: Path,
+                                                                    monkeypatch) -> None:
+    """TensorRT returns None for a plan it cannot read; the refit then fails with a
+    TypeError. Checked without TensorRT: the backend's session factory alone."""
+    import step3_edge.export.trt as trt_export
+    from step3_edge.manifest import Artifact
+    from step3_edge.runtime.trt_backend import TrtGraphs
+
+    def refit(plan, values, logger=None, runtime=None):
+        raise TypeError("__init__(): incompatible constructor arguments (engine: None)")
+
+    monkeypatch.setattr(trt_export, "refit_engine", refit)
+    g = TrtGraphs.__new__(TrtGraphs)
+    g.logger = g.runtime = None
+    g.device, g.trt = -1, type("trt", (), {"__version__": "10.x"})
+    g.plans = {"lm_head": Artifact("device-0/trt/lm_head.plan", "trt", "0" * 64, 1)}
+    g._bytes = {"lm_head": b"\0"}
+    with pytest.raises(BundleError, match="device-0/trt/lm_head.plan is not a TensorRT engine"
+                       ) as e:
+        g._create("lm_head", {})
+    assert "re-export" in e.value.remedy
