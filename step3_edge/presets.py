@@ -58,3 +58,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
          "intermediate_size": 64, "output_hidden_size": 32}),
 }
+
+
+def full_slice(layers: int, experts: int | None = None, vision_layers: int | None = None,
+               dense_layers: int = 1) -> dict[str, Any]:
+    """The real Step3 config reduced only in depth and expert count: a real-width slice.
+
+    Every width stays the real one (hidden 7168, 64 heads of 256, experts of 5120, vocabulary
+    128,815, ViT width 1792). The first `dense_layers` decoder layers are dense, as the real
+    model's first layers are, and the rest are MoE with `experts` experts each (default the
+    real 48); the ViT keeps `vision_layers` of its 63 layers (default 2).
+    """
+    from step3_edge.errors import ConfigError
+
+    full = PRESETS["full"]
+    t, v = full["text_config"], full["vision_config"]
+    experts = t["moe_num_experts"] if experts is None else experts
+    vision_layers = 2 if vision_layers is None else vision_layers
+    checks = [
+        (1 <= layers <= t["num_hidden_layers"], f"--layers {layers}",
+         f"pass 1 to {t['num_hidden_layers']} decoder layers"),
+        (0 <= dense_layers <= layers, f"--dense-layers {dense_layers}",
+         f"pass 0 to {layers} (the leading dense layers of the slice)"),
+        (t["moe_top_k"] <= experts <= t["moe_num_experts"], f"--experts {experts}",
+         f"pass {t['moe_top_k']} (the router's top-k) to {t['moe_num_experts']}"),
+        (1 <= vision_layers <= v["num_hidden_layers"], f"--vision-layers {vision_layers}",
+         f"pass 1 to {v['num_hidden_layers']}"),
+    ]
+    for ok, what, remedy in checks:
+        if not ok:
+            raise ConfigError(f"{what} is out of range for a slice of Step3", remedy)
+    return _vl({**t, "num_hidden_layers": layers, "moe_num_experts": experts,
+                "moe_layers_enum": _moe_enum(dense_layers, layers - 1)},
+               {**v, "num_hidden_layers": vision_layers})

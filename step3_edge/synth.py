@@ -1,4 +1,7 @@
-"""Synthetic Step3 checkpoints in the exact real layout (spec §3, §4), with small sizes.
+"""Synthetic Step3 checkpoints in the exact real layout (the tensor names, shapes and block-fp8
+format of stepfun-ai/step3 and step3-fp8; docs/model.md): the tiny and mini presets, and
+real-width slices of the full model (every width real, fewer layers and experts) to rehearse a
+deployment before downloading the 326 GB checkpoint.
 
 Weights are random but deterministic: each tensor has its own generator seeded from the run
 seed and the tensor name, so bf16 and block-fp8 checkpoints of one seed hold the same weights
@@ -12,36 +15,83 @@ import argparse
 import json
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from step3_edge.config import Step3Config
 from step3_edge.fsutil import staged_dir
 from step3_edge.layout import WeightSpec, expected_weights
-from step3_edge.quantize.schemes import BlockFP8
+from step3_edge.quantize.schemes import BF16, BlockFP8, Scheme
+from step3_edge.shard_writer import ShardWriter
 
 FP8_QUANT_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                     "weight_block_size": [128, 128]}
 
 
-def random_weight(spec: WeightSpec, seed: int) -> torch.Tensor:
-    """A deterministic bf16 tensor for one checkpoint entry, scaled so activations stay O(1)."""
+CHUNK_ELEMS = 1 << 26     # values drawn and written at once: a larger tensor goes by expert
+                          # and by blocks of 128 rows, so memory stays flat in model size
+Piece = tuple[int | None, int, int]   # (expert or None, first row, end row)
+
+
+def pieces(shape: tuple[int, ...]) -> list[Piece]:
+    """How a tensor of `shape` is drawn and written: whole up to CHUNK_ELEMS values, else one
+    expert of an [E, out, in] tensor at a time and, within a matrix, blocks of a multiple of
+    128 rows (whole blocks of block-fp8, so every piece quantizes on its own)."""
+    if math.prod(shape) <= CHUNK_ELEMS or len(shape) < 2:
+        return [(None, 0, shape[0] if shape else 1)]
+    experts = len(shape) == 3                   # [E, out, in]; else blocks of the first dim
+    rows, row = (shape[1], shape[2]) if experts else (shape[0], math.prod(shape[1:]))
+    step = max(128, CHUNK_ELEMS // row // 128 * 128)
+    blocks = [(r, min(rows, r + step)) for r in range(0, rows, step)]
+    if not experts:
+        return [(None, r0, r1) for r0, r1 in blocks]
+    return [(e, r0, r1) for e in range(shape[0]) for r0, r1 in blocks]
+
+
+def _piece_shape(shape: tuple[int, ...], piece: Piece) -> tuple[int, ...]:
+    e, r0, r1 = piece
+    if not shape:
+        return ()
+    return (r1 - r0, *shape[1:]) if e is None else (r1 - r0, *shape[2:])
+
+
+def random_pieces(spec: WeightSpec, seed: int) -> Iterator[tuple[Piece, torch.Tensor]]:
+    """Deterministic bf16 values of one checkpoint entry, piece by piece (`pieces`), scaled so
+    activations stay O(1). The generator is seeded from the run seed and the tensor name."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
     name, shape = spec.name, spec.shape
     if spec.role == "norm" or "layer_norm" in name and name.endswith(".weight"):
-        w = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        def draw(s): return 1.0 + 0.1 * torch.randn(s, generator=g)
     elif name.endswith(".bias"):
-        w = 0.02 * torch.randn(shape, generator=g)
+        def draw(s): return 0.02 * torch.randn(s, generator=g)
     elif spec.role == "embed" or name.endswith(("class_embedding", "position_embedding.weight")):
-        w = torch.randn(shape, generator=g) * (1.0 if spec.role == "embed" else 0.1)
+        k = 1.0 if spec.role == "embed" else 0.1
+
+        def draw(s): return torch.randn(s, generator=g) * k
     else:
         fan_in = math.prod(shape[1:]) if spec.role != "experts" else shape[-1]
-        w = torch.randn(shape, generator=g) / math.sqrt(fan_in)
-    return w.to(torch.bfloat16)
+
+        def draw(s): return torch.randn(s, generator=g) / math.sqrt(fan_in)
+    for piece in pieces(shape):
+        yield piece, draw(_piece_shape(shape, piece)).to(torch.bfloat16)
+
+
+def random_weight(spec: WeightSpec, seed: int) -> torch.Tensor:
+    """The whole tensor `random_pieces` draws (what `write_checkpoint` writes for `spec`)."""
+    parts = [t for _, t in random_pieces(spec, seed)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts).reshape(spec.shape)
+
+
+def checkpoint_bytes(cfg: Step3Config, fmt: str = "bf16") -> int:
+    """Bytes of the weights `write_checkpoint` writes for `cfg` in `fmt`."""
+    return sum(_scheme(spec, fmt).nbytes(spec.shape) for spec in expected_weights(cfg).values())
+
+
+def _scheme(spec: WeightSpec, fmt: str) -> Scheme:
+    return BlockFP8() if fmt == "block-fp8" and spec.is_linear else BF16()
 
 
 def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed: int = 0,
@@ -53,7 +103,8 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
 
     `weights` (name -> tensor) overrides the random ones, e.g. for a trained model; `special`
     (token -> id) replaces the Step3 special-token ids and `merges` adds BPE merges to the
-    byte-level tokenizer, e.g. for a compact vocabulary.
+    byte-level tokenizer, e.g. for a compact vocabulary. Memory stays bounded by one piece
+    (`pieces`) of one tensor, whatever the model's size.
     """
     from step3_edge.tokenizer import SPECIAL_TOKENS, write_tokenizer_files
 
@@ -61,35 +112,40 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
         raise ValueError(f"format {fmt!r}")
     out = Path(out)
     cfg = cfg.with_quantization(FP8_QUANT_CONFIG if fmt == "block-fp8" else None)
-    fp8 = BlockFP8()
     specs = list(expected_weights(cfg).values())
-    with staged_dir(out, overwrite, synthetic_checkpoint_owned) as tmp:
-        shard: dict[str, torch.Tensor] = {}   # only one shard is held in memory at a time
-        n, size, total = 1, 0, 0
-        weight_map: dict[str, int] = {}
-        for spec in tqdm(specs, desc=f"synth {fmt}", unit="tensor", disable=not progress):
-            w = weights[spec.name] if weights is not None else random_weight(spec, seed)
-            if tuple(w.shape) != spec.shape:
-                raise ValueError(f"{spec.name}: {tuple(w.shape)} != {spec.shape}")
-            if fmt == "block-fp8" and spec.is_linear:
-                parts = fp8.quantize(w)
-            else:
-                parts = {"": w.to(torch.bfloat16).contiguous()}
-            nbytes = sum(t.numel() * t.element_size() for t in parts.values())
-            if size and size + nbytes > shard_bytes:
-                save_file(shard, str(tmp / f"part-{n}"), metadata={"format": "pt"})
-                shard, n, size = {}, n + 1, 0
-            for suffix, t in parts.items():
-                shard[spec.name + suffix] = t
-                weight_map[spec.name + suffix] = n
-            size += nbytes
-            total += nbytes
-        save_file(shard, str(tmp / f"part-{n}"), metadata={"format": "pt"})
-        files = {i: f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
-        for i in range(1, n + 1):
-            (tmp / f"part-{i}").rename(tmp / files[i])
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: files[v] for k, v in weight_map.items()}}
+    if weights is not None:
+        for spec in specs:
+            if tuple(weights[spec.name].shape) != spec.shape:
+                raise ValueError(f"{spec.name}: {tuple(weights[spec.name].shape)} != "
+                                 f"{spec.shape}")
+    shards: list[list[WeightSpec]] = [[]]
+    size = 0
+    for spec in specs:                        # all parts of one weight go to one shard
+        nb = _scheme(spec, fmt).nbytes(spec.shape)
+        if size and size + nb > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nb
+    files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    with staged_dir(out, overwrite, synthetic_checkpoint_owned) as tmp, \
+            tqdm(total=checkpoint_bytes(cfg, fmt), desc=f"synth {fmt}", unit="B",
+                 unit_scale=True, disable=not progress) as bar:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for fname, group in zip(files, shards):
+            entries = []
+            for spec in group:
+                sch = _scheme(spec, fmt)
+                dts = sch.part_dtypes()
+                for k, shp in sch.part_shapes(spec.shape).items():
+                    entries.append((spec.name + k, dts[k], shp))
+                    weight_map[spec.name + k] = fname
+            with ShardWriter(tmp / fname, entries) as shard:
+                for spec in group:
+                    _write_tensor(shard, spec, _scheme(spec, fmt), seed, weights, bar)
+            total += shard.size
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         cfg.save(tmp)
         write_tokenizer_files(tmp, special=special or SPECIAL_TOKENS, merges=merges)
@@ -97,6 +153,30 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
             {"bos_token_id": cfg.text_config.bos_token_id,
              "eos_token_id": cfg.text_config.eos_token_id}, indent=2) + "\n")
     return out
+
+
+def _write_tensor(shard: ShardWriter, spec: WeightSpec, scheme: Scheme, seed: int,
+                  weights: dict[str, torch.Tensor] | None, bar: tqdm) -> None:
+    """Every piece of one tensor, quantized on its own, at its byte offset in each part."""
+    shape = spec.shape
+    if weights is not None:
+        w = weights[spec.name]
+        source = ((p, w if not shape else w[p[1]:p[2]] if p[0] is None else w[p[0], p[1]:p[2]])
+                  for p in pieces(shape))
+    else:
+        source = random_pieces(spec, seed)
+    dts = scheme.part_dtypes()
+    matrix = shape[1:] if len(shape) == 3 else shape      # what one expert index covers
+    for (e, r0, r1), t in source:
+        parts = scheme.quantize(t)
+        for k, part in parts.items():
+            offset = 0
+            if e is not None:
+                offset += e * math.prod(scheme.part_shapes(matrix)[k]) * dts[k].itemsize
+            if r0:
+                offset += math.prod(scheme.part_shapes((r0, *matrix[1:]))[k]) * dts[k].itemsize
+            shard.write(spec.name + k, offset, part)
+            bar.update(part.numel() * part.element_size())
 
 
 _SYNTH_FILES = ("config.json", "generation_config.json", "tokenizer.json",
@@ -115,23 +195,67 @@ def synthetic_checkpoint_owned(folder: Path) -> str | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["tiny", "mini", "full"], default="tiny")
-    p.add_argument("--format", choices=["bf16", "block-fp8"], default="bf16")
+    p.add_argument("--preset", choices=["tiny", "mini", "full"], default="tiny",
+                   help="model size: tiny (seconds), mini (the benchmark size), full (the real "
+                   "Step3's widths; needs --layers)")
+    p.add_argument("--layers", type=int, help="full preset: decoder layers of the slice "
+                   "(the real model has 61)")
+    p.add_argument("--experts", type=int, help="full preset: routed experts per MoE layer "
+                   "(default: the real 48)")
+    p.add_argument("--vision-layers", type=int,
+                   help="full preset: ViT layers (default: 2 of the real 63)")
+    p.add_argument("--dense-layers", type=int, default=1,
+                   help="full preset: leading dense decoder layers; the rest are MoE")
+    p.add_argument("--format", choices=["bf16", "block-fp8"], default="bf16",
+                   help="bf16, or block-fp8 as stepfun-ai/step3-fp8 stores it")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--shard-mb", type=int, default=64, help="shard size in MiB")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder (only a synthetic checkpoint)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def slice_config(args: argparse.Namespace) -> Step3Config:
+    """The config `synth` writes: a preset, or for `full` a real-width slice of it."""
+    from step3_edge.errors import ConfigError
+    from step3_edge.presets import full_slice
+
+    depth = {"--layers": args.layers, "--experts": args.experts,
+             "--vision-layers": args.vision_layers}
+    if args.preset != "full":
+        given = [k for k, v in depth.items() if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to --preset full",
+                              "drop them, or use --preset full for a real-width slice")
+        return Step3Config.preset(args.preset)
+    if args.layers is None:
+        size = checkpoint_bytes(Step3Config.preset("full"), args.format)
+        raise ConfigError(f"the full preset is 321B parameters ({size / 1e9:.0f} GB in "
+                          f"{args.format})",
+                          "write a real-width slice with --layers N (and --experts E), or "
+                          "plan the real model without weights: step3-edge plan --preset full")
+    return Step3Config.from_dict(full_slice(args.layers, args.experts, args.vision_layers,
+                                            args.dense_layers), source="--preset full")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = Step3Config.preset(args.preset)
-    if args.preset == "full":
-        from step3_edge.errors import ConfigError
+    import shutil
 
-        raise ConfigError("the full preset is 321B parameters (~642 GB bf16)",
-                          "use --preset tiny or mini; `step3-edge plan --preset full` plans "
-                          "the real model without weights")
-    out = write_checkpoint(cfg, args.out, args.format, args.seed, args.shard_mb * 2**20,
-                           overwrite=args.force)
-    print(f"wrote {args.preset} {args.format} checkpoint to {out}")
+    from step3_edge.errors import ConfigError
+
+    cfg = slice_config(args)
+    size = checkpoint_bytes(cfg, args.format)
+    out = Path(args.out)
+    free = shutil.disk_usage(next(p for p in (out, *out.absolute().parents) if p.exists())).free
+    if size > free:
+        raise ConfigError(f"the checkpoint needs {size / 1e9:.1f} GB and {out} has "
+                          f"{free / 1e9:.1f} GB free",
+                          "free disk space, write elsewhere, or pass fewer --layers / --experts")
+    out = write_checkpoint(cfg, out, args.format, args.seed, args.shard_mb * 2**20,
+                           overwrite=args.force, progress=not args.quiet)
+    t = cfg.text_config
+    print(f"wrote {args.preset} {args.format} checkpoint to {out}: {t.num_hidden_layers} "
+          f"layers ({len(t.moe_layers)} MoE of {t.moe_num_experts} experts), hidden "
+          f"{t.hidden_size}, {size / 1e9:.2f} GB")
     return 0

@@ -13,8 +13,8 @@ its file, so `CheckpointReader(bundle)` reads the bundle like a checkpoint.
   checkpoint layout). The plan says which device holds each (layer, expert) hot and which
   stay cold in CPU memory; one expert is read alone with `CheckpointReader.read_parts(name,
   expert=e)` (a memory-mapped slice).
-Shards are written streaming: header first, then each tensor in slices of one expert or a
-block of rows, so memory stays bounded by a slice, not a tensor.
+Shards are written streaming (`ShardWriter`): header first, then each tensor in slices of one
+expert or a block of rows, so memory stays bounded by a slice, not a tensor.
 """
 
 from __future__ import annotations
@@ -24,17 +24,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from step3_edge.checkpoint import INDEX_NAME, CheckpointReader, check_values
 from step3_edge.config import Step3Config
 from step3_edge.layout import expected_weights, layer_of
 from step3_edge.quantize.schemes import get_scheme
+from step3_edge.shard_writer import ST_CODES, ShardWriter
 
 SHARD_BYTES = 2 << 30
 CHUNK_BYTES = 64 << 20
-_CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-          torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.uint8: "U8"}
 EXPERTS_DIR = "experts"
 
 
@@ -104,8 +101,8 @@ def write_weights(src_dir: Path, out: Path, cfg: Step3Config, plan: dict,
         shard: list[str] = []
         size, first = 0, len(files)
         for stored in groups[folder]:
-            sl = src.slice(stored)
-            nb = math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
+            nb = math.prod(src.reader.stored_shape(stored)) * \
+                src.reader.stored_dtype(stored).itemsize
             if shard and size + nb > shard_bytes:
                 files.append(_write_shard(src, out, folder, len(files) - first + 1, shard))
                 shard, size = [], 0
@@ -123,46 +120,29 @@ def write_weights(src_dir: Path, out: Path, cfg: Step3Config, plan: dict,
     return weight_map, files
 
 
-def _itemsize(code: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "I8": 1, "U8": 1}[code]
-
-
 def _write_shard(src: _Source, out: Path, folder: str, i: int, names: list[str]) -> WeightFile:
     rel = f"{folder}/weights-{i:05d}.safetensors"
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    pos = 0
     wf = WeightFile(rel, None)
+    entries = []
     for n in names:
-        sl = src.slice(n)
-        shape, code = list(sl.get_shape()), sl.get_dtype()
-        nb = math.prod(shape) * _itemsize(code)
-        header[n] = {"dtype": code, "shape": shape, "data_offsets": [pos, pos + nb]}
-        wf.tensors[n] = {"dtype": code, "shape": shape}
-        pos += nb
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+        shape, dtype = src.reader.stored_shape(n), src.reader.stored_dtype(n)
+        entries.append((n, dtype, shape))
+        wf.tensors[n] = {"dtype": ST_CODES[dtype], "shape": list(shape)}
     (out / folder).mkdir(parents=True, exist_ok=True)
-    with open(out / rel, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for n in names:
+    with ShardWriter(out / rel, entries) as shard:
+        for n, dtype, shape in entries:
             sl = src.slice(n)
-            shape = sl.get_shape()
             scale = n.endswith(("_scale", "_scale_inv"))
             if not shape:
                 t = sl[:]
                 check_values(n, t, scale)
-                f.write(_bytes(t))
+                shard.write(n, 0, t)
                 continue
-            row = math.prod(shape[1:]) * _itemsize(sl.get_dtype())
+            row = math.prod(shape[1:]) * dtype.itemsize
             step = max(1, CHUNK_BYTES // max(row, 1))
             for a in range(0, shape[0], step):
                 t = sl[a:a + step]
                 check_values(n, t, scale)                     # the chunk in memory
-                f.write(_bytes(t))
+                shard.write(n, a * row, t)
     wf.bytes = (out / rel).stat().st_size
-    assert wf.bytes == 8 + len(raw) + pos, f"{rel}: wrote {wf.bytes}, expected {8 + len(raw) + pos}"
     return wf
-
-
-def _bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,14 +25,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from step3_edge.checkpoint import (INDEX_NAME, SINGLE_NAME, CheckpointReader, check_values,
-                                   safe_name)
+from step3_edge.checkpoint import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    CheckpointReader,
+    check_values,
+    safe_name,
+)
 from step3_edge.errors import QuantizationError
 from step3_edge.fsutil import staged_dir
 from step3_edge.layout import WeightSpec
 from step3_edge.quantize.recipe import Recipe, build_recipe
 from step3_edge.quantize.report import ErrorAccumulator, QuantReport, TensorError
 from step3_edge.quantize.schemes import BF16, Scheme, get_scheme
+from step3_edge.shard_writer import ShardWriter
 from step3_edge.targets import Target, get_target
 
 CHUNK_ELEMS = 1 << 20          # ~1M values (4 MB in float32) per unit of work; 8M-value
@@ -41,8 +46,6 @@ CHUNK_ELEMS = 1 << 20          # ~1M values (4 MB in float32) per unit of work; 
                                # by malloc and page-faulted in on every chunk)
 DEFAULT_SHARD_BYTES = 4 << 30  # 4 GiB shards
 ROW_ALIGN = 128                # row chunks start on a block boundary of every scheme
-_ST_CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-             torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.uint8: "U8"}
 
 
 @dataclass(frozen=True)
@@ -55,42 +58,6 @@ class ConvertResult:
     source_bytes: int
     output_bytes: int
     seconds: float
-
-
-# ---------------------------------------------------------------------------- shard writer
-class _ShardFile:
-    """A safetensors file whose header is known before its data: chunks are written at their
-    byte offsets (pwrite), so no tensor is ever held whole."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
-        self.offsets: dict[str, int] = {}
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        pos = 0
-        for name, dtype, shape in entries:
-            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
-                            "data_offsets": [pos, pos + n]}
-            self.offsets[name] = pos
-            pos += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.base = 8 + len(raw)
-        self.size = pos
-        self.written = 0
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self.fd, len(raw).to_bytes(8, "little") + raw, 0)
-        os.ftruncate(self.fd, self.base + pos)
-
-    def write(self, name: str, offset: int, t: torch.Tensor) -> None:
-        buf = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        at = self.base + self.offsets[name] + offset
-        done = 0
-        while done < buf.nbytes:
-            done += os.pwrite(self.fd, memoryview(buf)[done:], at + done)
-        self.written += buf.nbytes
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -132,7 +99,7 @@ class _Converter:
                 check_values(name + k, parts[k], scale=True)          # small: one per block
         return parts
 
-    def weight(self, spec: WeightSpec, dst: Scheme, shard: _ShardFile) -> None:
+    def weight(self, spec: WeightSpec, dst: Scheme, shard: ShardWriter) -> None:
         t0 = time.perf_counter()
         name, shape = spec.name, spec.shape
         src = self.reader.scheme_of(name)
@@ -157,7 +124,7 @@ class _Converter:
             sum(_part_bytes(dst, shape).values()), acc.rel_fro, acc.max_abs, copied,
             acc.sq_err, acc.sq_ref, time.perf_counter() - t0))
 
-    def _copy(self, name: str, scheme: Scheme, shard: _ShardFile) -> None:
+    def _copy(self, name: str, scheme: Scheme, shard: ShardWriter) -> None:
         """Same scheme and dtypes as the source: copy stored bytes, chunk by leading rows."""
         for k in ("",) + scheme.suffixes:
             stored = name + k
@@ -174,7 +141,7 @@ class _Converter:
                 offset += nb
                 self.bar.update(nb)
 
-    def _requantize(self, spec: WeightSpec, src: Scheme, dst: Scheme, shard: _ShardFile,
+    def _requantize(self, spec: WeightSpec, src: Scheme, dst: Scheme, shard: ShardWriter,
                     acc: ErrorAccumulator) -> None:
         """Expert by expert and row block by row block; small experts go several at a time
         (whole matrices, so their bytes stay contiguous in every part)."""
@@ -255,13 +222,9 @@ def convert_checkpoint(model: str | Path, out: str | Path, target: str | Target,
                 for k, shp in sch.part_shapes(spec.shape).items():
                     entries.append((spec.name + k, dts[k], shp))
                     weight_map[spec.name + k] = fname
-            shard = _ShardFile(tmp / fname, entries)
-            try:
+            with ShardWriter(tmp / fname, entries) as shard:
                 for spec in group:
                     conv.weight(spec, schemes[spec.name], shard)
-            finally:
-                shard.close()
-            assert shard.written == shard.size, f"{fname}: {shard.written} of {shard.size} B"
             total += shard.size
         reader.close()
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -198,13 +198,13 @@ KILL_SCRIPT = """
 import os, signal, sys
 from step3_edge.quantize import convert, cli
 n = {"w": 0}
-real = convert._ShardFile.write
+real = convert.ShardWriter.write
 def write(self, *a):
     n["w"] += 1
     if n["w"] == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, *a)
-convert._ShardFile.write = write
+convert.ShardWriter.write = write
 sys.exit(cli.main(sys.argv[2:]))
 """
 
