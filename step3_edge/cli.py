@@ -4,7 +4,8 @@ Each command lives in its own module exposing `add_arguments(parser)` and `run(a
 only the module of the command being run is imported, so `step3-edge --help` starts without
 torch. The shared conventions live here: one `--model PATH` flag (checkpoint or bundle, see
 `add_model_argument` / `resolve_bundle`), the runtime options of `chat`, `profile`, `app` and
-`serve` (`RUNTIME_OPTIONS`, mapped onto `Step3Runtime.load` keywords by `runtime_overrides`),
+`serve` (`RUNTIME_OPTIONS`, generated from the fields of `step3_edge.runtime.options.
+RuntimeOptions` and mapped onto `Step3Runtime.load` keywords by `runtime_overrides`),
 and a help formatter that shows every option's default.
 """
 
@@ -142,10 +143,40 @@ def _resident(text: str) -> int | float:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is below 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
 @dataclass(frozen=True)
 class RuntimeOption:
     """One command-line option of the runtime commands and the `Step3Runtime.load` keyword
-    it sets (`step3_edge.runtime.api.OVERRIDES` names them)."""
+    it sets, made from a `RuntimeOptions` field (`step3_edge.runtime.options`)."""
 
     flag: str
     key: str
@@ -155,51 +186,42 @@ class RuntimeOption:
     metavar: str | None = None
     nargs: str | None = None
     const: Any = None
+    action: Any = None
     to_load: Callable[[Any], Any] | None = None    # CLI value -> load keyword value
 
 
-RUNTIME_OPTIONS: tuple[RuntimeOption, ...] = (
-    RuntimeOption("--device", "device", "torch device of the runtime: cpu, cuda, cuda:1 "
-                  "(default: CUDA when present, else cpu)", metavar="DEVICE"),
-    RuntimeOption("--dtype", "dtype", "compute dtype; auto: bfloat16 on a GPU and on a CPU "
-                  "where bf16 decode is fast, else float32 (default: auto)",
-                  choices=("auto", "bfloat16", "float32", "float16")),
-    RuntimeOption("--backend", "backend", "engine backend: torch, onnxruntime (the bundle's "
-                  "ONNX subgraphs), tensorrt (its TensorRT engines, CUDA), auto (default: "
-                  "onnxruntime for float32 on a CPU when the bundle has ONNX subgraphs, "
-                  "else torch)", choices=("auto", "torch", "onnxruntime", "tensorrt")),
-    RuntimeOption("--threads", "threads", "intra-op threads of the engine (default: torch's; "
-                  "app: one fewer, leaving a core to the browser)", type=_positive_int,
-                  metavar="N"),
-    RuntimeOption("--kv-tokens", "kv_tokens", "KV cache size in tokens, all sequences "
-                  "together, at least 16 (default: the bundle plan's KV budget)",
-                  type=_positive_int, metavar="N"),
-    RuntimeOption("--kv-dtype", "kv_dtype", "KV cache element type (default: float32 under "
-                  "float32 compute, else the plan's: fp8 or bfloat16)",
-                  choices=("float32", "bfloat16", "float16", "float8_e4m3fn")),
-    RuntimeOption("--resident", "resident", "routed experts kept on the device: a fraction "
-                  "written with a decimal point (0.5; 1.0 = all) or a count (12) (default: the "
-                  "plan's hot set)", type=_resident, metavar="FRACTION|COUNT"),
-    RuntimeOption("--cache", "cache", "device expert cache policy (default: lfu)",
-                  choices=("static", "lru", "lfu")),
-    RuntimeOption("--miss", "miss", "on an expert-cache miss: compute the expert on the CPU, "
-                  "copy it to the device, or decide by cost (default: auto)",
-                  choices=("cpu", "copy", "auto")),
-    RuntimeOption("--expert-counts", "expert_counts", "profile JSON (from `step3-edge "
-                  "profile`) that picks the resident experts (default: the plan's)",
-                  metavar="JSON"),
-    RuntimeOption("--max-batch", "max_batch", "sequences decoded together (default: 32)",
-                  type=_positive_int, metavar="N"),
-    RuntimeOption("--afd", "afd", "attention / FFN disaggregation: `--afd` (or spawn) starts "
-                  "FFN worker processes here; env: this process is rank 0 of a torchrun group "
-                  "(default: off, one process)", choices=("spawn", "env"), nargs="?",
-                  const="spawn", to_load=lambda v: True if v == "spawn" else v),
-    RuntimeOption("--ffn-ranks", "ffn_ranks", "FFN worker processes with --afd (default: the "
-                  "plan's FFN devices, at least 1)", type=_positive_int, metavar="N"),
-    RuntimeOption("--attention-ranks", "attention_ranks", "data-parallel attention ranks with "
-                  "--afd (default: the plan's attention devices, at least 1)",
-                  type=_positive_int, metavar="N"),
-)
+# a field's value kind -> its argparse form
+_KINDS: dict[str, dict[str, Any]] = {
+    "count": {"type": _positive_int}, "kv_tokens": {"type": _positive_int},
+    "count0": {"type": _nonnegative_int}, "fraction": {"type": _fraction},
+    "seconds": {"type": _seconds}, "bool": {"action": argparse.BooleanOptionalAction},
+    "tristate": {"action": argparse.BooleanOptionalAction}, "choice": {}, "device": {},
+    "devices": {"nargs": "+"}, "counts": {},
+    "afd": {"nargs": "?", "const": "spawn", "to_load": lambda v: True if v == "spawn" else v},
+}
+
+
+def _runtime_options() -> tuple[RuntimeOption, ...]:
+    """The runtime flags, one per `RuntimeOptions` field with a command-line form (help,
+    choices and kind from the field), plus `--resident` (the load keyword's shorthand: a
+    fraction written with a decimal point, else a count)."""
+    from step3_edge.runtime.options import RESIDENT_HELP, option_fields
+
+    out = []
+    for _, f in option_fields():
+        m = f.metadata
+        if not m["flag"]:
+            continue
+        out.append(RuntimeOption("--" + m["key"].replace("_", "-"), m["key"], m["help"],
+                                 choices=m["choices"] or None, metavar=m["metavar"],
+                                 **_KINDS[m["kind"]]))
+        if m["key"] == "resident_fraction":
+            out.append(RuntimeOption("--resident", "resident", RESIDENT_HELP, type=_resident,
+                                     metavar="FRACTION|COUNT"))
+    return tuple(out)
+
+
+RUNTIME_OPTIONS: tuple[RuntimeOption, ...] = _runtime_options()
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -208,7 +230,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     for o in RUNTIME_OPTIONS:
         kw: dict[str, Any] = {"help": o.help, "default": None,
                               "dest": o.key}
-        for name in ("type", "choices", "metavar", "nargs", "const"):
+        for name in ("type", "choices", "metavar", "nargs", "const", "action"):
             if getattr(o, name) is not None:
                 kw[name] = getattr(o, name)
         g.add_argument(o.flag, **kw)

@@ -33,78 +33,30 @@ import torch.multiprocessing as mp
 from step3_edge.errors import ConfigError
 from step3_edge.runtime import afd_ffn
 from step3_edge.runtime.afd_engine import AFDEngine, split_segments
-from step3_edge.runtime.afd_protocol import (MAX_MICRO_BATCHES, PROTOCOL, START_TIMEOUT,
-                                             STEP_SLOTS, AFDWorkerError, Wire, make_groups,
-                                             partition, peer_name)
+from step3_edge.runtime.afd_protocol import (PROTOCOL, START_TIMEOUT, AFDWorkerError, Wire,
+                                             make_groups, partition, peer_name)
+from step3_edge.runtime.decisions import LoadDecisions
 from step3_edge.runtime.engine import AttentionWorker
 from step3_edge.runtime.planner import Plan
 
-__all__ = ["AFDEngine", "split_segments", "start_afd", "attention_rank_count", "main"]
+__all__ = ["AFDEngine", "split_segments", "start_afd", "main"]
 DEFAULT_TIMEOUT = 300.0
-# the load options an FFN rank needs
-FFN_OPTIONS = ("backend", "resident", "cache", "miss", "prefetch", "expert_counts", "bandwidths",
-               "verify", "ort_threads", "stacked_experts", "native_kernels")
 
 
 # ---------------------------------------------------------------------------- launching
-def attention_rank_count(plan: Plan, o: dict[str, Any]) -> int:
-    """Attention ranks of an AFD load: `attention_ranks`, else the plan's attention devices
-    (at least 1; under torchrun at most world size - 1)."""
-    m = o.get("attention_ranks")
-    if m is None:
-        m = max(1, sum(d.role == "attention" for d in plan.device_plans))
-        if o.get("afd") == "env":
-            world = dist.get_world_size() if dist.is_initialized() else \
-                int(os.environ.get("WORLD_SIZE", 2))
-            m = max(1, min(m, world - 1))
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-        raise ConfigError(f"attention_ranks={m!r}", "give a whole number of attention ranks "
-                          ">= 1 (rank 0 is one of them)")
-    return m
-
-
-def _worker_devices(dev: torch.device, m: int, n: int, o: dict[str, Any]) -> list[str]:
-    """Devices of spawned ranks 1..m+n-1: attention ranks 1..m-1, then the n FFN ranks."""
-    given = {"attention_devices": (o.get("attention_devices"), m - 1),
-             "ffn_devices": (o.get("ffn_devices"), n)}
-    for name, (lst, want) in given.items():
-        if lst is not None and len(lst) != want:
-            who = "FFN rank" if name == "ffn_devices" else "attention rank after rank 0"
-            raise ConfigError(f"{name}={lst!r} for {want} rank(s)", f"give one device per {who}")
-    if dev.type == "cuda" and torch.cuda.device_count() >= m + n:
-        free = [f"cuda:{i}" for i in range(torch.cuda.device_count()) if i != dev.index]
-    else:
-        free = [str(dev)] * (m + n - 1)
-    att = [str(d) for d in given["attention_devices"][0] or free[:m - 1]]
-    ffn = [str(d) for d in given["ffn_devices"][0] or free[m - 1:m - 1 + n]]
-    return att + ffn
-
-
-def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]) -> AFDEngine:
-    """Start (afd=True) or join (afd="env") the other ranks (attention ranks 1..A-1, then the
-    FFN ranks), hand each its role, shard and load options, and return rank 0's engine once
-    every rank has loaded."""
-    mode = o.get("afd")
-    if mode not in (True, "spawn", "env"):
-        raise ConfigError(f"afd={mode!r}", "use False, True (spawn worker processes) or 'env' "
-                          "(this process is rank 0 of a torchrun / env:// group)")
-    micro = int(o.get("micro_batches", 3))
-    if not 1 <= micro <= MAX_MICRO_BATCHES:
-        raise ConfigError(f"micro_batches={micro}", f"use 1..{MAX_MICRO_BATCHES}")
-    m = attention_rank_count(plan, o)
-    if m * micro > STEP_SLOTS:
-        raise ConfigError(f"{m} attention ranks x {micro} micro-batches",
-                          f"keep attention_ranks x micro_batches <= {STEP_SLOTS}")
-    timeout = float(o.get("afd_timeout", DEFAULT_TIMEOUT))
+def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, d: LoadDecisions) -> AFDEngine:
+    """Start (mode 'spawn') or join (mode 'env') the other ranks (attention ranks 1..A-1,
+    then the FFN ranks) as `d.afd` decided, hand each its role, shard and the load's
+    decisions, and return rank 0's engine once every rank has loaded."""
+    a = d.afd
+    assert a is not None
+    m, micro, timeout = a.attention_ranks, a.micro_batches, a.timeout
     dev = attn.backend.device
     procs: list[Any] = []
-    if dist.is_initialized() and mode != "env":
-        raise ConfigError("a torch.distributed process group already exists in this process",
-                          "load with afd='env' to use it, or close the other AFD runtime")
-    if mode == "env":
+    if a.mode == "env":
         owns = not dist.is_initialized()
         if owns:
-            backend = o.get("afd_backend") or ("nccl" if dev.type == "cuda" else "gloo")
+            backend = a.dist_backend or ("nccl" if dev.type == "cuda" else "gloo")
             if backend == "nccl":
                 torch.cuda.set_device(dev)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
@@ -119,20 +71,12 @@ def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]
                               "them serves FFN (world size > attention ranks)")
         devices: list[str | None] = [None] * (world - 1)
     else:
-        n = int(o.get("ffn_ranks") or max(1, len(plan.ffn_devices) if
-                                          any(d.role == "ffn" for d in plan.device_plans)
-                                          else 1))
-        devices = list(_worker_devices(dev, m, n, o))
-        cuda = [torch.device(d) for d in devices] + [dev]
-        distinct = len({(d.type, d.index) for d in cuda}) == len(cuda)
-        backend = o.get("afd_backend") or ("nccl" if all(d.type == "cuda" for d in cuda)
-                                           and distinct else "gloo")
+        devices = list(a.devices)
+        backend = a.dist_backend or "gloo"
         if backend == "nccl":
             torch.cuda.set_device(dev)
-        # resolved here so that rank 0's engine thread on a CPU takes the same share (api.py)
-        o["afd_threads"] = o.get("afd_threads") or max(1, (os.cpu_count() or 1)
-                                                        // (len(devices) + 1))
-        procs = _spawn(backend, timeout, o["afd_threads"], devices, m)
+        assert a.threads is not None
+        procs = _spawn(backend, timeout, a.threads, list(a.devices), m)
         owns = True
     try:
         groups = make_groups(backend)
@@ -141,12 +85,8 @@ def start_afd(bundle: Path, plan: Plan, attn: AttentionWorker, o: dict[str, Any]
         wire = Wire(0, groups, backend, wire_dev, timeout, alive, attention_ranks=m)
         ffn_ranks = list(range(m, len(devices) + 1))
         shards = partition(plan, attn.cfg, len(ffn_ranks))
-        options = {k: o[k] for k in FFN_OPTIONS if o.get(k) is not None}
-        if "bandwidths" in options:                       # a Bandwidths (api.py): as JSON
-            options["bandwidths"] = vars(options["bandwidths"])
         common = {"protocol": PROTOCOL, "bundle": str(Path(bundle).resolve()),
-                  "options": options, "attention_ranks": m,
-                  "dtype": str(attn.backend.dtype).removeprefix("torch.")}
+                  "decisions": d.to_dict(), "attention_ranks": m}
         serving = [[r for r, s in zip(ffn_ranks, shards) if L in s.layers]
                    for L in range(attn.cfg.text_config.num_hidden_layers)]
         for r in range(1, m):

@@ -268,7 +268,7 @@ class AttentionRank:
     def _load(self, hello: dict[str, Any]) -> dict[str, Any]:
         from step3_edge.runtime.loading import build_attention
 
-        _, _, cfg, reader, backend = open_worker_bundle(hello, self.wire)
+        _, _, _, cfg, reader, backend = open_worker_bundle(hello, self.wire)
         self.attn = build_attention(cfg, reader, backend, int(hello["kv_tokens"]),
                                     getattr(torch, hello["kv_dtype"]), vision=False)
         self.side = AttentionSide(self.attn, self.wire, hello["serving"])

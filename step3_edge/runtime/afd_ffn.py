@@ -113,12 +113,12 @@ class FFNRank:
     def _load(self, hello: dict[str, Any]) -> dict[str, Any]:
         from step3_edge.runtime.loading import build_ffn
 
-        _, plan, cfg, reader, self.ffn_backend = open_worker_bundle(hello, self.wire)
+        d, _, plan, cfg, reader, self.ffn_backend = open_worker_bundle(hello, self.wire)
         self.device = self.ffn_backend.device
-        o = dict(hello["options"])
         self.dtype = self.ffn_backend.dtype
         self.shard = Shard.from_dict(hello["shard"])
-        self.ffn = build_ffn(cfg, reader, plan, self.ffn_backend, o, self.shard)
+        self.ffn = build_ffn(cfg, reader, plan, self.ffn_backend, d.options.experts,
+                             d.options.bandwidths, shard=self.shard)
         t = cfg.text_config
         self.cfg = t
         self.layers = sorted(self.shard.layers)

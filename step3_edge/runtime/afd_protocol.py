@@ -36,13 +36,16 @@ import torch.distributed as dist
 from step3_edge.config import Step3Config
 from step3_edge.errors import Step3EdgeError
 from step3_edge.runtime.engine import Shard
+from step3_edge.runtime.options import MAX_MICRO_BATCHES, STEP_SLOTS
 from step3_edge.runtime.planner import Plan
 
-PROTOCOL = 2
+__all__ = ["MAX_MICRO_BATCHES", "STEP_SLOTS", "PROTOCOL", "Wire", "partition"]
+
+PROTOCOL = 3                         # 3: the handshake carries the load's `LoadDecisions`
 OP_SHUTDOWN, OP_STEP, OP_STATS, OP_RESET, OP_TRACE = 0, 1, 2, 3, 4
 HEADER = 64                          # int64 control header: [op, args...]
-STEP_SLOTS = HEADER - 2              # [OP_STEP, M, n_00 .. n_0(M-1), n_10 ..]: A*M <= this
-MAX_MICRO_BATCHES = 14               # per attention rank
+# [OP_STEP, M, n_00 .. n_0(M-1), n_10 ..]: A*M <= STEP_SLOTS (checked with the options)
+assert STEP_SLOTS == HEADER - 2
 IDLE = datetime.timedelta(days=365)  # a worker rank may wait this long for the next request
 START_TIMEOUT = 60.0                 # spawned workers get at least this long to start (import
                                      # torch, join); a dead one fails at once, and afd_timeout
@@ -87,21 +90,25 @@ def partition(plan: Plan, cfg: Step3Config, ranks: int) -> list[Shard]:
             for x, d, s in zip(experts, dense, shared)]
 
 
-def open_worker_bundle(hello: dict[str, Any], wire: "Wire") -> tuple[Any, Any, Any, Any, Any]:
+def open_worker_bundle(hello: dict[str, Any], wire: "Wire"
+                       ) -> tuple[Any, Any, Any, Any, Any, Any]:
     """A spawned or torchrun rank's start: check rank 0's protocol, open the bundle it names and
-    make the backend on this rank's device -> (manifest, plan, cfg, reader, backend)."""
+    make the backend rank 0's decisions name on this rank's device -> (decisions, manifest,
+    plan, cfg, reader, backend)."""
     from step3_edge.runtime.backends import make_backend
+    from step3_edge.runtime.decisions import LoadDecisions
     from step3_edge.runtime.loading import open_bundle
 
     if hello.get("protocol") != PROTOCOL:
         raise AFDWorkerError(f"AFD protocol {hello.get('protocol')} from rank 0, this worker "
                              f"speaks {PROTOCOL}", "run the same step3-edge version on every rank")
-    o = hello["options"]
-    manifest, plan, cfg, reader = open_bundle(hello["bundle"], bool(o.get("verify")))
+    d = LoadDecisions.from_dict(hello["decisions"])
+    o = d.options
+    manifest, plan, cfg, reader = open_bundle(hello["bundle"], o.verify)
     dev = hello.get("device") or (str(wire.device) if wire.backend == "nccl" else "cpu")
-    backend = make_backend(o.get("backend", "torch"), dev, hello["dtype"], manifest=manifest,
-                           threads=o.get("ort_threads"), native_kernels=o.get("native_kernels"))
-    return manifest, plan, cfg, reader, backend
+    backend = make_backend(d.backend, dev, d.dtype, manifest=manifest, threads=o.ort_threads,
+                           native_kernels=o.native_kernels, dtype_reason=d.dtype_reason)
+    return d, manifest, plan, cfg, reader, backend
 
 
 def answer_handshake(wire: "Wire", load: Callable[[], dict[str, Any]]) -> bool:

@@ -519,16 +519,19 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | None) -> tuple[
 
 def make_backend(name: str = "torch", device: str | None = None,
                  dtype: torch.dtype | str | None = None, *, manifest: Any = None,
-                 threads: int | None = None, native_kernels: bool | None = None) -> Any:
+                 threads: int | None = None, native_kernels: bool | None = None,
+                 dtype_reason: str | None = None) -> Any:
     """The backend called `name` on `device` (default: CUDA when present, else the CPU),
     computing in `dtype` (torch: `resolve_dtype`'s choice for None / "auto"; the graph
     backends compute in float32). ONNX Runtime and
     TensorRT need the bundle's `manifest` (its subgraphs / engines); `threads` are ONNX
-    Runtime's intra-op threads; `native_kernels` is the torch backend's (`TorchBackend`)."""
+    Runtime's intra-op threads; `native_kernels` is the torch backend's (`TorchBackend`);
+    `dtype_reason` says why `dtype` was chosen (`decisions.decide`: "auto"'s reason)."""
     device = device or default_device()
     why = ""
     if name == "torch":
         dtype, why = resolve_dtype(dtype, device)
+        why = dtype_reason or why
     elif isinstance(dtype, str):
         dtype = None if dtype == "auto" else resolve_dtype(dtype, device)[0]
     try:

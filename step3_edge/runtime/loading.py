@@ -4,7 +4,6 @@ worker in another process builds exactly what the one-process engine would."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -14,33 +13,19 @@ import torch
 
 from step3_edge.checkpoint import INDEX_NAME, CheckpointReader
 from step3_edge.config import Step3Config
-from step3_edge.errors import BundleError, ConfigError, PlanError
+from step3_edge.errors import BundleError, PlanError
 from step3_edge.manifest import Manifest, load_manifest
 from step3_edge.model import Step3MoE
 from step3_edge.runtime.backends import TorchBackend, resolve_dtype
 from step3_edge.runtime.engine import AttentionWorker, FFNWorker, Shard
 from step3_edge.runtime.cost_model import Bandwidths, measure_bandwidths
 from step3_edge.runtime.expert_store import ExpertStore, Router, read_linear
+from step3_edge.runtime.decisions import GRAPH_BACKENDS
 from step3_edge.runtime.kv import kv_bytes_per_token
+from step3_edge.runtime.options import ExpertOptions
 from step3_edge.runtime.planner import Plan, expert_order
 
-MAX_DEFAULT_KV_TOKENS = 1 << 18   # cap when the plan leaves a whole CPU's memory to KV
 RESERVE_BYTES = 2 << 30           # CUDA: left free for activations when capping residents
-
-
-def bandwidths_option(bw: Any) -> Bandwidths | None:
-    """The `bandwidths` option: None (measure at start-up), a `Bandwidths`, or a dict of its
-    fields (what AFD workers receive)."""
-    if bw is None or isinstance(bw, Bandwidths):
-        return bw
-    fields = dataclasses.fields(Bandwidths)
-    required = [f.name for f in fields if f.default is dataclasses.MISSING]
-    if isinstance(bw, dict) and set(required) <= set(bw) <= {f.name for f in fields}:
-        return Bandwidths(**bw)
-    raise ConfigError(f"bandwidths={bw!r}",
-                      f"give a Bandwidths or a dict with {', '.join(required)} (bytes/s and "
-                      "FLOP/s; optional: measured, cpu_overhead, copy_overhead), or leave it "
-                      "out to measure at start-up")
 
 
 def measure_with_threads(dev: torch.device, backend: Any, threads: int) -> Bandwidths:
@@ -76,54 +61,6 @@ def open_bundle(bundle: str | Path, verify: bool = False
     return manifest, plan, cfg, reader
 
 
-# backends that run the bundle's subgraphs (ort_backend's graph workers drive both)
-GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
-
-
-def choose_backend(o: dict[str, Any], manifest: Manifest) -> str:
-    """`backend` as asked, or for "auto" (the default): ONNX Runtime when the bundle has ONNX
-    subgraphs, no GPU is used and the compute is float32 (asked, or `resolve_dtype`'s choice:
-    the CPU graphs compute in float32, where ORT's fused graphs beat torch ~2x); torch
-    otherwise (bf16 compute reads the stored bf16 weights, half the bytes, and is as fast or
-    faster: docs/runtime.md)."""
-    name = o.get("backend") or "auto"
-    if name != "auto":
-        return name
-    dev = str(o.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if manifest.subgraphs and dev.startswith("cpu") and \
-            resolve_dtype(o.get("dtype"), dev)[0] == torch.float32:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "onnxruntime"
-    return "torch"
-
-
-def kv_settings(o: dict[str, Any], dtype: torch.dtype, plan: Plan, cfg: Step3Config
-                ) -> tuple[torch.dtype, int]:
-    """KV element type and pool size in tokens from the options and the plan."""
-    t = cfg.text_config
-    kv_dtype = o.get("kv_dtype") or (dtype if dtype == torch.float32 else
-                                     torch.float8_e4m3fn if plan.kv_bytes_per_elem == 1
-                                     else torch.bfloat16)
-    if isinstance(kv_dtype, str):
-        if kv_dtype not in ("float32", "bfloat16", "float16", "float8_e4m3fn"):
-            raise ConfigError(f"kv_dtype={kv_dtype!r}", "use float32, bfloat16, float16 "
-                              "or float8_e4m3fn")
-        kv_dtype = getattr(torch, kv_dtype)
-    per_token = kv_bytes_per_token(t, kv_dtype)
-    planned = sum(d.kv_bytes for d in plan.device_plans)
-    kv_tokens = o.get("kv_tokens")
-    if kv_tokens is None:
-        kv_tokens = min(planned // per_token, MAX_DEFAULT_KV_TOKENS)
-    elif isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int):
-        raise ConfigError(f"kv_tokens={kv_tokens!r}", "give kv_tokens as a whole number >= 16")
-    if kv_tokens < 16:
-        raise ConfigError(f"kv_tokens={kv_tokens}", "give at least 16 KV tokens")
-    return kv_dtype, kv_tokens
-
-
 def check_kv_memory(kv_tokens: int, kv_dtype: torch.dtype, cfg: Step3Config, backend: Any,
                     manifest: Manifest) -> None:
     """Refuse, before any weight is read, a KV pool in CPU memory that does not fit in the
@@ -147,20 +84,20 @@ def check_kv_memory(kv_tokens: int, kv_dtype: torch.dtype, cfg: Step3Config, bac
                         "free memory, or use a machine with more")
 
 
-def resident_set(cfg: Step3Config, plan: Plan, resident: float | int | None,
+def resident_set(cfg: Step3Config, plan: Plan, experts: ExpertOptions,
                  counts: dict[int, list[int]] | None) -> set[tuple[int, int]]:
-    """The routed experts to keep on the device: the plan's hot set, or `resident` (a
-    fraction or a count) chosen by the profile `counts` (else the plan's hot experts first)."""
+    """The routed experts to keep on the device: the plan's hot set, or `resident_experts`
+    (a count) / `resident_fraction` of them chosen by the profile `counts` (else the plan's
+    hot experts first)."""
     t = cfg.text_config
     keys = [(L, e) for L in t.moe_layers for e in range(t.moe_num_experts)]
     hot = {k for k in keys if plan.expert_location(*k) != "cpu"}
-    if resident is None and counts is None:
+    count, fraction = experts.resident_experts, experts.resident_fraction
+    if count is None and fraction is None and counts is None:
         return hot
-    n = len(hot) if resident is None else (
-        round(resident * len(keys)) if isinstance(resident, float) else int(resident))
-    if not 0 <= n <= len(keys):
-        raise ConfigError(f"resident={resident!r}", f"give a fraction in [0, 1] or a count in "
-                          f"0..{len(keys)}")
+    n = count if count is not None else (len(hot) if fraction is None
+                                         else round(fraction * len(keys)))
+    assert 0 <= n <= len(keys), n          # options and `decide` checked the range
     order, _ = expert_order(cfg, counts)
     if counts is None:                    # the plan's hot experts first
         order = sorted(order, key=lambda k: k not in hot)
@@ -203,20 +140,23 @@ def build_attention(cfg: Step3Config, reader: CheckpointReader, backend: Any,
 
 
 def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: TorchBackend,
-              o: dict[str, Any], shard: Shard | None = None,
+              experts: ExpertOptions, bandwidths: Bandwidths | None = None,
+              threads: int | None = None, shard: Shard | None = None,
               routers: dict[int, Router] | None = None) -> FFNWorker:
-    """The FFN side (all of it, or one shard) with its expert store, as the options ask."""
+    """The FFN side (all of it, or one shard) with its expert store, as the expert options
+    ask; `bandwidths` None measures them (on a CPU at `threads` intra-op threads, if given)."""
     if backend.name in GRAPH_BACKENDS:
         from step3_edge.runtime.ort_backend import OrtFFNWorker
 
         return OrtFFNWorker(cfg, backend, shard)
     t = cfg.text_config
     dev = backend.device
-    counts = read_counts(o.get("expert_counts"))
-    resident = resident_set(cfg, plan, o.get("resident"), counts)
+    counts = read_counts(experts.expert_counts)
+    resident = resident_set(cfg, plan, experts, counts)
     if shard is not None:
         resident &= shard.experts
-    if dev.type == "cuda" and o.get("resident") is None:   # one card holds what it can
+    if dev.type == "cuda" and experts.resident_experts is None and \
+            experts.resident_fraction is None:        # one card holds what it can
         ffn_fixed = sum(d.weight_bytes.get("mlp", 0) + d.weight_bytes.get("shared_expert", 0)
                         for d in plan.device_plans)
         free = torch.cuda.mem_get_info(dev)[0] - RESERVE_BYTES - ffn_fixed
@@ -224,18 +164,16 @@ def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: T
         if len(resident) > cap:
             order = [k for k in expert_order(cfg, counts)[0] if k in resident]
             resident = set(order[:cap])
-    policy = o.get("cache", "lfu")
-    bw = bandwidths_option(o.get("bandwidths"))
-    if bw is None and dev.type == "cpu" and o.get("threads"):
-        bw = measure_with_threads(dev, backend, o["threads"])
+    policy = experts.cache
+    bw = bandwidths
+    if bw is None and dev.type == "cpu" and threads:
+        bw = measure_with_threads(dev, backend, threads)
     if routers is None:               # prefetch, and the trace's next-layer predictions
         routers = load_routers(cfg, reader, backend)
-    store = ExpertStore(t, reader, backend, resident, policy=policy,
-                        miss=o.get("miss", "auto"),
-                        prefetch=bool(o.get("prefetch", dev.type == "cuda" and
-                                            policy != "static")),
-                        bandwidths=bw,
-                        routers=routers,
+    prefetch = experts.prefetch if experts.prefetch is not None else \
+        dev.type == "cuda" and policy != "static"
+    store = ExpertStore(t, reader, backend, resident, policy=policy, miss=experts.miss,
+                        prefetch=prefetch, bandwidths=bw, routers=routers,
                         owned=None if shard is None else set(shard.experts),
-                        stacked=o.get("stacked_experts"))
+                        stacked=experts.stacked_experts)
     return FFNWorker(cfg, reader, backend, store, shard)

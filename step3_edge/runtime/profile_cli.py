@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     bundle, _name = resolve_bundle(args.model)
     # every prompt token routed (the prefix cache would skip repeated prefixes)
-    with Step3Runtime.load(bundle, **runtime_overrides(args), prefix_cache=False) as rt:
+    with Step3Runtime.load(bundle, **{**runtime_overrides(args), "prefix_cache": False}) as rt:
         ids = []
         for p in prompts:
             if isinstance(p, list):

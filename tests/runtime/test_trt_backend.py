@@ -113,5 +113,5 @@ def test_engine_bounds_cap_the_scheduler_and_the_context(onnx_bundle: Path, monk
         outs = rt.generate([ids, ids[:30], ids[:20]], max_new_tokens=3)   # 3 > max_batch
         assert [len(g.prompt_token_ids) for g in outs] == [40, 30, 20]
         assert all(g.finish_reason in ("stop", "length") for g in outs)
-        with pytest.raises(PromptError, match="context of 64"):
+        with pytest.raises(PromptError, match="the context 64"):
             rt.generate(ids + ids[:20], max_new_tokens=8)
