@@ -46,3 +46,14 @@ def test_the_mutators_change_their_input() -> None:
     assert changed > 40
     raw = bytes(r.randrange(256) for _ in range(100))
     assert sum(fuzz.corrupt_bytes(raw, r) != raw for _ in range(50)) > 40
+
+
+def test_a_thread_count_no_thread_team_can_start_is_refused_before_loading() -> None:
+    """threads=2**20 reached torch.set_num_threads and killed the process (SIGSEGV)."""
+    from step3_edge.errors import ConfigError
+    from step3_edge.runtime.options import MAX_THREADS, RuntimeOptions
+
+    for key in ("threads", "ort_threads", "afd_threads"):
+        with pytest.raises(ConfigError, match=f"give {key} as at most {MAX_THREADS}"):
+            RuntimeOptions.from_kwargs(**{key: 2**20})
+        RuntimeOptions.from_kwargs(**{key: 2})

@@ -33,6 +33,7 @@ CACHE_POLICIES = ("static", "lru", "lfu")
 MISS_POLICIES = ("cpu", "copy", "auto")
 AFD_MODES = ("spawn", "env")
 MIN_KV_TOKENS = 16
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))   # past it a thread team cannot start
 
 
 class OptionError(ConfigError):
@@ -70,6 +71,9 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         low = {"count": 1, "count0": 0, "kv_tokens": MIN_KV_TOKENS}[kind]
         if not _is_int(value) or value < low:
             raise _bad(key, value, f"give {key} as a whole number >= {low}")
+        if key.endswith("threads") and value > MAX_THREADS:
+            raise _bad(key, value, f"give {key} as at most {MAX_THREADS} (this machine has "
+                       f"{os.cpu_count()} cores)")
     elif kind == "fraction":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 not 0 <= value <= 1:
