@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from functools import cache
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 from step3_edge.errors import ConfigError
 from step3_edge.quantize.schemes import Scheme, get_scheme
 from step3_edge.runtime import native
+from step3_edge.runtime.kernels import KernelCaps, fast_bf16_gemm
 
 FP8 = torch.float8_e4m3fn
 # (scheme, device type) -> kernel; "dequantized" means upcast once at load (no fast kernel).
@@ -63,6 +63,12 @@ class Linear(nn.Module, ABC):
         """Bytes the kernel reads per call: the stored form, or the weight dequantized at load
         where one was made (fp8 on the CPU: twice the stored bytes)."""
         return self.nbytes
+
+    @property
+    def gemv(self) -> native.Weights | None:
+        """This weight's native bf16 GEMV (what the fused native blocks are built from), or
+        None where it has none (the backend's `caps.native` off, or not a bf16 weight)."""
+        return None
 
     def remake(self, backend: TorchBackend, non_blocking: bool = False) -> Linear:
         """The same weight, re-made by `backend` (copying the stored parts to its device)."""
@@ -187,6 +193,10 @@ class DenseLinear(Linear):
     def compute_nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
 
+    @property
+    def gemv(self) -> native.Weights | None:
+        return None if self.packed is None else self.packed.native
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return self.packed(x)
@@ -309,7 +319,7 @@ class Int8Dynamic(Int8WeightOnly):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
-        if m <= 16 and self.backend.caps.get("int8pack_cuda"):
+        if m <= 16 and self.backend.caps.int8pack_cuda:
             return super().matmul(x)
         sx = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127.0   # [M, 1]
         xq = (x.float() / sx).round_().clamp_(-127, 127).to(torch.int8)
@@ -379,42 +389,12 @@ class TorchBackend:
         self.dtype, self.dtype_reason = dtype, dtype_reason
         self.native_kernels = native_kernels       # as asked (a CUDA backend's host takes it)
         self.used: Counter[str] = Counter()
-        self.caps = self._probe()
-        self.native_note = ""
-        if self.device.type == "cpu" and dtype == torch.bfloat16 and native_kernels is not False:
-            self.caps["native_kernels"] = native.kernel() is not None
-            self.native_note = native.unavailable_reason()
-            if native_kernels and not self.caps["native_kernels"]:
-                raise ConfigError(f"native_kernels=True, but the native kernels cannot run here "
-                                  f"({self.native_note})",
-                                  "leave native_kernels unset (oneDNN is used instead)")
+        self.caps = KernelCaps.probe(self.device, dtype, native_kernels)   # decided once
+        self.native_note = self.caps.native_unavailable
 
     def pack_bf16(self, weights: list[torch.Tensor]) -> PackedBf16:
         """bf16 weights [rows_i, K] as one matrix (`PackedBf16`)."""
-        return PackedBf16(weights, bool(self.caps.get("native_kernels")),
-                          bool(self.caps.get("mkldnn_bf16_packed")))
-
-    def _probe(self) -> dict[str, bool]:
-        """Which fast kernels run here, found by trying each once on a small matrix."""
-        dev, caps = self.device, {}
-        if dev.type == "cpu":
-            return {"int4pack_cpu": _try(lambda: torch._weight_int4pack_mm_for_cpu(
-                torch.ones(1, 128), torch._convert_weight_to_int4pack_for_cpu(
-                    torch.full((32, 128), 8, dtype=torch.int32), 1), 128,
-                torch.ones(1, 32, 2))),
-                "mkldnn_bf16_packed": fast_bf16_gemm()}
-        q = torch.ones(32, 32, dtype=torch.int8, device=dev)
-        caps["int_mm"] = _try(lambda: torch._int_mm(torch.ones(32, 32, dtype=torch.int8,
-                                                               device=dev), q.t()))
-        caps["int8pack_cuda"] = _try(lambda: torch._weight_int8pack_mm(
-            torch.ones(1, 32, dtype=torch.bfloat16, device=dev), q,
-            torch.ones(32, dtype=torch.bfloat16, device=dev)))
-        major, minor = torch.cuda.get_device_capability(dev)
-        caps["scaled_mm"] = (major, minor) >= (8, 9) and _try(lambda: torch._scaled_mm(
-            torch.ones(32, 32, device=dev).to(FP8), torch.ones(32, 32, device=dev).to(FP8).t(),
-            scale_a=torch.ones(32, 1, device=dev), scale_b=torch.ones(1, 32, device=dev),
-            out_dtype=torch.bfloat16))
-        return caps
+        return PackedBf16(weights, self.caps.native, self.caps.fast_bf16_gemm)
 
     def linear(self, scheme: Scheme | str, parts: dict[str, torch.Tensor],
                shape: tuple[int, int]) -> Linear:
@@ -423,17 +403,17 @@ class TorchBackend:
         n, k = shape
         cls: type[Linear] | None = None
         name, cuda = scheme.name, self.device.type == "cuda"
-        if not cuda and self.dtype == torch.bfloat16 and self.caps.get("native_kernels") and \
+        if not cuda and self.dtype == torch.bfloat16 and self.caps.native and \
                 NativeQuant.takes(scheme):
             cls = NativeQuant
         elif name == "int8_per_channel" and not cuda:
             cls = Int8WeightOnly
-        elif name == "int8_per_channel" and self.caps.get("int_mm") and k % 8 == 0 and n % 8 == 0:
+        elif name == "int8_per_channel" and self.caps.int_mm and k % 8 == 0 and n % 8 == 0:
             cls = Int8Dynamic
-        elif name == "int4_block" and not cuda and self.caps.get("int4pack_cpu") and \
+        elif name == "int4_block" and not cuda and self.caps.int4pack_cpu and \
                 k % 128 == 0 and n % 32 == 0 and getattr(scheme, "group", 128) == 128:
             cls = Int4CPU
-        elif name == "fp8_per_channel" and cuda and self.caps.get("scaled_mm") and \
+        elif name == "fp8_per_channel" and cuda and self.caps.scaled_mm and \
                 k % 16 == 0 and n % 16 == 0:
             cls = FP8Scaled
         if cls is not None:
@@ -450,8 +430,8 @@ class TorchBackend:
         """Device, dtype, probed kernels and how many weights went to each kernel."""
         out = {"backend": self.name, "device": str(self.device),
                "dtype": str(self.dtype).removeprefix("torch."), "dtype_reason": self.dtype_reason,
-               "native_isa": native.kernel().isa if self.caps.get("native_kernels") else None,
-               "capabilities": self.caps,
+               "native_isa": self.caps.native_isa,
+               "capabilities": self.caps.as_dict(),
                "kernels": dict(self.used)}
         if self.native_note:
             out["native_unavailable"] = self.native_note
@@ -466,30 +446,11 @@ def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:
     return t if t.data_ptr() % align == 0 else t.clone()
 
 
-def _try(fn: Any) -> bool:
-    try:
-        fn()
-        return True
-    except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
-        return False
-
-
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@cache
-def fast_bf16_gemm() -> bool:
-    """Whether oneDNN has a fast bf16 GEMM on this CPU (AVX512-BF16, AMX or AVX-NE-CONVERT):
-    it prepacks bf16 weights only there."""
-    w = torch.ones(32, 64, dtype=torch.bfloat16)
-    return torch.backends.mkldnn.is_available() and _try(
-        lambda: torch.ops.mkldnn._linear_pointwise(
-            torch.ones(2, 64, dtype=torch.bfloat16),
-            torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], ""))
 
 
 DTYPES = ("float32", "bfloat16", "float16")

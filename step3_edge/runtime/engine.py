@@ -52,7 +52,7 @@ class NativeRMSNorm(RMSNorm):
 def _norm(reader: CheckpointReader, name: str, eps: float, backend: TorchBackend) -> RMSNorm:
     w = reader.read(name, torch.float32).to(backend.device)
     with torch.device("meta"):
-        norm = (NativeRMSNorm if backend.caps.get("native_kernels") else RMSNorm)(w.shape[0], eps)
+        norm = (NativeRMSNorm if backend.caps.native else RMSNorm)(w.shape[0], eps)
     norm.load_state_dict({"weight": w.contiguous()}, assign=True)
     return norm
 
@@ -177,7 +177,7 @@ class AttentionWorker:
         self.norm = _norm(reader, "model.norm.weight", t.rms_norm_eps, backend)
         self.lm_head = read_linear(reader, backend, "lm_head.weight")
         self.kv = KVPool(t, kv_tokens, kv_dtype or backend.dtype, dev)
-        self.kv.native = bool(backend.caps.get("native_kernels")) and \
+        self.kv.native = backend.caps.native and \
             self.kv.dtype in native.KV_KINDS and t.head_dim % 16 == 0 and t.head_dim <= 512
         # a decode group: each layer's attention side and router in one native call per
         # native.BLOCK_MAX_ROWS sequences
@@ -191,7 +191,7 @@ class AttentionWorker:
         the native GEMV, else None."""
         a, qkv = layer.self_attn, self.qkv[L]
         lins = [a.wq, a.o_proj] + ([layer.moe.gate] if layer.is_moe else [])
-        gemv = [getattr(getattr(lin, "packed", None), "native", None) for lin in lins]
+        gemv = [lin.gemv for lin in lins]
         if qkv is None or qkv.native is None or None in gemv:
             return None
         t = self.cfg.text_config

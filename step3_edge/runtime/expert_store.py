@@ -60,18 +60,25 @@ class StoreStats:
         return {**asdict(self), "misses": self.accesses - self.hits, "hit_rate": self.hit_rate}
 
 
-def make_mlp(gate: nn.Module, up: nn.Module, down: nn.Module) -> Step3MLP:
-    """The reference SwiGLU module (`Step3MLP`) around three runtime linears; with oneDNN
-    prepacked bf16 gate and up, gate and up become one GEMM (`FusedSwiGLU`)."""
+class RuntimeMLP(Step3MLP):
+    """The reference SwiGLU module (`Step3MLP`) around three runtime linears; `native` is its
+    one-call native MLP where it has one (`FusedSwiGLU`), else None."""
+
+    native: native.SwiGLU | None = None
+
+
+def make_mlp(gate: Linear, up: Linear, down: Linear) -> RuntimeMLP:
+    """`RuntimeMLP` around three runtime linears; with oneDNN prepacked bf16 gate and up,
+    gate and up become one GEMM (`FusedSwiGLU`)."""
     if getattr(gate, "packed", None) is not None and getattr(up, "packed", None) is not None:
         return FusedSwiGLU(gate, up, down)
     with torch.device("meta"):
-        mlp = Step3MLP(1, 1)
+        mlp = RuntimeMLP(1, 1)
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
     return mlp
 
 
-class FusedSwiGLU(Step3MLP):
+class FusedSwiGLU(RuntimeMLP):
     """`Step3MLP` with gate and up as one prepacked bf16 matrix [2m, h] (`PackedBf16`;
     bit-identical to two GEMMs under oneDNN; tests/runtime/test_backends.py). The separate
     linears are kept for their stored parts (copies, byte counts) but drop their own packed
@@ -85,9 +92,8 @@ class FusedSwiGLU(Step3MLP):
         self.m = gate.shape[0]
         self.packed = gate.backend.pack_bf16([gate.weight, up.weight])   # [2m, h]
         gate.packed = up.packed = None
-        down_native = getattr(getattr(down, "packed", None), "native", None)
         self.native = native.SwiGLU(gate.weight, up.weight, down.weight) \
-            if self.packed.native is not None and down_native is not None else None
+            if self.packed.native is not None and down.gemv is not None else None
         # without oneDNN's blocked GEMM the native MLP is the fastest path up to its 8 rows
         self.native_rows = native.MAX_ROWS if self.packed.packed is not None else \
             native.GEMV_MAX_ROWS
@@ -158,8 +164,8 @@ class ExpertStore:
         self.bw = bandwidths or measure_bandwidths(dev, backend.dtype, backend=backend)
         self.cost = CostModel(self.bw, cfg.hidden_size, torch.finfo(backend.dtype).bits // 8,
                               dev.type == "cpu")
-        self.on_device: dict[Key, Step3MLP] = {}
-        self.on_host: dict[Key, Step3MLP] = {}
+        self.on_device: dict[Key, RuntimeMLP] = {}
+        self.on_host: dict[Key, RuntimeMLP] = {}
         self.ready: dict[Key, torch.cuda.Event] = {}
         self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         names = [f"moe.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
@@ -188,7 +194,7 @@ class ExpertStore:
         # one native call per layer for a few rows (`_native_sum`): CPU experts with the
         # native SwiGLU, unless the experts were stacked on request
         self._native = dev.type == "cpu" and not self.stacked and all(
-            getattr(m, "native", None) is not None
+            m.native is not None
             for m in [*self.on_device.values(), *self.on_host.values()])
         home = next(iter(self.on_host.values()), None)    # what CPU compute of a miss reads
         self.host_expert_bytes = self.expert_bytes if home is None else \
@@ -207,7 +213,7 @@ class ExpertStore:
             return "stacked_experts=False"
         if self.backend.device.type != "cpu":
             return "the device is not the CPU"
-        if asked is None and self.backend.caps.get("native_kernels"):
+        if asked is None and self.backend.caps.native:
             return "the native GEMV runs the experts (faster per expert than the stack)"
         if len(resident) < len(cfg.moe_layers) * cfg.moe_num_experts:
             return "this store does not hold every routed expert resident"
@@ -220,7 +226,7 @@ class ExpertStore:
                 for L in cfg.moe_layers}
         if not all(isinstance(m, FusedSwiGLU) for ms in mlps.values() for m in ms):
             return "the experts are not oneDNN-prepacked bf16"
-        if not self.backend.caps.get("mkldnn_bf16_packed"):
+        if not self.backend.caps.fast_bf16_gemm:
             return "the experts are not oneDNN-prepacked bf16 (no fast bf16 GEMM on this CPU)"
         self.stacked = {L: StackedExperts(ms, self.bw) for L, ms in mlps.items()}
         return ""
@@ -262,7 +268,7 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ moving weights
     def _copy_in(self, key: Key, admit: bool, protect: frozenset[Key], wait: bool = True
-                 ) -> Step3MLP:
+                 ) -> RuntimeMLP:
         """A device copy of a host expert; kept in the cache when `admit` and the policy lets
         it in (evicting a victim), else used once and dropped. On CUDA the copy runs on a side
         stream; `wait` makes the compute stream wait for it now (else at first use)."""
@@ -301,7 +307,7 @@ class ExpertStore:
             self.ready.pop(key, None)
         return mlp
 
-    def _device_mlp(self, key: Key) -> Step3MLP:
+    def _device_mlp(self, key: Key) -> RuntimeMLP:
         ev = self.ready.pop(key, None)
         if ev is not None:
             torch.cuda.current_stream(self.backend.device).wait_event(ev)
@@ -372,7 +378,7 @@ class ExpertStore:
                 per[e], self.expert_bytes, self._flops(per[e]), self.host_expert_bytes)
             self.stats.miss_choices[choice] += 1
             kinds[e] = "copy" if choice == "copy" else "cpu"
-        base = None if shared is None else getattr(shared, "native", None)
+        base = None if shared is None else shared.native
         if uniq and self._native and (shared is None or base is not None) and \
                 pairs is not None and x.shape[0] <= native.EXPERT_MAX_ROWS and \
                 x.dtype == torch.bfloat16:

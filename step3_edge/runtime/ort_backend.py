@@ -27,6 +27,7 @@ import torch
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, MissingExtraError, PromptError
 from step3_edge.runtime.engine import Shard
+from step3_edge.runtime.kernels import NO_KERNELS
 from step3_edge.runtime.kv import KVPool, StepBatch
 
 
@@ -47,6 +48,7 @@ class OrtBackend:
     """ONNX Runtime over one bundle's subgraphs (float32 at the graph boundary)."""
 
     name = "onnxruntime"
+    caps = NO_KERNELS                   # no torch kernels: the graphs run in ONNX Runtime
 
     def __init__(self, manifest: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, threads: int | None = None) -> None:

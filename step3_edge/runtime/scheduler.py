@@ -173,8 +173,7 @@ class Scheduler:
         self.engine, self.decode, self.prefix_cache = engine, decode, prefix_cache
         self.image_token = engine.attn.cfg.image_token_id
         # greedy picks of CPU logits through the native kernel where the backend runs them
-        caps = getattr(engine.attn.backend, "caps", {})         # ORT / TensorRT: none
-        self.greedy = native.argmax if caps.get("native_kernels") else greedy
+        self.greedy = native.argmax if engine.attn.backend.caps.native else greedy
         self.threads = threads or torch.get_num_threads()
         self.max_batch, self.max_prefill = max_batch, max_prefill_tokens
         self.waiting: deque[Request] = deque()

@@ -27,6 +27,7 @@ import torch
 from step3_edge.errors import BundleError, ConfigError, MissingExtraError, PromptError
 from step3_edge.export.binding import Bound
 from step3_edge.export.onnx_runner import BundleGraphs
+from step3_edge.runtime.kernels import NO_KERNELS
 from step3_edge.runtime.ort_backend import check_graph_bundle
 
 # TensorRT I/O types (trt.DataType member names) -> torch dtypes
@@ -209,6 +210,7 @@ class TrtBackend:
     graph boundary, like `OrtBackend`)."""
 
     name = "tensorrt"
+    caps = NO_KERNELS                   # no torch kernels: the engines run in TensorRT
 
     def __init__(self, manifest: Any, device: str | torch.device = "cuda",
                  dtype: torch.dtype | None = None) -> None:

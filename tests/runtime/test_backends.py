@@ -34,9 +34,9 @@ def test_cpu_linear_matches_dequantized_weight(scheme: str, kernel: str,
     parts = sch.quantize(w)
     lin = be.linear(sch, parts, tuple(w.shape))
     if scheme == "bf16" and dtype == torch.bfloat16:
-        kernel = "oneDNN prepacked bf16" if be.caps.get("mkldnn_bf16_packed") else \
+        kernel = "oneDNN prepacked bf16" if be.caps.fast_bf16_gemm else \
             "float32 GEMM on bf16 row blocks"
-    if dtype == torch.bfloat16 and be.caps.get("native_kernels") and NativeQuant.takes(sch):
+    if dtype == torch.bfloat16 and be.caps.native and NativeQuant.takes(sch):
         kernel = "native int8/fp8 GEMV"                             # the stored bytes
     assert kernel in lin.kernel
     # 15 rows (the GEMM paths) and 2 (a decode step's: the native GEMV where it runs)
@@ -64,7 +64,7 @@ def test_bf16_weights_stay_bf16_under_bf16_compute() -> None:
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_prepacked_bf16_is_bit_identical_to_f_linear(m: int) -> None:
     be = TorchBackend("cpu", torch.bfloat16, native_kernels=False)
-    if not be.caps.get("mkldnn_bf16_packed"):
+    if not be.caps.fast_bf16_gemm:
         pytest.skip("no oneDNN bf16 on this CPU")
     for out, inp in ((256, 512), (1536, 512), (512, 1536), (48, 512), (96, 256)):
         parts = get_scheme("bf16").quantize(_weight(out, inp, seed=out))
@@ -121,9 +121,9 @@ def test_cuda_linear_matches_dequantized_weight(scheme: str, rows: int) -> None:
     w = _weight(256, 512)
     parts = {k: v.cuda() for k, v in sch.quantize(w).items()}
     lin = be.linear(sch, parts, (256, 512))
-    if scheme == "int8_per_channel" and be.caps["int_mm"]:
+    if scheme == "int8_per_channel" and be.caps.int_mm:
         assert "_int_mm" in lin.kernel
-    if scheme == "fp8_per_channel" and be.caps["scaled_mm"]:
+    if scheme == "fp8_per_channel" and be.caps.scaled_mm:
         assert "_scaled_mm" in lin.kernel
     x = torch.randn(rows, 512, device="cuda")
     want = x @ sch.dequantize({k: v.cpu() for k, v in parts.items()}, (256, 512)).cuda().t()
@@ -142,3 +142,24 @@ def test_cuda_copy_from_pinned_host() -> None:
     torch.cuda.synchronize()
     x = torch.randn(3, 512, dtype=torch.bfloat16)
     assert (on_dev(x.cuda()).cpu().float() - lin(x).float()).abs().max() < 0.1
+
+
+def test_kernel_capabilities_are_decided_once_per_backend() -> None:
+    """`caps` is one frozen `KernelCaps` made with the backend; `describe()` reports it, and
+    the graph backends (no torch kernels) carry `NO_KERNELS`."""
+    import dataclasses
+
+    from step3_edge.runtime.kernels import NO_KERNELS, KernelCaps
+    from step3_edge.runtime.ort_backend import OrtBackend
+    from step3_edge.runtime.trt_backend import TrtBackend
+
+    be = TorchBackend("cpu", torch.bfloat16)
+    assert isinstance(be.caps, KernelCaps) and be.caps.native_applies
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        be.caps.native_isa = "x"  # type: ignore[misc]
+    d = be.describe()
+    assert d["capabilities"] == be.caps.as_dict() and d["native_isa"] == be.caps.native_isa
+    assert d["capabilities"]["native_kernels"] == be.caps.native
+    off = TorchBackend("cpu", torch.bfloat16, native_kernels=False).caps
+    assert not off.native and not off.native_applies
+    assert OrtBackend.caps is TrtBackend.caps is NO_KERNELS and not NO_KERNELS.native

@@ -136,7 +136,7 @@ def test_packed_bf16_native_against_onednn(m: int) -> None:
     g = _gen()
     ws = [torch.randn(r, 512, generator=g).bfloat16() for r in (256, 64)]
     x = torch.randn(m, 512, generator=g).bfloat16()
-    prepack = bool(TorchBackend("cpu").caps["mkldnn_bf16_packed"])
+    prepack = bool(TorchBackend("cpu").caps.fast_bf16_gemm)
     on, off = PackedBf16(ws, True, prepack), PackedBf16(ws, False, prepack)
     a, b = on(x), off(x)
     w = torch.cat(ws)
@@ -387,13 +387,14 @@ def test_unavailable_native_kernels_falls_back_or_refuses(monkeypatch) -> None:
     is refused with the reason."""
     monkeypatch.setattr(native, "_load", lambda: (None, "this CPU has no AVX512-BF16"))
     be = TorchBackend("cpu", torch.bfloat16)
-    assert not be.caps["native_kernels"]
+    assert not be.caps.native and be.caps.native_applies
     assert be.describe()["native_unavailable"] == "this CPU has no AVX512-BF16"
     lin = be.linear("bf16", {"": torch.randn(64, 128).bfloat16()}, (64, 128))
     assert lin.packed is None or lin.packed.native is None
     with pytest.raises(ConfigError, match="no AVX512-BF16"):
         TorchBackend("cpu", torch.bfloat16, native_kernels=True)
-    assert "native_kernels" not in TorchBackend("cpu", torch.float32).caps   # fp32: never used
+    fp32 = TorchBackend("cpu", torch.float32).caps                  # fp32: never used
+    assert not fp32.native_applies and "native_kernels" not in fp32.as_dict()
 
 
 def test_native_kernels_option_is_checked(bundle: Path) -> None:

@@ -19,7 +19,7 @@ from step3_edge.runtime.expert_store import make_mlp
 from step3_edge.runtime.stacked_experts import MAX_ROWS, StackedExperts
 
 BF16 = TorchBackend("cpu", torch.bfloat16, native_kernels=False)   # oneDNN: exact bits
-needs_packed = pytest.mark.skipif(not BF16.caps.get("mkldnn_bf16_packed"),
+needs_packed = pytest.mark.skipif(not BF16.caps.fast_bf16_gemm,
                                   reason="no oneDNN bf16 on this CPU")
 
 
