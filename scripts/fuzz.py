@@ -1,7 +1,8 @@
 """Seeded fuzzing of every input step3-edge reads: config.json, the safetensors index, the
-checkpoint's shards, an exported bundle (manifest, artifacts, tokenizer files), images and chat
-templates. Each case mutates a pristine tiny synthetic input, runs what the CLI and runtime
-run on it, and is sorted into:
+checkpoint's shards, an exported bundle (manifest, artifacts, tokenizer files), images, chat
+templates, the runtime's load options, prompts and sampling, and a bundle with ONNX graphs.
+Each case mutates a pristine tiny synthetic input, runs what the CLI and runtime run on it
+(`runtime` and `onnx`: `Step3Runtime.load` and one short generation), and is sorted into:
 
     ok      accepted, and the result passes the kind's correctness check
     clean   refused with a Step3EdgeError
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import io
 import os
 import random
@@ -29,18 +31,19 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fuzz_inputs import Fuzzer, Silent, corrupt_bytes, mutate_json  # noqa: E402
+from fuzz_inputs import Silent, corrupt_bytes, mutate_json  # noqa: E402
+from fuzz_runtime import Fuzzer  # noqa: E402
 
 __all__ = ["KINDS", "Fuzzer", "Report", "corrupt_bytes", "fuzz", "mutate_json", "run_case"]
 
-KINDS = ("config", "index", "checkpoint", "bundle", "image", "template")
+KINDS = ("config", "index", "checkpoint", "bundle", "image", "template", "runtime", "onnx")
 LIMIT_S = {"config": 20, "index": 20, "checkpoint": 60, "bundle": 60, "image": 60,
-           "template": 20}
+           "template": 20, "runtime": 60, "onnx": 90}
 STATUSES = ("ok", "clean", "crash", "hang", "silent")
 class _Hang(BaseException):
     pass
@@ -114,8 +117,9 @@ def run_case(kind: str, case: int, fn: Callable[[], None]) -> Outcome:
 
 
 def fuzz(kinds: list[str], cases: int, seed: int, work: Path, onnx: bool = False,
-         progress: bool = False) -> Report:
-    """`cases` cases of each kind, reproducible from `seed`."""
+         progress: bool = False, log: Any = None) -> Report:
+    """`cases` cases of each kind, reproducible from `seed` (`log`: a file each case's kind
+    and number are written to before it runs)."""
     fz = Fuzzer(work, onnx)
     report = Report()
     for kind in kinds:
@@ -127,6 +131,9 @@ def fuzz(kinds: list[str], cases: int, seed: int, work: Path, onnx: bool = False
             except Exception as e:                       # noqa: BLE001 - a mutator bug
                 report.outcomes.append(Outcome(kind, i, "crash", f"mutator: {e!r}"))
                 continue
+            if log is not None:                  # a case that kills the process is named
+                log.write(f"{kind} {i}\n")
+                log.flush()
             report.outcomes.append(run_case(kind, i, fn))
             if progress and (i + 1) % 100 == 0:
                 print(f"  {kind}: {i + 1}/{cases}", file=sys.stderr, flush=True)
@@ -134,17 +141,31 @@ def fuzz(kinds: list[str], cases: int, seed: int, work: Path, onnx: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cases", type=int, default=1000, help="cases per input kind")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--seed", type=int, default=0, help="the seed every case derives from")
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated input kinds")
     p.add_argument("--work", default=None, help="folder for the pristine inputs (kept)")
-    p.add_argument("--onnx", action="store_true", help="fuzz a bundle with ONNX graphs")
+    p.add_argument("--onnx", action="store_true",
+                   help="the bundle kind fuzzes a bundle with ONNX graphs (the onnx kind "
+                   "always does)")
+    p.add_argument("--max-mem-gib", type=float, default=8.0,
+                   help="address-space limit of this process (an allocation past it is a "
+                   "MemoryError, reported as a crash; 0: none)")
     args = p.parse_args(argv)
+    if args.max_mem_gib:
+        import resource
+
+        limit = int(args.max_mem_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="step3-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    report = fuzz(args.kinds.split(","), args.cases, args.seed, work, args.onnx, True)
+    faulthandler.enable()                       # a segfault prints where it happened
+    with open(work / "cases.log", "w") as log:
+        report = fuzz(args.kinds.split(","), args.cases, args.seed, work, args.onnx, True,
+                      log)
     print(report.table())
     print(f"\n{len(report.outcomes)} cases in {time.monotonic() - t0:.0f} s (seed {args.seed})")
     shown = Counter((o.kind, o.status, o.detail.split(" at ")[-1]) for o in report.bad())

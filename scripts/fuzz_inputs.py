@@ -118,8 +118,14 @@ class Fuzzer:
         return dst
 
     def _restore(self, dst: Path, src: Path, names: list[str]) -> None:
+        """Copy `names` from `src` back into `dst`, skipping files left as they were (same
+        size and modification time: copies keep the time, every write changes it)."""
         for n in names:
             p = dst / n
+            if p.is_file() and not p.is_symlink() and (src / n).is_file():
+                a, b = p.stat(), (src / n).stat()
+                if (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns):
+                    continue
             if p.is_symlink() or p.is_file():
                 p.unlink()
             elif p.is_dir():
@@ -231,19 +237,21 @@ class Fuzzer:
                         raise Silent(f"quantized {name} holds NaN or inf")
         return run
 
-    def bundle_case(self, r: random.Random) -> Callable[[], None]:
+    def mutate_bundle(self, r: random.Random, src: Path, dst: Path) -> tuple[str, int, bool]:
+        """One damage to the copy `dst` of the bundle `src` (restored first): the manifest's
+        JSON, a file deleted, linked from outside or its bytes changed. Returns the file,
+        the operation and whether it now differs from the pristine one."""
         from step3_edge.manifest import MANIFEST
 
-        names = sorted(p.relative_to(self.bundle).as_posix() for p in self.bundle.rglob("*")
-                       if p.is_file())
-        self._restore(self.bd, self.bundle, names)
+        names = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+        self._restore(dst, src, names)
         target = r.choice([MANIFEST] * 4 + names)
-        p = self.bd / target
+        p = dst / target
         op = r.randrange(5)
         must_fail = False
         if r.random() < 0.05:                            # no change but the layout: loads
             target = MANIFEST
-            p = self.bd / target
+            p = dst / target
             p.write_text(json.dumps(json.loads(p.read_text()), indent=r.randint(0, 4)))
         elif target == MANIFEST and op < 3:
             data = json.loads(p.read_text())
@@ -261,13 +269,17 @@ class Fuzzer:
             must_fail = True
         else:
             p.write_bytes(corrupt_bytes(p.read_bytes(), r))
-        changed = must_fail or p.read_bytes() != (self.bundle / target).read_bytes()
+        changed = must_fail or p.read_bytes() != (src / target).read_bytes()
         if target == MANIFEST and changed and not must_fail:
             try:
                 changed = json.loads(p.read_bytes()) != json.loads(
-                    (self.bundle / target).read_bytes())
+                    (src / target).read_bytes())
             except ValueError:
                 pass
+        return target, op, changed
+
+    def bundle_case(self, r: random.Random) -> Callable[[], None]:
+        target, op, changed = self.mutate_bundle(r, self.bundle, self.bd)
 
         def run() -> None:
             from step3_edge.export.inspect_cli import _print, summary

@@ -12,6 +12,8 @@ from step3_edge.errors import BundleError
 MANIFEST = "manifest.json"
 CONTENT_HASH = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
 ARTIFACT_KINDS = ("weights", "onnx", "onnx_data", "trt", "tokenizer", "config")
+# a subgraph's weight binding (export/binding.py's WeightBinding): its text fields
+BINDING_TEXT = ("name", "tensor", "layout", "scheme", "op")
 ROLES = ("attention", "ffn", "both")
 _INT, _NUM, _STR, _LIST, _DICT = (int,), (int, float), (str,), (list,), (dict,)
 _HEX = frozenset("0123456789abcdef")
@@ -188,9 +190,7 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> None:
                   and (p[0] is None or p[0] < _count(t, "num_hidden_layers"))
                   and (p[1] is None or p[1] < _count(t, "moe_num_experts")) for p in v))
         s.get(sg, "weights", _LIST, w, "a list of weight bindings",
-              lambda v: all(isinstance(b, dict) and isinstance(b.get("tensor"), str)
-                            and isinstance(b.get("initializers"), list)
-                            and isinstance(b.get("shape"), list) for b in v))
+              lambda v: all(_binding(b) for b in v))
         for k in ("inputs", "outputs", "devices"):
             s.get(sg, k, _LIST, w)
         val = s.get(sg, "validation", _DICT, w, optional=True)
@@ -222,3 +222,15 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> None:
                                    if len(s.problems) > 12 else [])
         raise BundleError(f"{source} does not follow the bundle schema: " + "; ".join(shown),
                           "the manifest was edited or damaged; re-export the bundle")
+
+
+def _binding(b: Any) -> bool:
+    """One weight binding: every field present with its type, nothing else."""
+    return isinstance(b, dict) and set(b) <= {*BINDING_TEXT, "expert", "initializers",
+                                              "shape", "attrs"} \
+        and all(isinstance(b.get(k), str) for k in BINDING_TEXT) \
+        and type(b.get("expert")) is bool and isinstance(b.get("attrs", {}), dict) \
+        and isinstance(b.get("initializers"), list) \
+        and all(isinstance(x, str) for x in b["initializers"]) \
+        and isinstance(b.get("shape"), list) \
+        and all(type(x) is int and 0 <= x < 2**31 for x in b["shape"])

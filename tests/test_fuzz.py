@@ -57,3 +57,14 @@ def test_a_thread_count_no_thread_team_can_start_is_refused_before_loading() -> 
         with pytest.raises(ConfigError, match=f"give {key} as at most {MAX_THREADS}"):
             RuntimeOptions.from_kwargs(**{key: 2**20})
         RuntimeOptions.from_kwargs(**{key: 2})
+
+
+def test_a_device_no_backend_runs_on_is_refused_before_loading() -> None:
+    """device='meta' passed the check and reached the CUDA probe (an AssertionError)."""
+    from step3_edge.errors import ConfigError
+    from step3_edge.runtime.options import RuntimeOptions
+
+    for dev in ("meta", "mps", "xpu:0"):
+        with pytest.raises(ConfigError, match="give 'cpu', 'cuda' or 'cuda:N'"):
+            RuntimeOptions.from_kwargs(device=dev)
+    assert RuntimeOptions.from_kwargs(device="cuda:1").device == "cuda:1"

@@ -168,16 +168,29 @@ class BundleGraphs:
         return list(sess.session.get_providers()) if sess is not None else []
 
 
+ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+              "int32": "tensor(int32)", "bool": "tensor(bool)", "bfloat16": "tensor(bfloat16)"}
+
+
 def check_io(session: Any, sg: dict[str, Any]) -> None:
-    """The graph's inputs and outputs are the ones manifest.json declares for its subgraph
-    (a graph file swapped for another of the bundle loads, and would be fed the wrong
-    tensors)."""
+    """The graph's inputs and outputs are the ones manifest.json declares for its subgraph:
+    names, element types, ranks and fixed sizes (a graph file swapped for another of the
+    bundle may load with the same weights, and would compute something else)."""
     for side, have in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-        want = [io["name"] for io in sg.get(side, [])]
-        got = [io.name for io in have]
+        want = {io["name"]: io for io in sg.get(side, [])}
+        got = {io.name: io for io in have}
         if sorted(got) != sorted(want):
-            raise BundleError(f"{sg['file']} has {side} {got}, but manifest.json declares "
-                              f"{want} for its subgraph", RE_EXPORT)
+            raise BundleError(f"{sg['file']} has {side} {list(got)}, but manifest.json "
+                              f"declares {list(want)} for its subgraph", RE_EXPORT)
+        for name, io in got.items():
+            shape, dtype = want[name].get("shape"), want[name].get("dtype")
+            fixed = isinstance(shape, list) and io.shape is not None and \
+                len(io.shape) == len(shape) and all(
+                    not isinstance(d, int) or not isinstance(g, int) or d == g
+                    for d, g in zip(shape, io.shape))
+            if not fixed or ONNX_TYPES.get(dtype, io.type) != io.type:
+                raise BundleError(f"{sg['file']}: {name} is {io.type} {io.shape}, but "
+                                  f"manifest.json declares {dtype} {shape}", RE_EXPORT)
 
 
 @dataclass

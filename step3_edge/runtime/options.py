@@ -118,9 +118,12 @@ def _device(key: str, value: Any) -> str:
     import torch
 
     try:
-        return str(torch.device(value))
+        dev = torch.device(value)
     except (RuntimeError, TypeError, ValueError) as e:
         raise _bad(key, value, f"give 'cpu', 'cuda' or 'cuda:N' ({e})") from e
+    if dev.type not in ("cpu", "cuda"):            # meta, mps, xpu...: no backend runs there
+        raise _bad(key, value, "give 'cpu', 'cuda' or 'cuda:N'")
+    return str(dev)
 
 
 def _bandwidths(bw: Any) -> Any:
