@@ -201,7 +201,7 @@ def _rate(rows: list[dict], kind: str) -> float:
 
 def _print_summary(rows: list[dict], threads: int) -> None:
     fp8_gb, bf16_gb = _real_composition()
-    print(f"\nreal step3-fp8 (layout of spec §3/§4): {fp8_gb:.1f} GB block-fp8 linears to "
+    print(f"\nreal step3-fp8 (its published layout): {fp8_gb:.1f} GB block-fp8 linears to "
           f"requantize + {bf16_gb:.1f} GB bf16 to copy = {fp8_gb + bf16_gb:.1f} GB")
     for target in dict.fromkeys(r["target"] for r in rows):
         mine = {r["model"]: r for r in rows if r["target"] == target}

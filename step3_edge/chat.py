@@ -1,4 +1,4 @@
-"""Step3 chat format (spec §5.4): messages -> prompt text with one `<im_patch>` per image.
+"""Step3 chat format (docs/model.md): messages -> prompt text with one `<im_patch>` per image.
 
 The real Jinja `chat_template` of stepfun-ai/step3 is UNCONFIRMED. DEFAULT_CHAT_TEMPLATE renders
 the shape of vLLM's Step3 example prompt in its no-space form (the form of vLLM's Step3-VL-10B

@@ -1,9 +1,10 @@
-"""Step3Config: the one place where config.json is parsed (spec §1).
+"""Step3Config: the one place where config.json is parsed (the HF config; docs/model.md).
 
 Every field is read from config.json when present. A field that is absent falls back to the
-default of the vLLM/SGLang config classes, except where the spec shows that default is wrong
-(`understand_projector_stride`, vision `intermediate_size`); each fallback used is recorded in
-`Step3Config.fallbacks` so tools can say which numbers were not read from the checkpoint.
+default of the vLLM/SGLang config classes, except where the published model shows that default
+is wrong (`understand_projector_stride`, vision `intermediate_size`); each fallback used is
+recorded in `Step3Config.fallbacks` so tools can say which numbers were not read from the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class Step3Config:
                 "false (Step3 has a separate lm_head; ship lm_head.weight)")
         p.check(top["understand_projector_stride"] == 2, "understand_projector_stride",
                 top["understand_projector_stride"],
-                "2 (Step3's 169 tokens per 728 px image need stride 2, spec §1.1)")
+                "2 (Step3's 169 tokens per 728 px image need stride 2, as in vLLM's step3_vl)")
         hs = data.get("hidden_size", text.hidden_size)
         p.check(hs == text.hidden_size, "hidden_size", hs,
                 f"text_config.hidden_size ({text.hidden_size})")
@@ -244,7 +245,8 @@ class Step3Config:
 
     # ----------------------------------------------------------------- derived numbers
     def text_param_counts(self) -> dict[str, int]:
-        """Parameter counts of the LLM (spec §1.4): total and activated per token."""
+        """Parameter counts of the LLM (316.3B total, 37.9B activated per token for the real
+        config, as the Step3 model card says): total and activated per token."""
         t = self.text_config
         h = t.hidden_size
         attn = (h * t.share_q_dim + 2 * h * t.head_dim + t.share_q_dim

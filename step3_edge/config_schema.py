@@ -1,4 +1,4 @@
-"""config.json's fields: each one's fallback and grade (spec §1), type and range, and the
+"""config.json's fields: each one's fallback and grade (docs/model.md), type and range, and the
 check of `quantization_config`. `Step3Config` (step3_edge.config) builds on these."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from typing import Any
 
 from step3_edge.errors import ConfigError
 
-# (field, fallback, grade) — grade says why the fallback is what it is (spec §1.2).
+# (field, fallback, grade) — grade says why the fallback is what it is: CONFIRMED
+# by the model card or the Step3 paper, CODE from vLLM's / SGLang's step3_vl config classes,
+# DERIVED from published totals, UNCONFIRMED where no published source gives it.
 TEXT_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("hidden_size", 7168, "CONFIRMED"),
     ("num_hidden_layers", 61, "CONFIRMED"),
@@ -43,14 +45,14 @@ VISION_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("hidden_act", "quick_gelu", "CODE default"),
     ("layer_norm_eps", 1e-5, "vLLM default; SGLang hard-codes 1e-6, UNCONFIRMED"),
     ("output_hidden_size", 4096, "CODE default"),
-    # vLLM/SGLang default 3072 is a CLIP-B leftover; 15360 matches 321B / 642 GB (spec §1.3).
+    # vLLM/SGLang default 3072 is a CLIP-B leftover; 15360 matches 321B / 642 GB (model card).
     ("intermediate_size", 15360, "DERIVED, UNCONFIRMED (class default 3072 is wrong)"),
     ("enable_patch", True, "CODE default"),
 )
 
 TOP_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("image_token_id", 128001, "CODE default"),
-    # class default 1 cannot give 169 tokens per 728 px image (spec §1.1).
+    # class default 1 cannot give 169 tokens per 728 px image (vLLM's step3_vl).
     ("understand_projector_stride", 2, "DERIVED (class default 1 is wrong)"),
     ("projector_bias", True, "CODE default, UNCONFIRMED"),
     ("tie_word_embeddings", False, "CODE"),
@@ -63,7 +65,7 @@ QUANT_METHODS = ("fp8", "step3_edge")   # stepfun-ai/step3-fp8; written by step3
 MAX_DIM = 2**31 - 1              # every size, count and id of config.json is at most this
 MAX_TENSOR_ELEMS = 2**40         # no checkpoint tensor holds more values (2 TB in bf16)
 MAX_BLOCK = 1 << 16              # largest weight_block_size entry
-CROP_SIDE = 504                  # the processor's crop size (spec §5.3)
+CROP_SIDE = 504                  # the processor's crop size (vLLM's step3_vl ImagePatcher)
 _ZERO_OK = frozenset({"text_config.bos_token_id", "text_config.eos_token_id", "image_token_id"})
 _EPS = frozenset({"text_config.rms_norm_eps", "vision_config.layer_norm_eps"})
 # counts that size loops (layers, experts) or pixel buffers (the global view): far above
@@ -172,7 +174,7 @@ def _coerce(value: Any, default: Any, name: str, p: Problems) -> Any:
 
 
 def parse_moe_layers(raw: Any, num_layers: int) -> tuple[int, ...]:
-    """`moe_layers_enum` is a comma-separated string, e.g. "4,5,...,59" (spec §1.2)."""
+    """`moe_layers_enum` is a comma-separated string, e.g. "4,5,...,59" (the HF config)."""
     if not isinstance(raw, str):
         raise ConfigError(
             f"text_config.moe_layers_enum is {raw!r} ({type(raw).__name__}), expected a "

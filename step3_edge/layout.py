@@ -1,4 +1,5 @@
-"""The checkpoint layout of spec §3: every tensor name, its shape and its role.
+"""The layout of the HF checkpoints stepfun-ai/step3 and step3-fp8: every tensor name, its
+shape and its role.
 
 This table is the single source of truth for what a Step3 checkpoint holds; the synthetic
 writer, the reader's reconciliation, the reference model and the quantize recipe all use it.
@@ -19,7 +20,7 @@ class WeightSpec:
 
     @property
     def is_linear(self) -> bool:
-        """Linear weights that step3-fp8 stores as block fp8 (spec §4.2)."""
+        """Linear weights that step3-fp8 stores as block fp8."""
         return self.role in ("attn", "mlp", "shared_expert", "experts") and len(self.shape) >= 2
 
 

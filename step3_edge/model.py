@@ -1,5 +1,6 @@
-"""The reference Step3 model in plain PyTorch (spec §2, §5.1). It is the oracle every exported,
-quantized or offloaded path is compared with, so it follows the spec to the letter and favours
+"""The reference Step3 model in plain PyTorch (the Step3 paper's architecture,
+as vLLM's step3_text / step3_vl implement it; docs/model.md). It is the oracle every exported,
+quantized or offloaded path is compared with, so it follows that math to the letter and favours
 clarity over speed. Module paths equal checkpoint names, so loading needs no rename table."""
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class KVCache:
 
 
 class Step3Attention(nn.Module):
-    """MFA: q_proj -> inter_norm -> wq (64 heads), one shared K and V head (spec §2.2)."""
+    """MFA: q_proj -> inter_norm -> wq (64 heads), one shared K and V head (Step3's MFA)."""
 
     def __init__(self, cfg: Step3TextConfig) -> None:
         super().__init__()
@@ -181,7 +182,7 @@ class StackedExperts(nn.Module):
 
 
 class Step3MoE(nn.Module):
-    """Routed experts, stored stacked [E, out, in] as in the checkpoint (spec §2.3)."""
+    """Routed experts, stored stacked [E, out, in] as in the HF checkpoint."""
 
     def __init__(self, cfg: Step3TextConfig) -> None:
         super().__init__()

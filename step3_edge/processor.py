@@ -1,4 +1,4 @@
-"""Step3 image preprocessing and prompt expansion (spec §5.2, §5.3), without torchvision.
+"""Step3 image preprocessing and prompt expansion (vLLM's step3_vl processor), without torchvision.
 
 Per image: a global view resized to 728x728 and 0..36 crops of 504x504 cut by ImagePatcher.
 The model consumes, per image, its crops (raster order, 81 features each) then its global view
@@ -34,9 +34,9 @@ from step3_edge.tokenizer import (EOS_TOKEN, EOT_TOKEN, IM_END, IM_START, IMAGE_
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CROP_SIZE = 504             # spec §5.3: crops are cut with 504 px windows and resized to 504x504
-GLOBAL_SIZE = 728           # spec §5.3: the global view (= vision_config.image_size)
-MAX_IMAGE_SIZE = 3024       # spec §5.3 step 2: longer sides are scaled down to this
+CROP_SIZE = 504             # ImagePatcher: crops are cut with 504 px windows and resized to 504x504
+GLOBAL_SIZE = 728           # ImagePatcher: the global view (= vision_config.image_size)
+MAX_IMAGE_SIZE = 3024       # ImagePatcher: longer sides are scaled down to this
 CROP_TOKENS = 81            # tokens of a 504 crop; Step3Processor reads them from the config
 GLOBAL_TOKENS = 169         # tokens of the 728 global view
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb cap of load_image
@@ -158,7 +158,7 @@ def check_text(text: Any) -> None:
 # ---------------------------------------------------------------------------- cropping
 @dataclass(frozen=True)
 class CropPlan:
-    """Size arithmetic of ImagePatcher for one image (spec §5.3), before any pixel work."""
+    """Size arithmetic of ImagePatcher for one image, before any pixel work."""
 
     padded: tuple[int, int]      # (w, h) after step 1 (square pad of tiny extreme images)
     resized: tuple[int, int]     # (w, h) after step 2 (long side <= 3024); the global image
@@ -177,7 +177,7 @@ class CropPlan:
 
 
 class ImagePatcher:
-    """Step3's multi-crop rule (vLLM ImagePatcher, spec §5.3).
+    """Step3's multi-crop rule (vLLM's step3_vl ImagePatcher).
 
     `crop_threshold_inclusive=False` (default) follows current vLLM: an image whose long side is
     `< global_size` is not cropped (unless its aspect ratio is > 1.5), so 728x728 gets 2x2
@@ -315,7 +315,7 @@ class ImageViews:
 
 def image_token_layout(grid: tuple[int, int], crop_tokens: int = CROP_TOKENS,
                        global_tokens: int = GLOBAL_TOKENS) -> list[str]:
-    """Token strings that replace one `<im_patch>` placeholder (spec §5.2)."""
+    """Token strings that replace one `<im_patch>` placeholder (vLLM's step3_vl)."""
     rows, cols = grid
     n = rows * cols
     out: list[str] = []

@@ -1,4 +1,4 @@
-"""Step3 vision tower, downsamplers and projector: the reference (spec §3.2, §5.1).
+"""Step3 vision tower, downsamplers and projector: the reference (vLLM's step3_vl; docs/model.md).
 
 Module names follow the checkpoint exactly: `Step3VisionEncoder` is what sits under the
 `vision_model.` prefix, and `build_vision_heads` returns the top-level `vit_downsampler`,
@@ -112,7 +112,7 @@ class Step3VisionMLP(nn.Module):
 
 
 class Step3VisionEncoderLayer(nn.Module):
-    """One ViT layer with LayerNorm on the branch outputs (not pre-norm, spec §5.1)."""
+    """One ViT layer with LayerNorm on the branch outputs (not pre-norm, as in vLLM's step3_vl)."""
 
     def __init__(self, v: Step3VisionConfig) -> None:
         super().__init__()

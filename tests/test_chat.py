@@ -1,4 +1,4 @@
-"""Chat format (spec §5.4): literal rendering, validation, template loading."""
+"""Chat format: literal rendering, validation, template loading."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from step3_edge.presets import PRESETS
 def test_full_preset_matches_the_published_numbers():
     cfg = Step3Config.preset("full")
     counts = cfg.text_param_counts()
-    assert round(counts["total"] / 1e9, 1) == 316.3          # spec §1.4, card "316B"
+    assert round(counts["total"] / 1e9, 1) == 316.3          # the model card's "316B"
     assert round(counts["active"] / 1e9, 1) == 37.9          # lm_head counted, embedding not
     assert round(counts["active_with_embedding"] / 1e9, 1) == 38.8
     assert cfg.kv_bytes_per_token_per_layer(1) == 512        # paper: 512 B at 8 bits
@@ -47,7 +47,7 @@ def test_missing_fields_fall_back_explicitly():
     report = {name: (value, grade) for name, value, grade in fallback_report(cfg)}
     assert report["text_config.rope_theta"][0] == 500000.0
     assert report["text_config.norm_expert_weight"][0] is False
-    # absent moe_layers_enum: vLLM makes every layer but the first MoE (spec §1.2)
+    # absent moe_layers_enum: vLLM makes every layer but the first MoE
     assert cfg.text_config.moe_layers == tuple(range(1, 61))
     assert "text_config.moe_layers_enum" in report
     # the class default 3072 is known wrong; the fallback is the derived 15360

@@ -35,7 +35,7 @@ def test_norm_expert_weight_renormalises(tiny_model, rng):
     moe = tiny_model.model.layers[1].moe
     x = torch.randn(5, moe.cfg.hidden_size, generator=rng)
     _, w = moe.route(x)
-    assert (w.sum(-1) < 1).all()          # raw top-3 probabilities (spec default)
+    assert (w.sum(-1) < 1).all()          # raw top-3 probabilities (vLLM's default)
     moe.cfg = dataclasses.replace(moe.cfg, norm_expert_weight=True)
     try:
         _, w2 = moe.route(x)

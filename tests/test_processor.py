@@ -1,4 +1,5 @@
-"""Tokenizer, image loading, multi-crop (spec §5.3), pixel pipeline and prompt expansion (§5.2)."""
+"""Tokenizer, image loading, multi-crop (vLLM's ImagePatcher), pixel pipeline and prompt
+expansion."""
 
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def test_learned_merges_make_task_words_one_token() -> None:
 
 
 # ------------------------------------------------------------------------ multi-crop
-TABLE = [  # (w, h, crops, grid (rows, cols), newlines, tokens) — spec §5.3
+TABLE = [  # (w, h, crops, grid (rows, cols), newlines, tokens) — vLLM's step3_vl ImagePatcher
     (640, 480, 0, (0, 0), 0, 171),
     (1024, 768, 4, (2, 2), 1, 504),
     (1920, 1080, 8, (2, 4), 1, 836),
@@ -350,7 +351,7 @@ def test_bad_images_raise_image_error(tmp_path) -> None:
 
 def test_extreme_aspect_ratios_are_refused_before_cropping(proc: Step3Processor,
                                                           monkeypatch) -> None:
-    """A 200000x32 image's short side scales to 0 px (the spec's rule would divide by it);
+    """A 200000x32 image's short side scales to 0 px (ImagePatcher's rule would divide by it);
     a 60000x32 one expands to 3024 crops, 251K tokens, over the context: both are ImageErrors
     raised before a crop is made. A 20000x64 one (336 crops) still runs."""
     with pytest.raises(ImageError, match="too thin") as ei:

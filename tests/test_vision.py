@@ -1,4 +1,4 @@
-"""The vision reference (step3_edge.vision) against spec §3.2 / §5.1 and an independent,
+"""The vision reference (step3_edge.vision) against vLLM's step3_vl and an independent,
 deliberately naive re-implementation written here (explicit per-head softmax, unfold convs)."""
 
 from __future__ import annotations

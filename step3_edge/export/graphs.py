@@ -1,8 +1,8 @@
 """The math of every exported subgraph, written with explicit weight tensors.
 
 These are the export-time twins of the reference modules in `step3_edge.model` and
-`step3_edge.vision`: the same formulas (spec §2, §5.1), but every weight is a forward argument
-named like its checkpoint tensor, Linear weights come pre-transposed ([in, out], so `x @ w`
+`step3_edge.vision`: the same formulas (docs/model.md), but every weight is a forward argument named
+like its checkpoint tensor, Linear weights come pre-transposed ([in, out], so `x @ w`
 exports as ONNX MatMul, which ORT's quantized MatMul ops replace) and nothing depends on data
 values, so `torch.onnx.export(dynamo=True)` traces them on the meta device without ever
 allocating a weight. `validate.py` checks each one against the reference module itself.
@@ -59,7 +59,7 @@ class EmbedGraph(Graph):
 
 class AttentionGraph(Graph):
     """Input RMSNorm -> MFA with the KV cache in and out -> residual add -> post-attention
-    RMSNorm (-> router softmax top-k on MoE layers). One K/V head (spec §2.2)."""
+    RMSNorm (-> router softmax top-k on MoE layers). One K/V head (MFA)."""
 
     data = ("hidden", "positions", "key_valid", "past_k", "past_v")
     weights = tuple(f"{n}.weight" for n in (

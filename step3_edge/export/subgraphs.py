@@ -1,10 +1,11 @@
-"""Declarations of every exported subgraph (the AFD split, spec §7): inputs and outputs with
-their dynamic axes, the weights each one binds, the reference module it must match, fresh
-random inputs for validation, and the instances (layers, experts) one graph file serves.
+"""Declarations of every exported subgraph (the Step3 paper's AFD split, docs/export.md):
+inputs and outputs with their dynamic axes, the weights each one binds, the reference module it
+must match, fresh random inputs for validation, and the instances (layers, experts) one graph
+file serves.
 
 `REGISTRY` is the single list of subgraph kinds: export, validation, the bundle and the ONNX
-runner all iterate over it, and `tests/export/test_registry.py` fails when a kind has no
-validation test.
+runner all iterate over it, and `tests/export/test_export_registry.py` fails when a kind has
+no validation test.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from step3_edge.model import (KVCache, RMSNorm, Step3DecoderLayer, Step3MLP, Ste
 from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, project_features,
                                resize_position_embedding)
 
-CROP_SIZE = 504  # processor crops (spec §5.3); the global view is vision_config.image_size
+CROP_SIZE = 504  # crops of vLLM's ImagePatcher; the global view is vision_config.image_size
 Tensors = dict[str, torch.Tensor]
 
 

@@ -167,8 +167,8 @@ def _group_view(w: torch.Tensor, g: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BlockFP8(Scheme):
-    """DeepSeek / step3-fp8 format (spec §4): e4m3 weight, float32 `weight_scale_inv` of shape
-    [..., ceil(out/128), ceil(in/128)], W = W8 * S[block]."""
+    """DeepSeek / step3-fp8 format (its quantization_config): e4m3 weight, float32
+    `weight_scale_inv` of shape [..., ceil(out/128), ceil(in/128)], W = W8 * S[block]."""
 
     name: ClassVar[str] = "block_fp8"
     storage_dtype: ClassVar[torch.dtype] = FP8
