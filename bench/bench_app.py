@@ -1,4 +1,4 @@
-"""App benchmark (issue 6): `step3-edge app` to a usable page on a fresh and on a warm cache,
+"""App benchmark: `step3-edge app` to a usable page on a fresh and on a warm cache,
 and time to first token / tokens per second as the browser sees them.
 
 A usable page: the app answers HTTP and Debian's chromium (through playwright) has loaded it

@@ -1,4 +1,4 @@
-"""Core benchmarks (issue 2): write and load the `mini` checkpoint, reference decode speed.
+"""Core benchmarks: write and load the `mini` checkpoint, reference decode speed.
 
 Each phase runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own. Prints a table
 and writes bench/results/core.json.

@@ -1,4 +1,4 @@
-"""Which thread runs the decode step, and what it costs (issue 5, CPU decode at batch 1).
+"""Which thread runs the decode step, and what it costs (CPU decode at batch 1).
 
 `Step3Runtime` runs its engine on a scheduler thread. With GNU OpenMP, every thread that
 starts parallel regions owns a team of threads; when another thread (the one that loaded the

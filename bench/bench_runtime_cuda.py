@@ -1,4 +1,4 @@
-"""Runtime benchmark on a CUDA GPU (issue 5, "on a CUDA machine"): the torch CUDA backend on
+"""Runtime benchmark on a CUDA GPU: the torch CUDA backend on
 the `mini` preset, all in one run:
 
 1. bandwidths measured at start-up: device memory (a large device copy, read + write bytes / s,

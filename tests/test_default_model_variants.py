@@ -1,7 +1,7 @@
-"""The accuracy gate through every deployment variant (issue 7), a small version of
+"""The accuracy gate through every deployment variant, a small version of
 `python bench/bench_default_model.py` (= `step3-edge eval --variants --n 500`).
 
-The issue's gate: int8 and int4 CPU bundles through ONNX Runtime, the fp8 bundle, and the
+The gate: int8 and int4 CPU bundles through ONNX Runtime, the fp8 bundle, and the
 runtime with 25% of the experts resident (misses on the CPU / misses copied) each within
 1 point of the reference model on the same held-out examples; measured on 500 examples of all
 types in README.md. CI runs it on the question types the targets name (colour, shape,
