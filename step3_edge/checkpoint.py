@@ -8,6 +8,7 @@ step3-fp8 style) names.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,27 @@ def safe_name(folder: Path, name: Any) -> Path:
 
 def check_values(stored: str, t: torch.Tensor, scale: bool = False) -> None:
     """Refuse NaN or inf in a chunk of a stored tensor already in memory, and (`scale`)
-    scales that are not finite and positive. Names the tensor."""
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        bad = bool(((t.view(torch.uint8) & 0x7F) >= (0x7F if t.dtype == torch.float8_e4m3fn
-                                                      else 0x7C)).any())
-        what = "NaN or inf"
+    scales that are not finite and positive. Names the tensor.
+
+    One vectorized reduction at memory speed: `aminmax` (NaN propagates into both ends, an
+    inf is an end); for e4m3 (whose only non-finite values are the NaNs 0x7f and 0xff) the
+    largest byte read as signed and unsigned. (`isfinite(t).all()` ran ~30x slower on bf16.)"""
+    if t.numel() == 0:
+        return
+    if t.dtype == torch.float8_e4m3fn:
+        bad = int(t.view(torch.int8).max()) == 0x7F or int(t.view(torch.uint8).max()) == 0xFF
+        what = "NaN"
+    elif t.dtype == torch.float8_e5m2:
+        b = t.view(torch.uint8) & 0x7F
+        bad, what = bool((b >= 0x7C).any()), "NaN or inf"
     elif not t.is_floating_point():
         return
-    elif scale:
-        bad, what = not bool(((t > 0) & torch.isfinite(t)).all()), "zero, negative, NaN or inf"
     else:
-        bad, what = not bool(torch.isfinite(t).all()), "NaN or inf"
+        lo, hi = (float(x) for x in torch.aminmax(t))
+        if scale:
+            bad, what = not (lo > 0 and math.isfinite(hi)), "zero, negative, NaN or inf"
+        else:
+            bad, what = not (math.isfinite(lo) and math.isfinite(hi)), "NaN or inf"
     if bad:
         raise CheckpointError(f"tensor {stored!r} holds {what} values"
                               + (" (a scale must be finite and positive)" if scale else ""),

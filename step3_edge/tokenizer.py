@@ -44,6 +44,14 @@ SPECIAL_TOKENS: dict[str, int] = {
     THINK_END: 128009,       # UNCONFIRMED: our assumption
 }
 
+# A compact vocabulary (the embedded default model's, and small-vocabulary test models): bos /
+# eos / pad 0..2, the 256 byte tokens 3..258, the Step3 specials 259..268.
+COMPACT_SPECIAL: dict[str, int] = {
+    BOS_TOKEN: 0, EOS_TOKEN: 1, PAD_TOKEN: 2, IM_START: 259, IMAGE_TOKEN: 260, IM_END: 261,
+    PATCH_START: 262, PATCH_NEWLINE: 263, PATCH_END: 264, BOT_TOKEN: 265, EOT_TOKEN: 266,
+    THINK_START: 267, THINK_END: 268,
+}
+
 BYTE_TOKEN_OFFSET = 3  # byte b is token id 3 + b in the synthetic tokenizer
 
 

@@ -44,10 +44,8 @@ from step3_edge.processor import ImageViews, Step3Processor, image_views
 from step3_edge.synth import write_checkpoint
 from step3_edge.tasks import (COLOURS, EVAL_SEED, SHAPES, TRAIN_SEED, Example, cell_labels,
                               make_examples, make_training_item, target_text, task_texts)
-from step3_edge.tokenizer import (BOS_TOKEN, BOT_TOKEN, EOS_TOKEN, EOT_TOKEN, IM_END, IM_START,
-                                  IMAGE_TOKEN, PAD_TOKEN, PATCH_END, PATCH_NEWLINE, PATCH_START,
-                                  THINK_END, THINK_START, build_synthetic_tokenizer,
-                                  learn_merges)
+from step3_edge.tokenizer import (COMPACT_SPECIAL, IM_END, IMAGE_TOKEN, PAD_TOKEN,
+                                  build_synthetic_tokenizer, learn_merges)
 from step3_edge.vision import project_features
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -56,12 +54,6 @@ from plot import plot_loss  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "step3_edge" / "assets" / "default-model"
 
-# Compact ids: bos/eos/pad 0..2, the 256 byte tokens 3..258, the Step3 specials 259..268.
-COMPACT_SPECIAL: dict[str, int] = {
-    BOS_TOKEN: 0, EOS_TOKEN: 1, PAD_TOKEN: 2, IM_START: 259, IMAGE_TOKEN: 260, IM_END: 261,
-    PATCH_START: 262, PATCH_NEWLINE: 263, PATCH_END: 264, BOT_TOKEN: 265, EOT_TOKEN: 266,
-    THINK_START: 267, THINK_END: 268,
-}
 VOCAB_SIZE = 512              # ids 269.. hold the task words' BPE merges (136 with the defaults)
 N_MERGES = 240                # at most this many; the trainer stops when no pair repeats
 BACKGROUND = len(COLOURS)      # aux colour class of background tokens

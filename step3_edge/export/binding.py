@@ -150,10 +150,15 @@ def bind(bindings: list[WeightBinding], reader: CheckpointReader, cfg: Step3Conf
         tensor = b.tensor.format(layer=inst.layer)
         expert = inst.expert if b.expert else None
         if b.op in ("matmul", "none"):
+            if b.layout == "linear":             # [out, in] -> [in, out] in one blocked copy
+                w = reader.read(tensor, reader.stored_dtype(tensor), expert) \
+                    if reader.scheme_of(tensor).name == "bf16" else \
+                    reader.read(tensor, torch.float32, expert)
+                out[b.name] = Bound(torch.empty(w.shape[::-1]).copy_(w.T).numpy(), FLOAT)
+                continue
             w = reader.read(tensor, torch.float32, expert)
             if b.layout == "position":
                 w = resized_position_table(cfg, w, b.attrs["image_size"])
-            w = w.T if b.layout == "linear" else w
             out[b.name] = _f32(w)
             continue
         parts = reader.read_parts(tensor, expert)

@@ -3,11 +3,12 @@ bound weights, against the same part of the reference model, before it enters th
 
 The reference is the PyTorch module of `step3_edge.model` / `step3_edge.vision` with the same
 stored weights dequantized to fp32, so the check isolates the graph and its kernels; weight
-quantization error is measured end to end (tests/export/test_bundle_accuracy.py).
+quantization error is measured end to end (the quantize stage's error report, and the bundle
+accuracy tests in tests/export/test_export_decode.py and tests/test_real_width.py).
 
 Tolerance per output: max |onnx - reference| <= atol + rtol * max |reference| (scale-aware,
-so one number fits logits and hidden states alike). Per precision (README.md, "Validation and
-tolerances"):
+so one number fits logits and hidden states alike). Per precision (docs/quantization.md,
+"Exported subgraphs"):
 - fp32 (bf16 weights computed in fp32) and fp8 (DequantizeLinear -> exact fp32 weights, fp32
   MatMul): only summation order differs, measured ~3e-7 relative on tiny; 1e-4 leaves room
   for the ~sqrt(K) growth at 7168 wide.
@@ -54,6 +55,11 @@ TOLERANCES: dict[str, Tolerance] = {
 # a prefill-like and a decode-like case (vision: batch 1 and 2 views)
 SHAPES = ({"batch": 2, "seq": 5, "past": 6, "tokens": 7},
           {"batch": 3, "seq": 1, "past": 9, "tokens": 1})
+
+# vision: one case per graph, the batch the runtime sends it (one global view per image; the
+# crops of an image together). A ViT pass is ~0.4 TFLOP per layer and view at 728 px, so each
+# further case would cost more than the rest of the export at Step3's depth.
+VISION_SHAPES = {"vision_global": ({"batch": 1},), "vision_crop": ({"batch": 2},)}
 
 
 class SubgraphValidationError(Step3EdgeError):
@@ -107,11 +113,11 @@ def validate_subgraph(name: str, decl: SubgraphDecl, cfg: Step3Config, model: Pa
     tol = TOLERANCES[precision]
     result = ValidationResult(name, precision, tol, [])
     for inst in instances:
-        sess = BoundSession.create(model, bind(bindings, reader, cfg, inst), threads=threads)
-        ref = decl.reference(cfg, reader, inst)
-        for dims in SHAPES:
-            if decl.image_size is not None:
-                dims = {"batch": 1 if dims["seq"] > 1 else 2}
+        bound = bind(bindings, reader, cfg, inst)
+        sess = BoundSession.create(model, bound, threads=threads)
+        ref = decl.reference(cfg, _SharedReads(reader, bindings, bound, inst), inst)
+        del bound
+        for dims in (SHAPES if decl.image_size is None else VISION_SHAPES[decl.kind]):
             x = decl.sample(cfg, dims, gen)
             got = sess.run({k: v.numpy() for k, v in x.items()})
             with torch.no_grad():
@@ -128,6 +134,31 @@ def validate_subgraph(name: str, decl: SubgraphDecl, cfg: Step3Config, model: Pa
                         "this is an export or quantization bug: report it with the command "
                         "line; --no-validate writes the bundle anyway for inspection")
     return result
+
+
+class _SharedReads:
+    """The checkpoint reader, except that a float32 weight the session was bound with is
+    served from the bound array (a view: transposed back for [in, out] linears), so the
+    reference holds no second float32 copy of it: validating lm_head and the embedding at
+    Step3's vocabulary (3.7 GB each in float32) then needs one copy, not two."""
+
+    def __init__(self, reader: CheckpointReader, bindings: list[WeightBinding],
+                 bound: dict, inst: Instance) -> None:
+        self._reader = reader
+        self._views: dict[tuple[str, int | None], torch.Tensor] = {}
+        for b in bindings:
+            if b.op in ("matmul", "none") and b.layout != "position":
+                t = torch.from_numpy(bound[b.name].array)
+                key = (b.tensor.format(layer=inst.layer), inst.expert if b.expert else None)
+                self._views[key] = t.T if b.layout == "linear" else t
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32,
+             expert: int | None = None) -> torch.Tensor:
+        view = self._views.get((name, expert)) if dtype == torch.float32 else None
+        return view if view is not None else self._reader.read(name, dtype, expert)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._reader, attr)
 
 
 def _compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray], tol: Tolerance,

@@ -1,0 +1,236 @@
+"""Real scale: each offline stage and the runtime load on real-width slices of Step3, and the
+projection to the real model (61 layers, 48 experts) from the marginal costs measured here.
+
+Every slice has Step3's real widths (hidden 7168, 64 heads of 256, experts of 5120, vocabulary
+128,815, ViT width 1792); only depth and expert count shrink (`step3-edge synth --preset full
+--layers L --experts E`). For each slice (L decoder layers, the first dense, E experts per MoE
+layer) the stages run as the CLI runs them, each in its own process:
+
+  synth     step3-edge synth --preset full --layers L --experts E --format block-fp8
+  quantize  step3-edge quantize --target cpu (int8 experts: the cpu target's recipe)
+  export    step3-edge export --target cpu (quantize + weights + ONNX graphs + validation)
+  load      Step3Runtime.load of the bundle, then greedy decode at batch 1
+
+For each: wall time and peak anonymous memory (RssAnon of the process tree, sampled every
+50 ms: page cache and file-backed mmaps excluded), against the goal of 2x the largest stored
+tensor + 2 GB. The load row also has the plan's host bytes, the load time against the time to
+read the bundle's files, and decode tokens/s against the roofline (weight bytes a step reads /
+copy bandwidth measured in the same process).
+
+Marginal costs: per MoE layer from L=2 vs L=3 at E=8, per expert from E=8 vs E=16 at L=2; the
+projection adds 55 MoE layers, 40 more experts in each of the 56 MoE layers, and 4 dense
+layers (a dense layer counted as a MoE layer less 8 experts plus its 18432-wide MLP, 3.6
+experts' bytes) to the L=2, E=8 slice. Vision is kept at 2 of 63 ViT layers and left out of
+the projection (0.14 GB a layer in bf16, exported as one graph whatever its depth).
+
+    python bench/bench_scale.py [--work DIR] [--slices 2x8,3x8,2x16] [--out FILE]
+
+Needs ~40 GB of disk for the three default slices and their bundles (removed as it goes with
+--clean) and ~1 hour on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "step3_edge.cli"]
+
+
+def cpu_host() -> dict:
+    text = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())
+    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
+            if f in flags]
+    return {"cpu": model.group(1).strip() if model else "?", "simd_flags": simd,
+            "cores": os.cpu_count(), "memory_GB": psutil.virtual_memory().total / 1e9}
+
+
+def rss_anon(pid: int) -> int:
+    """Anonymous resident bytes of one process (not page cache, not file-backed maps)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_measured(cmd: list[str], log: Path) -> dict:
+    """Run `cmd`; wall seconds and the peak anonymous memory of its process tree."""
+    peak = 0
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            p = psutil.Process(proc.pid)
+            while not done.is_set():
+                try:
+                    tree = [p, *p.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    break
+                peak = max(peak, sum(rss_anon(q.pid) for q in tree))
+                time.sleep(0.05)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        rc = proc.wait()
+        done.set()
+        th.join()
+        seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log}:\n"
+                         + log.read_text()[-3000:])
+    return {"seconds": seconds, "peak_anon_GB": peak / 1e9}
+
+
+def largest_stored_tensor(folder: Path) -> int:
+    from step3_edge.checkpoint import CheckpointReader
+
+    r = CheckpointReader(folder)
+    return max(r.stored_dtype(n).itemsize * _numel(r.stored_shape(n)) for n in r.stored_names())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+LOAD_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, str(Path(sys.argv[2]) / "bench"))
+from bench_runtime import bandwidth, bytes_per_step, decode_rate_runtime
+from bench_scale import rss_anon, folder_bytes
+import os
+bundle = Path(sys.argv[1])
+def read_s():
+    t0 = time.perf_counter()
+    for f in sorted(bundle.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+    return time.perf_counter() - t0
+read = min(read_s(), read_s())
+from step3_edge.runtime import Step3Runtime
+a0 = rss_anon(os.getpid())
+t0 = time.perf_counter()
+rt = Step3Runtime.load(bundle, device="cpu")
+load = time.perf_counter() - t0
+anon = rss_anon(os.getpid()) - a0
+p = rt.plan
+planned = sum(d.weights_total + d.kv_bytes for d in p.device_plans) + p.cold_bytes
+row = decode_rate_runtime(rt, 1, 16)
+bw = bandwidth(reps=2)
+row["bytes_per_step"] = bytes_per_step(rt, row["experts_per_step"], 1, 32 + 8)
+row["fraction_of_roofline"] = row["tokens_per_s"] / (bw / row["bytes_per_step"])
+print("RESULT " + json.dumps({"read_files_s": read, "load_s": load, "load_anon_GB": anon / 1e9,
+                              "bundle_GB": folder_bytes(bundle) / 1e9,
+                              "host_bytes_planned_GB": planned / 1e9,
+                              "decode": row, "bandwidth_GBps": bw / 1e9}))
+"""
+
+
+def load_row(bundle: Path, log: Path) -> dict:
+    cmd = [sys.executable, "-c", LOAD_CHILD, str(bundle), str(ROOT)]
+    m = run_measured(cmd, log)
+    res = json.loads(next(line for line in log.read_text().splitlines()
+                          if line.startswith("RESULT "))[7:])
+    return {**m, **res}
+
+
+def measure_slice(work: Path, layers: int, experts: int, clean: bool) -> dict:
+    tag = f"{layers}x{experts}"
+    ck, q, b = work / f"ck-{tag}", work / f"q-{tag}", work / f"bundle-{tag}"
+    row: dict = {"layers": layers, "experts": experts}
+    row["synth"] = run_measured(
+        CLI + ["synth", "--preset", "full", "--layers", str(layers), "--experts", str(experts),
+               "--vision-layers", "2", "--format", "block-fp8", "--out", str(ck), "--force",
+               "--quiet"], work / f"synth-{tag}.log")
+    row["checkpoint_GB"] = folder_bytes(ck) / 1e9
+    row["largest_tensor_GB"] = largest_stored_tensor(ck) / 1e9
+    row["quantize"] = run_measured(
+        CLI + ["quantize", "--model", str(ck), "--target", "cpu", "--out", str(q), "--force",
+               "--quiet"], work / f"quantize-{tag}.log")
+    shutil.rmtree(q)
+    row["export"] = run_measured(
+        CLI + ["export", "--model", str(ck), "--target", "cpu", "--out", str(b), "--force",
+               "--quiet"], work / f"export-{tag}.log")
+    row["load"] = load_row(b, work / f"load-{tag}.log")
+    goal = 2 * row["largest_tensor_GB"] + 2
+    for stage in ("synth", "quantize", "export"):
+        row[stage]["goal_GB"] = goal
+        row[stage]["within_goal"] = row[stage]["peak_anon_GB"] <= goal
+    if clean:
+        shutil.rmtree(ck)
+        shutil.rmtree(b)
+    return row
+
+
+def project(rows: dict[str, dict]) -> dict:
+    """Seconds and memory of each stage for the real model from the measured slices."""
+    base, deeper, wider = rows.get("2x8"), rows.get("3x8"), rows.get("2x16")
+    if not (base and deeper and wider):
+        return {}
+    out = {}
+    for stage in ("synth", "quantize", "export"):
+        t2, t3, t16 = (r[stage]["seconds"] for r in (base, deeper, wider))
+        per_layer, per_expert = t3 - t2, (t16 - t2) / 8
+        dense = per_layer - 8 * per_expert + 3.6 * per_expert
+        real = t2 + 55 * per_layer + 56 * 40 * per_expert + 4 * dense
+        mem = [r[stage]["peak_anon_GB"] for r in (base, deeper, wider)]
+        out[stage] = {"per_moe_layer_s": per_layer, "per_expert_s": per_expert,
+                      "real_model_s": real, "real_model_h": real / 3600,
+                      "peak_anon_GB_at_2x8_3x8_2x16": mem,
+                      "peak_anon_spread": max(mem) / min(mem) - 1}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/step3-edge-scale"))
+    ap.add_argument("--slices", default="2x8,3x8,2x16",
+                    help="LAYERSxEXPERTS, comma-separated")
+    ap.add_argument("--clean", action="store_true", help="remove each slice once measured")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    res = {"host": cpu_host(), "slices": {}}
+    for s in args.slices.split(","):
+        layers, experts = (int(x) for x in s.split("x"))
+        res["slices"][s] = measure_slice(args.work, layers, experts, args.clean)
+        print(json.dumps({s: res["slices"][s]}, indent=1), flush=True)
+    res["projection"] = project(res["slices"])
+    print(json.dumps(res["projection"], indent=1))
+    cpu = re.sub(r"[^a-z0-9]+", "-", res["host"]["cpu"].lower()).strip("-")
+    out = args.out or ROOT / "bench" / "results" / f"scale-{cpu}.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
