@@ -163,14 +163,18 @@ def load_row(bundle: Path, log: Path) -> dict:
     return {**m, **res}
 
 
-def measure_slice(work: Path, layers: int, experts: int, clean: bool) -> dict:
-    tag = f"{layers}x{experts}"
+def measure_slice(work: Path, tag: str, clean: bool) -> dict:
+    """One slice, tag LAYERSxEXPERTS[vVISION_LAYERS] (vision layers default 2)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:v(\d+))?", tag)
+    if not m:
+        raise SystemExit(f"slice {tag!r}: expected LAYERSxEXPERTS[vVISION], e.g. 2x8 or 2x8v4")
+    layers, experts, vision = int(m[1]), int(m[2]), int(m[3] or 2)
     ck, q, b = work / f"ck-{tag}", work / f"q-{tag}", work / f"bundle-{tag}"
-    row: dict = {"layers": layers, "experts": experts}
+    row: dict = {"layers": layers, "experts": experts, "vision_layers": vision}
     row["synth"] = run_measured(
         CLI + ["synth", "--preset", "full", "--layers", str(layers), "--experts", str(experts),
-               "--vision-layers", "2", "--format", "block-fp8", "--out", str(ck), "--force",
-               "--quiet"], work / f"synth-{tag}.log")
+               "--vision-layers", str(vision), "--format", "block-fp8", "--out", str(ck),
+               "--force", "--quiet"], work / f"synth-{tag}.log")
     row["checkpoint_GB"] = folder_bytes(ck) / 1e9
     row["largest_tensor_GB"] = largest_stored_tensor(ck) / 1e9
     row["quantize"] = run_measured(
@@ -191,23 +195,41 @@ def measure_slice(work: Path, layers: int, experts: int, clean: bool) -> dict:
     return row
 
 
-def project(rows: dict[str, dict]) -> dict:
-    """Seconds and memory of each stage for the real model from the measured slices."""
+def stage_costs(rows: dict[str, dict]) -> dict:
+    """Per stage, the linear model fitted to the slices: fixed seconds, seconds per MoE layer
+    without its routed experts (attention, router, shared expert), per routed expert, per
+    dense layer (a MoE layer's part plus the 18432-wide MLP, 3.6 experts' bytes, less the
+    shared expert's 1), and per ViT layer (from a `v` slice, when measured)."""
     base, deeper, wider = rows.get("2x8"), rows.get("3x8"), rows.get("2x16")
     if not (base and deeper and wider):
         return {}
     out = {}
     for stage in ("synth", "quantize", "export"):
         t2, t3, t16 = (r[stage]["seconds"] for r in (base, deeper, wider))
-        per_layer, per_expert = t3 - t2, (t16 - t2) / 8
-        dense = per_layer - 8 * per_expert + 3.6 * per_expert
-        real = t2 + 55 * per_layer + 56 * 40 * per_expert + 4 * dense
-        mem = [r[stage]["peak_anon_GB"] for r in (base, deeper, wider)]
-        out[stage] = {"per_moe_layer_s": per_layer, "per_expert_s": per_expert,
-                      "real_model_s": real, "real_model_h": real / 3600,
-                      "peak_anon_GB_at_2x8_3x8_2x16": mem,
-                      "peak_anon_spread": max(mem) / min(mem) - 1}
+        expert = (t16 - t2) / 8
+        layer = t3 - t2 - 8 * expert
+        fixed = t2 - layer - 8 * expert - (layer + 2.6 * expert)      # 1 MoE + 1 dense layer
+        vit = 0.0
+        for tag, r in rows.items():
+            if "v" in tag and tag.split("v")[0] == "2x8":
+                vit = (r[stage]["seconds"] - t2) / (r["vision_layers"] - 2)
+        out[stage] = {"fixed_s": fixed - 2 * vit, "per_moe_layer_s": layer,
+                      "per_expert_s": expert, "per_dense_layer_s": layer + 2.6 * expert,
+                      "per_vit_layer_s": vit,
+                      "peak_anon_GB": [r[stage]["peak_anon_GB"] for r in (base, deeper, wider)]}
+    loads = [r["load"] for r in rows.values()]
+    out["load"] = {"s_per_bundle_GB": max(x["load_s"] / x["bundle_GB"] for x in loads),
+                   "read_s_per_GB": max(x["read_files_s"] / x["bundle_GB"] for x in loads)}
     return out
+
+
+def project(costs: dict) -> dict:
+    """Seconds of each stage for the real Step3 (56 MoE layers of 48 experts, 5 dense
+    layers, 63 ViT layers) on the host the costs were measured on."""
+    from step3_edge.config import Step3Config
+    from step3_edge.projection import project_stages
+
+    return project_stages(Step3Config.preset("full"), costs) if costs else {}
 
 
 def main() -> None:
@@ -217,15 +239,23 @@ def main() -> None:
                     help="LAYERSxEXPERTS, comma-separated")
     ap.add_argument("--clean", action="store_true", help="remove each slice once measured")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--merge", type=Path, help="a results file whose slices are kept (measured "
+                    "earlier on this host)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     res = {"host": cpu_host(), "slices": {}}
-    for s in args.slices.split(","):
-        layers, experts = (int(x) for x in s.split("x"))
-        res["slices"][s] = measure_slice(args.work, layers, experts, args.clean)
+    if args.merge and args.merge.is_file():
+        res["slices"].update(json.loads(args.merge.read_text())["slices"])
+    for s in filter(None, args.slices.split(",")):
+        res["slices"][s] = measure_slice(args.work, s, args.clean)
         print(json.dumps({s: res["slices"][s]}, indent=1), flush=True)
-    res["projection"] = project(res["slices"])
+    res["costs"] = stage_costs(res["slices"])
+    res["projection"] = project(res["costs"])
     print(json.dumps(res["projection"], indent=1))
+    if res["costs"]:
+        costs = ROOT / "step3_edge" / "assets" / "scale-costs.json"
+        costs.write_text(json.dumps({"host": res["host"], **res["costs"]}, indent=1) + "\n")
+        print(f"wrote {costs}")
     cpu = re.sub(r"[^a-z0-9]+", "-", res["host"]["cpu"].lower()).strip("-")
     out = args.out or ROOT / "bench" / "results" / f"scale-{cpu}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")

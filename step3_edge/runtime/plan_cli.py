@@ -118,4 +118,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         contexts = (4096, 8192, 32768) if args.context is None else (args.context,)
         print(plan.format_table(contexts))
+        from step3_edge.projection import describe, measured_costs
+
+        host = plan.cold_bytes + (0 if target.is_gpu else
+                                  sum(d.total_bytes for d in plan.device_plans))
+        print("\n" + "\n".join(describe(cfg, plan.model_weight_bytes, host, measured_costs())))
     return 0
