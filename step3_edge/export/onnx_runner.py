@@ -59,12 +59,13 @@ class BoundSession:
     def create(cls, model: str | Path | bytes, bound: dict[str, Bound],
                providers: list[str] | None = None, threads: int | None = None,
                spin: bool = True, name: str | None = None,
-               prepack: bool = True) -> BoundSession:
+               lean: bool = False) -> BoundSession:
         """`threads`: intra-op threads (default: ORT's, one per core); `spin=False` stops
         idle ORT threads from busy-waiting (use it when torch shares the cores);
-        `prepack=False` runs MatMuls on the bound weights as given instead of a packed copy
-        (validation: a session run a few times, where the copy of a 3.7 GB lm_head is the
-        peak). A graph ONNX Runtime cannot load is a `BundleError` naming `name` (default: the
+        `lean=True` runs MatMuls on the bound weights as given instead of a packed copy and
+        frees activations after each run instead of keeping an arena (validation: a session
+        run a few times, where a packed 3.7 GB lm_head or a ViT's arena would be the peak). A
+        graph ONNX Runtime cannot load is a `BundleError` naming `name` (default: the
         file)."""
         ort = _ort()
         so = ort.SessionOptions()
@@ -73,8 +74,9 @@ class BoundSession:
             so.inter_op_num_threads = 1
         if not spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if not prepack:
+        if lean:
             so.add_session_config_entry("session.disable_prepacking", "1")
+            so.enable_cpu_mem_arena = False
         names = list(bound)
         values = [ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bound[n].array,
                                                                  FLOAT8E4M3FN)

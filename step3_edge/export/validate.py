@@ -114,7 +114,7 @@ def validate_subgraph(name: str, decl: SubgraphDecl, cfg: Step3Config, model: Pa
     result = ValidationResult(name, precision, tol, [])
     for inst in instances:
         bound = bind(bindings, reader, cfg, inst)
-        sess = BoundSession.create(model, bound, threads=threads, prepack=False)
+        sess = BoundSession.create(model, bound, threads=threads, lean=True)
         ref = decl.reference(cfg, _SharedReads(reader, bindings, bound, inst), inst)
         del bound
         for dims in (SHAPES if decl.image_size is None else VISION_SHAPES[decl.kind]):
