@@ -120,23 +120,15 @@ def folder_bytes(folder: Path) -> int:
 
 
 LOAD_CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(sys.argv[2]) / "bench"))
+from bench_cpu import read_seconds
 from bench_runtime import bandwidth, bytes_per_step, decode_rate_runtime
 from bench_scale import rss_anon, folder_bytes
-import os
-bundle = Path(sys.argv[1])
-def read_s():
-    t0 = time.perf_counter()
-    for f in sorted(bundle.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
-    return time.perf_counter() - t0
-read = min(read_s(), read_s())
 from step3_edge.runtime import Step3Runtime
+bundle = Path(sys.argv[1])
+read = read_seconds(bundle)
 a0 = rss_anon(os.getpid())
 t0 = time.perf_counter()
 rt = Step3Runtime.load(bundle, device="cpu")

@@ -9,10 +9,41 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from typing import Self
 
 import torch
+
+Entry = tuple[str, torch.dtype, tuple[int, ...]]        # stored name, dtype, shape
+
+
+def plan_shards(specs: list[Any], scheme_of: Callable[[Any], Any], shard_bytes: int
+                ) -> list[tuple[str, list[Any], list[Entry]]]:
+    """Weights (`WeightSpec`s, in order) grouped into shards of at most `shard_bytes` (a larger
+    weight gets one of its own; all parts of a weight stay in one shard), as (file name in
+    the Hugging Face form, the weights, every stored part's entry)."""
+    groups: list[list[Any]] = [[]]
+    size = 0
+    for spec in specs:
+        nb = scheme_of(spec).nbytes(spec.shape)
+        if size and size + nb > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += nb
+    out = []
+    for i, group in enumerate(groups, 1):
+        entries = []
+        for spec in group:
+            sch = scheme_of(spec)
+            dts = sch.part_dtypes()
+            entries += [(spec.name + k, dts[k], shp) for k, shp in
+                        sch.part_shapes(spec.shape).items()]
+        out.append((f"model-{i:05d}-of-{len(groups):05d}.safetensors", group, entries))
+    return out
+
 
 ST_CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
             torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.uint8: "U8"}
@@ -22,7 +53,7 @@ class ShardWriter:
     """One safetensors file of `entries` (name, dtype, shape), filled by `write(name, offset,
     tensor)` calls in any order; `close()` checks that every byte was written."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+    def __init__(self, path: Path, entries: list[Entry]):
         self.path = path
         self.offsets: dict[str, int] = {}
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}

@@ -25,7 +25,7 @@ from step3_edge.config import Step3Config
 from step3_edge.fsutil import staged_dir
 from step3_edge.layout import WeightSpec, expected_weights
 from step3_edge.quantize.schemes import BF16, BlockFP8, Scheme
-from step3_edge.shard_writer import ShardWriter
+from step3_edge.shard_writer import ShardWriter, plan_shards
 
 FP8_QUANT_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                     "weight_block_size": [128, 128]}
@@ -118,29 +118,14 @@ def write_checkpoint(cfg: Step3Config, out: str | Path, fmt: str = "bf16", seed:
             if tuple(weights[spec.name].shape) != spec.shape:
                 raise ValueError(f"{spec.name}: {tuple(weights[spec.name].shape)} != "
                                  f"{spec.shape}")
-    shards: list[list[WeightSpec]] = [[]]
-    size = 0
-    for spec in specs:                        # all parts of one weight go to one shard
-        nb = _scheme(spec, fmt).nbytes(spec.shape)
-        if size and size + nb > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nb
-    files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    shards = plan_shards(specs, lambda spec: _scheme(spec, fmt), shard_bytes)
     with staged_dir(out, overwrite, synthetic_checkpoint_owned) as tmp, \
             tqdm(total=checkpoint_bytes(cfg, fmt), desc=f"synth {fmt}", unit="B",
                  unit_scale=True, disable=not progress) as bar:
         weight_map: dict[str, str] = {}
         total = 0
-        for fname, group in zip(files, shards):
-            entries = []
-            for spec in group:
-                sch = _scheme(spec, fmt)
-                dts = sch.part_dtypes()
-                for k, shp in sch.part_shapes(spec.shape).items():
-                    entries.append((spec.name + k, dts[k], shp))
-                    weight_map[spec.name + k] = fname
+        for fname, group, entries in shards:
+            weight_map.update({name: fname for name, _, _ in entries})
             with ShardWriter(tmp / fname, entries) as shard:
                 for spec in group:
                     _write_tensor(shard, spec, _scheme(spec, fmt), seed, weights, bar)

@@ -55,11 +55,13 @@ def _runtime_logits(rt, ids: list[int], n: int) -> list[torch.Tensor]:
     return got
 
 
-@pytest.mark.parametrize("target", ["cpu", "l20"])
-def test_real_width_layer_through_every_stage(real_width: Path, tmp_path: Path,
-                                              target: str) -> None:
-    """cpu (int8 experts, ONNX graphs validated against the reference at real width) and l20
-    (fp8_per_channel; weights and plan only: its ONNX graphs are the GPU flavour). The
+@pytest.mark.parametrize("target,scheme", [("cpu", None), ("l20", None), ("a6000", None),
+                                           ("cpu", "bf16")])
+def test_real_width_layer_through_every_stage(real_width: Path, tmp_path: Path, target: str,
+                                              scheme: str | None) -> None:
+    """Every bundle kind: cpu (int8 experts, its ONNX graphs validated against the reference
+    at real width), l20 (fp8_per_channel), a6000 (int8_per_channel) and bf16 (weights and plan
+    only for these: their graphs are the GPU flavour or the cpu one again). The
     runtime's logits for a prompt and 3 decode steps match the float32 reference on the
     bundle's own weights: RMS within 2% of the logits' range and max within 10% (the bound of
     the quantized-bundle tests: bf16 compute over 7168-wide sums; a wrong row block, K tail
@@ -71,10 +73,11 @@ def test_real_width_layer_through_every_stage(real_width: Path, tmp_path: Path,
     from step3_edge.model import Step3ForConditionalGeneration
     from step3_edge.runtime import Step3Runtime
 
-    bundle = export_bundle(real_width, target, 1, tmp_path / "bundle", kv_tokens=1024,
-                           cpu_mem_bytes=16 << 30, onnx=target == "cpu", progress=False)
+    onnx = target == "cpu" and scheme is None
+    bundle = export_bundle(real_width, target, 1, tmp_path / "bundle", scheme=scheme,
+                           kv_tokens=1024, cpu_mem_bytes=16 << 30, onnx=onnx, progress=False)
     m = load_manifest(bundle)
-    if target == "cpu":
+    if onnx:
         checked = {n: sg["validation"] for n, sg in m.subgraphs.items()}
         assert checked and all(v and v["max_abs"] <= v["allowed"] for v in checked.values())
         assert any(n.startswith("vision") for n in checked)

@@ -38,7 +38,7 @@ from step3_edge.layout import WeightSpec
 from step3_edge.quantize.recipe import Recipe, build_recipe
 from step3_edge.quantize.report import ErrorAccumulator, QuantReport, TensorError
 from step3_edge.quantize.schemes import BF16, Scheme, get_scheme
-from step3_edge.shard_writer import ShardWriter
+from step3_edge.shard_writer import ShardWriter, plan_shards
 from step3_edge.targets import Target, get_target
 
 CHUNK_ELEMS = 1 << 20          # ~1M values (4 MB in float32) per unit of work; 8M-value
@@ -192,18 +192,7 @@ def convert_checkpoint(model: str | Path, out: str | Path, target: str | Target,
     modules = recipe.resolve(specs)
     schemes = {n: get_scheme(s) for n, s in modules.items()}
 
-    # plan shards: all parts of one weight live in the same shard
-    shards: list[list[WeightSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        nb = schemes[spec.name].nbytes(spec.shape)
-        if size and size + nb > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nb
-    n = len(shards)
-    files = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    shards = plan_shards(specs, lambda spec: schemes[spec.name], shard_bytes)
 
     src_total = sum(math.prod(reader.stored_shape(s)) * reader.stored_dtype(s).itemsize
                     for s in reader.stored_names())
@@ -214,14 +203,8 @@ def convert_checkpoint(model: str | Path, out: str | Path, target: str | Target,
             tqdm(total=src_total, unit="B", unit_scale=True, desc=f"quantize {tgt.name}",
                  disable=not progress) as bar:
         conv = _Converter(reader, report, bar)
-        for fname, group in zip(files, shards):
-            entries = []
-            for spec in group:
-                sch = schemes[spec.name]
-                dts = sch.part_dtypes()
-                for k, shp in sch.part_shapes(spec.shape).items():
-                    entries.append((spec.name + k, dts[k], shp))
-                    weight_map[spec.name + k] = fname
+        for fname, group, entries in shards:
+            weight_map.update({name: fname for name, _, _ in entries})
             with ShardWriter(tmp / fname, entries) as shard:
                 for spec in group:
                     conv.weight(spec, schemes[spec.name], shard)
