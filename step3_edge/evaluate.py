@@ -23,14 +23,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from PIL import Image
 from tqdm import tqdm
 
 from step3_edge.errors import ConfigError
 from step3_edge.tasks import EVAL_SEED, QUESTION_TYPES, Example, make_examples, normalize_answer
+
+if TYPE_CHECKING:                  # torch is imported where a model runs: `--help` stays fast
+    import torch
+    from PIL import Image
 
 MAX_NEW_TOKENS = 96   # the longest answer (four shapes described) is ~75 tokens
 
@@ -49,17 +51,23 @@ def _messages(image: Image.Image, question: str) -> list[dict[str, Any]]:
 class ReferenceAnswerer:
     """The reference PyTorch model on a checkpoint folder (bf16, block-fp8, requantized)."""
 
-    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32,
+    def __init__(self, folder: str | Path, dtype: torch.dtype | None = None,
                  max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+        """`dtype`: the model's (default float32)."""
+        import torch
+
         from step3_edge.model import Step3ForConditionalGeneration
         from step3_edge.processor import Step3Processor
 
-        self.model = Step3ForConditionalGeneration.from_pretrained(folder, dtype)
+        self.model = Step3ForConditionalGeneration.from_pretrained(folder,
+                                                                   dtype or torch.float32)
         self.processor = Step3Processor.from_pretrained(folder, self.model.config)
         self.stops = tuple(self.processor.stop_token_ids)
         self.max_new_tokens = max_new_tokens
 
     def answer(self, image: Image.Image, question: str) -> str:
+        import torch
+
         ids, views = self.processor.apply_chat(_messages(image, question))
         out = self.model.generate(torch.tensor([ids]), self.max_new_tokens, images=views,
                                   stop_token_ids=self.stops)
@@ -88,8 +96,9 @@ class RuntimeAnswerer:
                                      max_new_tokens=self.max_new_tokens))
 
 
-def load_answerer(path: str | Path, dtype: torch.dtype = torch.float32) -> Answerer:
-    """A RuntimeAnswerer for a bundle (manifest.json), else a ReferenceAnswerer."""
+def load_answerer(path: str | Path, dtype: torch.dtype | None = None) -> Answerer:
+    """A RuntimeAnswerer for a bundle (manifest.json), else a ReferenceAnswerer (`dtype`:
+    its model's, default float32)."""
     p = Path(path)
     if (p / "manifest.json").is_file():
         return RuntimeAnswerer(p)
@@ -178,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(stray)}: only used with --variants",
                           "add --variants, or drop those options")
     folder = Path(args.model) if args.model else default_model()
+    import torch
+
     answerer = load_answerer(folder, getattr(torch, args.dtype))
     report = evaluate(answerer, make_examples(args.seed, args.n), str(folder),
                       progress=sys.stderr.isatty())

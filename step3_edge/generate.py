@@ -8,36 +8,44 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from step3_edge.chat import split_reasoning
 from step3_edge.errors import BundleError
-from step3_edge.sampling import SamplingParams, check_max_new_tokens, check_seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the user message")
     p.add_argument("--model", help="checkpoint or bundle folder (default: the embedded model)")
-    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--system", help="optional system message")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file (repeatable; default: none)")
+    p.add_argument("--system", help="system message (default: none)")
     p.add_argument("--raw", action="store_true",
                    help="send PROMPT as-is, without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="most tokens to generate (the answer may stop sooner)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens only (0: no limit)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches p "
+                   "(1: no limit)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling (default: a fresh one per run)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype: auto is the runtime's choice for this host on a bundle "
+                   "(bf16 where the CPU has fast bf16 math or native kernels), float32 for the "
+                   "reference model on a checkpoint")
     p.add_argument("--json", action="store_true",
                    help="print JSON with the prompt and generated token ids")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from step3_edge.chat import split_reasoning
     from step3_edge.defaults import default_model
+    from step3_edge.manifest import MANIFEST, looks_like_bundle
     from step3_edge.model import Step3ForConditionalGeneration
     from step3_edge.processor import Step3Processor
-
-    from step3_edge.manifest import MANIFEST, looks_like_bundle
+    from step3_edge.sampling import SamplingParams, check_max_new_tokens, check_seed
 
     folder = Path(args.model) if args.model else default_model()
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
@@ -59,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         runtime = Step3Runtime.load(folder, dtype=args.dtype)
         proc = runtime.processor
     else:
-        model = Step3ForConditionalGeneration.from_pretrained(folder, getattr(torch, args.dtype))
+        model = Step3ForConditionalGeneration.from_pretrained(folder, getattr(
+            torch, "float32" if args.dtype == "auto" else args.dtype))
         proc = Step3Processor.from_pretrained(folder, model.config)
     load_s = time.perf_counter() - t0
     if args.raw:

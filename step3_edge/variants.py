@@ -316,7 +316,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variants", action="store_true",
                    help="export the cpu int8 / int4 and l20 fp8 bundles and evaluate every "
                    "variant on the same examples (" + ", ".join(VARIANTS) + ")")
-    g.add_argument("--only", help="comma list of variants (the reference always runs)")
+    g.add_argument("--only", help="comma list of variants (the reference always runs; "
+                   "default: every variant)")
     g.add_argument("--work", type=Path, help="folder for the bundles (default: the cache, "
                    "keyed by the checkpoint's fingerprint; complete bundles are reused)")
     g.add_argument("--rebuild", action="store_true", help="export the bundles again")

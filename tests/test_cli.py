@@ -14,11 +14,13 @@ import pytest
 
 from step3_edge.cli import COMMANDS, RUNTIME_OPTIONS, build_parser, main, version
 
-# the commands whose options this test holds to the convention (their modules' parsers)
-OWN = ("chat", "plan", "profile", "app", "serve", "eval")
+# the commands whose options this test holds to the convention (help and a shown default)
+OWN = ("chat", "plan", "profile", "app", "serve", "eval", "generate", "quantize", "export",
+       "inspect")
 RUNTIME_COMMANDS = ("chat", "profile", "app", "serve")
 MODEL_DEFAULTS = ("chat", "profile", "app", "serve", "generate", "eval")
-LIGHT = ("chat", "plan", "profile", "app", "serve", "export", "inspect")
+LIGHT = ("chat", "plan", "profile", "app", "serve", "export", "inspect", "generate", "eval",
+         "quantize")
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -68,9 +70,6 @@ def test_every_option_has_help_and_its_default_shown(command: str) -> None:
     formatter = p._get_formatter()
     required_groups = {a for g in p._mutually_exclusive_groups if g.required
                        for a in g._group_actions}
-    # `eval --variants` and its options belong to step3_edge/variants.py
-    variants = {a for g in p._action_groups if g.title and "variants" in g.title
-                for a in g._group_actions}
     missing = []
     for action in p._actions:
         if not action.option_strings or action.help == argparse.SUPPRESS:
@@ -78,12 +77,29 @@ def test_every_option_has_help_and_its_default_shown(command: str) -> None:
         flag = action.option_strings[-1]
         assert action.help, f"{command} {flag} has no help"
         if (action.dest == "help" or action.default is False or action.required
-                or action in required_groups or action in variants):
+                or action in required_groups):
             continue
         shown = formatter._expand_help(action)       # the help text as --help prints it
         if "default" not in shown:
             missing.append(f"{flag}: {shown}")
     assert not missing, f"{command}: no default shown for\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_of_every_command_has_help(command: str) -> None:
+    p = _subparser(command)
+    bare = [a.option_strings[-1] if a.option_strings else a.dest for a in p._actions
+            if not a.help and a.help != argparse.SUPPRESS]
+    assert not bare, f"{command}: options without help: {bare}"
+
+
+def test_quantize_choices_written_out_for_a_fast_help_are_the_real_ones() -> None:
+    from step3_edge.quantize.cli import SCHEME_NAMES, SHARD_MB
+    from step3_edge.quantize.convert import DEFAULT_SHARD_BYTES
+    from step3_edge.quantize.schemes import SCHEMES
+
+    assert SCHEME_NAMES == tuple(sorted(SCHEMES))
+    assert SHARD_MB << 20 == DEFAULT_SHARD_BYTES
 
 
 @pytest.mark.parametrize("command", MODEL_DEFAULTS)

@@ -21,8 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "for everything), e.g. 512GiB (default: what is available now)")
     p.add_argument("--scheme", help="weight scheme of the FFN linears (default: the target's; "
                    "bf16 keeps the weights unquantized -> fp32 ONNX graphs)")
-    p.add_argument("--attn-scheme", help="weight scheme of the attention linears")
-    p.add_argument("--kv-tokens", type=int, help="KV cache budget in tokens for the plan")
+    p.add_argument("--attn-scheme", help="weight scheme of the attention linears (default: "
+                   "the same as --scheme; bf16 keeps them unquantized)")
+    p.add_argument("--kv-tokens", type=int, help="KV cache budget in tokens for the plan "
+                   "(default: one max_context sequence, and as many more as fit)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing bundle (only one export wrote: never the source, "
                    "a folder of other files, a file or the current folder)")

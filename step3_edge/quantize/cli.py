@@ -6,10 +6,13 @@ import argparse
 import sys
 
 from step3_edge.errors import Step3EdgeError
-from step3_edge.quantize.convert import DEFAULT_SHARD_BYTES, convert_checkpoint
-from step3_edge.quantize.recipe import build_recipe
-from step3_edge.quantize.schemes import SCHEMES
 from step3_edge.targets import TARGETS, get_target
+
+# the names of quantize.schemes.SCHEMES and convert's DEFAULT_SHARD_BYTES in MiB, written out so
+# that `--help` does not import torch (tests/test_cli.py checks they agree)
+SCHEME_NAMES = ("bf16", "block_fp8", "fp8_per_channel", "int4_block", "int8_block",
+                "int8_per_channel")
+SHARD_MB = 4096
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,18 +21,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or an earlier step3-edge quantization)")
     p.add_argument("--target", required=True, help=f"target card: {', '.join(TARGETS)}")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--scheme", choices=sorted(SCHEMES), default=None,
+    p.add_argument("--scheme", choices=SCHEME_NAMES, default=None,
                    help="scheme of routed experts, shared expert and dense MLP "
                    "(default: the target's default_scheme)")
-    p.add_argument("--attn-scheme", choices=sorted(SCHEMES), default=None,
+    p.add_argument("--attn-scheme", choices=SCHEME_NAMES, default=None,
                    help="scheme of the attention projections (default: same as --scheme; "
                    "bf16 keeps them unquantized)")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",
                    help="extra rule checked before the defaults, first match wins; PATTERN "
                    "is an fnmatch glob over tensor names (repeatable)")
     p.add_argument("--report", default=None, metavar="JSON",
-                   help="also write the per-tensor error report as JSON")
-    p.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES >> 20,
+                   help="also write the per-tensor error report as JSON (default: not "
+                   "written)")
+    p.add_argument("--shard-mb", type=int, default=SHARD_MB,
                    help="output shard size in MiB")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder (only a checkpoint quantize wrote: "
@@ -39,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert, print the per-scheme error table, optionally save the JSON report."""
+    from step3_edge.quantize.convert import convert_checkpoint
+    from step3_edge.quantize.recipe import build_recipe
+
     target = get_target(args.target)
     recipe = build_recipe(target, args.scheme, args.attn_scheme, args.override)
     res = convert_checkpoint(args.model, args.out, target, recipe, overwrite=args.force,
