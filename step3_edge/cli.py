@@ -121,14 +121,25 @@ def resolve_bundle(model: str | Path | None, *, progress: bool = True) -> tuple[
 
 
 # ------------------------------------------------------------------ runtime options
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1")
-    return value
+def checked_number(convert: Callable[[str], Any], kind: str, ok: Callable[[Any], bool],
+                   bound: str) -> Callable[[str], Any]:
+    """An argparse `type`: `convert` the text (else "is not `kind`") and check it with `ok`
+    (else "is `bound`")."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is {bound}")
+        return value
+    return parse
+
+
+_positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "below 1")
+_nonnegative_int = checked_number(int, "a whole number", lambda v: v >= 0, "below 0")
+_fraction = checked_number(float, "a number", lambda v: 0 <= v <= 1, "outside [0, 1]")
+positive_float = checked_number(float, "a number", lambda v: v > 0, "not above 0")
 
 
 def _resident(text: str) -> int | float:
@@ -140,36 +151,6 @@ def _resident(text: str) -> int | float:
                                          "of experts (12)") from None
     if value < 0 or (isinstance(value, float) and value > 1):
         raise argparse.ArgumentTypeError(f"{text} is outside [0, 1] (fraction) / >= 0 (count)")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is below 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not above 0")
     return value
 
 
@@ -194,7 +175,7 @@ class RuntimeOption:
 _KINDS: dict[str, dict[str, Any]] = {
     "count": {"type": _positive_int}, "kv_tokens": {"type": _positive_int},
     "count0": {"type": _nonnegative_int}, "fraction": {"type": _fraction},
-    "seconds": {"type": _seconds}, "bool": {"action": argparse.BooleanOptionalAction},
+    "seconds": {"type": positive_float}, "bool": {"action": argparse.BooleanOptionalAction},
     "tristate": {"action": argparse.BooleanOptionalAction}, "choice": {}, "device": {},
     "devices": {"nargs": "+"}, "counts": {},
     "afd": {"nargs": "?", "const": "spawn", "to_load": lambda v: True if v == "spawn" else v},

@@ -29,6 +29,7 @@ from step3_edge.app.engine import add_server_arguments
 from step3_edge.app.openai_protocol import (ApiError, api_error_of, chunk_body, completion_body,
                                             error_body, image_parts, model_body, models_body,
                                             new_completion_id, parse_chat_request, usage)
+from step3_edge.cli import positive_float
 from step3_edge.errors import Step3EdgeError
 
 log = logging.getLogger("step3_edge.app.server")
@@ -316,16 +317,6 @@ async def read_json(request: Any, limit: int, timeout_s: float = BODY_TIMEOUT_S)
 
 
 # ------------------------------------------------------------------ CLI
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not above 0")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_arguments(p, port=8000)
     g = p.add_argument_group("server options")
@@ -338,9 +329,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the --model folder's name; step3-edge-default for the embedded model)")
     g.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                    help="max_tokens of a request that gives none")
-    g.add_argument("--max-body-mb", type=_positive_float, default=MAX_BODY_BYTES / 2**20,
+    g.add_argument("--max-body-mb", type=positive_float, default=MAX_BODY_BYTES / 2**20,
                    metavar="MB", help="largest request body (images are inline data URIs)")
-    g.add_argument("--body-timeout", type=_positive_float, default=BODY_TIMEOUT_S,
+    g.add_argument("--body-timeout", type=positive_float, default=BODY_TIMEOUT_S,
                    metavar="SECONDS", help="time allowed for a request body to arrive in full; "
                    "a slower or truncated one is a 400")
     g.add_argument("--log-level", default="info",
