@@ -17,13 +17,16 @@ tensor + 2 GB. The load row also has the plan's host bytes, the load time agains
 read the bundle's files, and decode tokens/s against the roofline (weight bytes a step reads /
 copy bandwidth measured in the same process).
 
-Marginal costs: per MoE layer from L=2 vs L=3 at E=8, per expert from E=8 vs E=16 at L=2; the
-projection adds 55 MoE layers, 40 more experts in each of the 56 MoE layers, and 4 dense
-layers (a dense layer counted as a MoE layer less 8 experts plus its 18432-wide MLP, 3.6
-experts' bytes) to the L=2, E=8 slice. Vision is kept at 2 of 63 ViT layers and left out of
-the projection (0.14 GB a layer in bf16, exported as one graph whatever its depth).
+Costs (`stage_costs`): a linear model per stage fitted to the slices: per routed expert from
+E=8 vs E=16 at L=2, per MoE layer without its experts from L=2 vs L=3 at E=8, a dense layer
+counted as that plus its 18432-wide MLP (3.6 experts' bytes) less the shared expert (1), and
+per ViT layer from a `2x8vV` slice when one is measured (else 0: the ViT stays at 2 of its 63
+layers). They are written to `step3_edge/assets/scale-costs.json`, from which
+`step3_edge.projection` projects the real model (56 MoE layers of 48 experts, 5 dense, 63 ViT
+layers) for this script and for `step3-edge plan`.
 
-    python bench/bench_scale.py [--work DIR] [--slices 2x8,3x8,2x16] [--out FILE]
+    python bench/bench_scale.py [--work DIR] [--slices 2x8,3x8,2x16] [--clean] [--merge JSON]
+                                [--out FILE]
 
 Needs ~40 GB of disk for the three default slices and their bundles (removed as it goes with
 --clean) and ~1 hour on 2 cores.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -105,14 +109,8 @@ def largest_stored_tensor(folder: Path) -> int:
     from step3_edge.checkpoint import CheckpointReader
 
     r = CheckpointReader(folder)
-    return max(r.stored_dtype(n).itemsize * _numel(r.stored_shape(n)) for n in r.stored_names())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return max(r.stored_dtype(n).itemsize * math.prod(r.stored_shape(n))
+               for n in r.stored_names())
 
 
 def folder_bytes(folder: Path) -> int:

@@ -15,7 +15,7 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError
 from step3_edge.layout import expected_weights
-from step3_edge.presets import PRESETS, full_slice
+from step3_edge.presets import full_slice
 from step3_edge.quantize.schemes import BlockFP8
 
 
@@ -109,7 +109,3 @@ def test_given_weights_are_written_in_pieces(tmp_path: Path, monkeypatch) -> Non
                                                      progress=False))
     for name, t in w.items():
         assert torch.equal(reader.read(name).to(torch.bfloat16), t), name
-
-
-def test_presets_keep_their_real_pattern() -> None:
-    assert PRESETS["full"]["text_config"]["moe_layers_enum"].startswith("4,5")

@@ -151,9 +151,9 @@ def bind(bindings: list[WeightBinding], reader: CheckpointReader, cfg: Step3Conf
         expert = inst.expert if b.expert else None
         if b.op in ("matmul", "none"):
             if b.layout == "linear":             # [out, in] -> [in, out] in one blocked copy
-                w = reader.read(tensor, reader.stored_dtype(tensor), expert) \
-                    if reader.scheme_of(tensor).name == "bf16" else \
-                    reader.read(tensor, torch.float32, expert)
+                as_stored = reader.scheme_of(tensor).name == "bf16"
+                w = reader.read(tensor, reader.stored_dtype(tensor) if as_stored else
+                                torch.float32, expert)
                 out[b.name] = Bound(torch.empty(w.shape[::-1]).copy_(w.T).numpy(), FLOAT)
                 continue
             w = reader.read(tensor, torch.float32, expert)
