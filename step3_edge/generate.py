@@ -1,4 +1,5 @@
-"""`step3-edge generate`: one prompt (and images) through the reference model."""
+"""`step3-edge generate`: one prompt (and images) answered by the reference model (a checkpoint
+folder) or by the deployment runtime (an exported bundle)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,25 @@ from step3_edge.errors import BundleError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the user message")
-    p.add_argument("--model", help="checkpoint or bundle folder (default: the embedded model)")
-    p.add_argument("--image", action="append", default=[],
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder (config.json; answered by the reference model) or "
+                   "engine bundle (manifest.json; answered by the runtime) "
+                   "(default: the embedded default model)")
+    p.add_argument("--image", action="append", default=[], metavar="IMG",
                    help="image file (repeatable; default: none)")
-    p.add_argument("--system", help="system message (default: none)")
+    p.add_argument("--system", metavar="TEXT", help="system message (default: none)")
     p.add_argument("--raw", action="store_true",
                    help="send PROMPT as-is, without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=32,
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="most tokens to generate (the answer may stop sooner)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0,
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
                    help="sample from the k most likely tokens only (0: no limit)")
-    p.add_argument("--top-p", type=float, default=1.0,
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="sample from the smallest set of tokens whose probability reaches p "
                    "(1: no limit)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=int, default=None, metavar="N",
                    help="seed for sampling (default: a fresh one per run)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype: auto is the runtime's choice for this host on a bundle "

@@ -1,5 +1,6 @@
-"""The built wheel (not the editable checkout) carries the demo's example images and the
-default model, and an installed wheel's app finds its examples inside the installed package."""
+"""The built wheel (not the editable checkout) carries the demo's example images, the default
+model and its license; an installed wheel's app finds its examples inside the installed
+package."""
 
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ def test_the_wheel_holds_the_examples_and_the_default_model(wheel: Path) -> None
         assert f"step3_edge/assets/examples/{image}" in names, image
     assert "step3_edge/assets/default-model/config.json" in names
     assert "step3_edge/assets/default-model/tokenizer.json" in names
+
+
+def test_the_wheel_declares_its_license_in_spdx_form(wheel: Path) -> None:
+    whl = zipfile.ZipFile(wheel)
+    info = next(n.split("/")[0] for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
+    meta = whl.read(f"{info}/METADATA").decode().split("\n\n")[0].splitlines()
+    assert "License-Expression: Apache-2.0" in meta, meta
+    assert "License-File: LICENSE" in meta and not any(m.startswith("License: ") for m in meta)
+    assert whl.read(f"{info}/licenses/LICENSE") == (REPO / "LICENSE").read_bytes()
 
 
 def test_an_installed_wheel_finds_its_examples(wheel: Path, tmp_path: Path) -> None:
