@@ -182,3 +182,64 @@ def test_chat_runs_on_the_default_model_without_a_flag(
     monkeypatch.setattr(sys, "stdin", io.StringIO("What colour is the circle?\n/quit\n"))
     assert main(["chat", "--max-new-tokens", "4", "--dtype", "float32", "--threads", "1"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def _hub_snapshot(src: Path, root: Path) -> Path:
+    """`src` as `huggingface-cli download` leaves it in the hub cache:
+    models--ORG--NAME/snapshots/<rev>/<file> -> ../../blobs/<sha256>."""
+    import hashlib
+    import shutil
+
+    repo = root / "models--stepfun-ai--step3"
+    rev = hashlib.sha1(src.name.encode()).hexdigest()
+    snap, blobs = repo / "snapshots" / rev, repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for f in sorted(src.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blobs / digest)
+        (snap / f.name).symlink_to(f"../../blobs/{digest}")
+    return snap
+
+
+def test_a_hub_cache_snapshot_is_a_model_for_every_command(
+        tiny_bf16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """plan, generate, quantize and export read a hub snapshot whose files are links into
+    the repo cache's blobs/; the runtime commands (chat, profile, app, serve) export it into
+    the cache; a link out of the repo cache is still refused by each, with exit status 2."""
+    from step3_edge.cli import resolve_bundle
+
+    monkeypatch.setenv("STEP3_EDGE_CACHE", str(tmp_path / "cache"))
+    snap = _hub_snapshot(tiny_bf16, tmp_path / "hub")
+    assert all((snap / f.name).is_symlink() for f in tiny_bf16.iterdir())
+    assert main(["plan", "--model", str(snap), "--target", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"] == 1
+    assert main(["generate", "--model", str(snap), "--raw", "--max-new-tokens", "2", "--json",
+                 "Once upon a time"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["generated_token_ids"]) <= 2
+    assert main(["quantize", "--model", str(snap), "--target", "cpu", "--out",
+                 str(tmp_path / "q"), "--quiet"]) == 0
+    assert main(["export", "--model", str(snap), "--target", "cpu", "--out",
+                 str(tmp_path / "b"), "--no-onnx", "--quiet"]) == 0
+    assert main(["inspect", str(tmp_path / "b")]) == 0
+    bundle, _ = resolve_bundle(snap, progress=False)
+    assert (bundle / "manifest.json").is_file() and bundle.is_relative_to(tmp_path / "cache")
+    capsys.readouterr()
+
+    shard = json.loads((snap / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.norm.weight"]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((snap / shard).read_bytes())           # the same bytes, out of the repo
+    (snap / shard).unlink()
+    (snap / shard).symlink_to(outside)
+    for argv in (["generate", "--model", str(snap), "--raw", "--max-new-tokens", "1", "x"],
+                 ["quantize", "--model", str(snap), "--target", "cpu", "--out",
+                  str(tmp_path / "q2"), "--quiet"],
+                 ["export", "--model", str(snap), "--target", "cpu", "--out",
+                  str(tmp_path / "b2"), "--no-onnx", "--quiet"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "outside" in err and "Traceback" not in err, (argv, err)
