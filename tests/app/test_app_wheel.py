@@ -50,8 +50,8 @@ def test_an_installed_wheel_finds_its_examples(wheel: Path, tmp_path: Path) -> N
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                                "['purelib'])"], check=True, capture_output=True,
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(subprocess.run([str(py), "-c", purelib], check=True, capture_output=True,
                                text=True).stdout.strip())
     # this environment's packages (torch, gradio, ...) without its editable step3_edge: a path
     # listed in a .pth file is added to sys.path, but the .pth files inside it are not run
