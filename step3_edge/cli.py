@@ -136,10 +136,12 @@ def checked_number(convert: Callable[[str], Any], kind: str, ok: Callable[[Any],
     return parse
 
 
-_positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "below 1")
-_nonnegative_int = checked_number(int, "a whole number", lambda v: v >= 0, "below 0")
+positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "below 1")
+nonnegative_int = checked_number(int, "a whole number", lambda v: v >= 0, "below 0")
 _fraction = checked_number(float, "a number", lambda v: 0 <= v <= 1, "outside [0, 1]")
 positive_float = checked_number(float, "a number", lambda v: v > 0, "not above 0")
+port_number = checked_number(int, "a port number", lambda v: 1 <= v <= 65535,
+                             "outside 1..65535")
 
 
 def _resident(text: str) -> int | float:
@@ -173,8 +175,8 @@ class RuntimeOption:
 
 # a field's value kind -> its argparse form
 _KINDS: dict[str, dict[str, Any]] = {
-    "count": {"type": _positive_int}, "kv_tokens": {"type": _positive_int},
-    "count0": {"type": _nonnegative_int}, "fraction": {"type": _fraction},
+    "count": {"type": positive_int}, "kv_tokens": {"type": positive_int},
+    "count0": {"type": nonnegative_int}, "fraction": {"type": _fraction},
     "seconds": {"type": positive_float}, "bool": {"action": argparse.BooleanOptionalAction},
     "tristate": {"action": argparse.BooleanOptionalAction}, "choice": {}, "device": {},
     "devices": {"nargs": "+"}, "counts": {},
@@ -268,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["COMMANDS", "RUNTIME_OPTIONS", "HelpFormatter", "add_model_argument",
-           "add_runtime_arguments", "build_parser", "main", "resolve_bundle",
+           "add_runtime_arguments", "build_parser", "checked_number", "main",
+           "nonnegative_int", "port_number", "positive_float", "positive_int", "resolve_bundle",
            "runtime_overrides", "version"]
 
 if __name__ == "__main__":

@@ -156,16 +156,18 @@ def evaluate(answerer: Answerer, examples: list[Example], model_name: str = "",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from step3_edge.cli import nonnegative_int, positive_int
+
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint folder (answered by the reference model) or bundle folder "
                    "(answered by the runtime) (default: the embedded default model)")
-    p.add_argument("--n", type=int, default=500, help="number of held-out examples")
+    p.add_argument("--n", type=positive_int, default=500, help="number of held-out examples")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out task seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="reference-model dtype (checkpoints only)")
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="also write the report (with every answer) here (default: not written)")
-    p.add_argument("--show-errors", type=int, default=0, metavar="N",
+    p.add_argument("--show-errors", type=nonnegative_int, default=0, metavar="N",
                    help="print up to N wrong answers")
     from step3_edge import variants
 

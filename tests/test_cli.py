@@ -243,3 +243,26 @@ def test_a_hub_cache_snapshot_is_a_model_for_every_command(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "outside" in err and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["app", "--concurrency", "0"], "--concurrency"),
+    (["app", "--queue-size", "0"], "--queue-size"),
+    (["app", "--port", "70000"], "--port"),
+    (["serve", "--port", "-1"], "--port"),
+    (["serve", "--default-max-tokens", "0"], "--default-max-tokens"),
+    (["serve", "--max-body-mb", "0"], "--max-body-mb"),
+    (["chat", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["chat", "--top-k", "-1"], "--top-k"),
+    (["profile", "--prompts", "p.txt", "--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["eval", "--n", "0"], "--n"),
+    (["chat", "--kv-tokens", "0"], "--kv-tokens"),
+    (["serve", "--threads", "many"], "--threads"),
+])
+def test_a_value_out_of_range_is_refused_before_any_model_loads(
+        argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        _subparser(argv[0]).parse_args(argv[1:])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err, err

@@ -158,11 +158,11 @@ class ChatEngine:
 
 def add_server_arguments(p: Any, port: int) -> None:
     """The options `app` and `serve` share: --model, the runtime options, host and port."""
-    from step3_edge.cli import add_model_argument, add_runtime_arguments
+    from step3_edge.cli import add_model_argument, add_runtime_arguments, port_number
 
     add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every "
                    "network interface")
-    p.add_argument("--port", type=int, default=port, help="TCP port to listen on")
+    p.add_argument("--port", type=port_number, default=port, help="TCP port to listen on")
     add_runtime_arguments(p)

@@ -355,14 +355,16 @@ def launch(engine: Any, *, host: str = "127.0.0.1", port: int = 7860, share: boo
 
 # ------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from step3_edge.cli import positive_int
+
     add_server_arguments(p, port=7860)
     g = p.add_argument_group("app options")
     g.add_argument("--share", action="store_true",
                    help="also open a public gradio.live link (needs internet access)")
-    g.add_argument("--concurrency", type=int, default=4, metavar="N",
+    g.add_argument("--concurrency", type=positive_int, default=4, metavar="N",
                    help="answers generated at once (the runtime batches them); more wait in "
                    "the queue")
-    g.add_argument("--queue-size", type=int, default=64, metavar="N",
+    g.add_argument("--queue-size", type=positive_int, default=64, metavar="N",
                    help="requests allowed to wait")
     g.add_argument("--max-upload", default="20mb", metavar="SIZE",
                    help="largest accepted upload, e.g. 20mb")

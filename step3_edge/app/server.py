@@ -29,7 +29,7 @@ from step3_edge.app.engine import add_server_arguments
 from step3_edge.app.openai_protocol import (ApiError, api_error_of, chunk_body, completion_body,
                                             error_body, image_parts, model_body, models_body,
                                             new_completion_id, parse_chat_request, usage)
-from step3_edge.cli import positive_float
+from step3_edge.cli import positive_float, positive_int
 from step3_edge.errors import Step3EdgeError
 
 log = logging.getLogger("step3_edge.app.server")
@@ -327,7 +327,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-name", metavar="NAME",
                    help="model id reported by /v1/models and expected in requests (default: "
                    "the --model folder's name; step3-edge-default for the embedded model)")
-    g.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
+    g.add_argument("--default-max-tokens", type=positive_int, default=256, metavar="N",
                    help="max_tokens of a request that gives none")
     g.add_argument("--max-body-mb", type=positive_float, default=MAX_BODY_BYTES / 2**20,
                    metavar="MB", help="largest request body (images are inline data URIs)")

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from step3_edge.cli import add_model_argument, add_runtime_arguments
+from step3_edge.cli import add_model_argument, add_runtime_arguments, nonnegative_int, positive_int
 from step3_edge.cli import runtime_overrides as runtime_overrides
 
 
@@ -22,11 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image file sent with the first question (repeatable; default: none)")
     p.add_argument("--system", metavar="TEXT",
                    help="system message put before the conversation (default: none)")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                    help="most tokens generated per answer")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
+    p.add_argument("--top-k", type=nonnegative_int, default=0, metavar="K",
                    help="sample among the k most likely tokens; 0 = all")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="sample within the smallest set of tokens of this probability mass")
@@ -91,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and chat; errors are Step3EdgeErrors for the CLI to print."""
     from step3_edge.cli import resolve_bundle
     from step3_edge.runtime.api import Step3Runtime
-    from step3_edge.sampling import SamplingParams
+    from step3_edge.sampling import SamplingParams, check_seed
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    check_seed(args.seed)                                  # before the model loads
     bundle, _name = resolve_bundle(args.model)
     with Step3Runtime.load(bundle, **runtime_overrides(args)) as rt:
         if sys.stdin.isatty():

@@ -18,7 +18,7 @@ from step3_edge.errors import PromptError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the `profile` options on `p`."""
-    from step3_edge.cli import add_model_argument, add_runtime_arguments
+    from step3_edge.cli import add_model_argument, add_runtime_arguments, positive_int
 
     add_model_argument(p)
     p.add_argument("--prompts", required=True, metavar="FILE",
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write the expert counts")
     p.add_argument("--trace", metavar="JSON",
                    help="also write the routing trace to this JSON file (default: no trace)")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N",
                    help="tokens generated after each prompt (their routing is counted too)")
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
     add_runtime_arguments(p)
