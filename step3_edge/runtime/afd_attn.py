@@ -266,11 +266,9 @@ class AttentionRank:
                                          "run the same step3-edge version on every rank")
 
     def _load(self, hello: dict[str, Any]) -> dict[str, Any]:
-        from step3_edge.runtime.loading import build_attention
-
-        _, _, _, cfg, reader, backend = open_worker_bundle(hello, self.wire)
-        self.attn = build_attention(cfg, reader, backend, int(hello["kv_tokens"]),
-                                    getattr(torch, hello["kv_dtype"]), vision=False)
+        _, _, _, cfg, reader, builder = open_worker_bundle(hello, self.wire)
+        self.attn = builder.build_attention(cfg, reader, int(hello["kv_tokens"]),
+                                            getattr(torch, hello["kv_dtype"]), vision=False)
         self.side = AttentionSide(self.attn, self.wire, hello["serving"])
         return {"device": str(self.attn.backend.device), "kv_blocks": self.attn.kv.num_blocks}
 

@@ -1,9 +1,10 @@
 """An AFD worker rank (every rank but 0). Its handshake from rank 0 makes it an attention rank
-(`afd_attn.AttentionRank`) or an FFN rank: an FFN rank builds its FFN worker for its shard (the
-same `build_ffn` as the one-process runtime), then serves steps, statistics and shutdown until
-told to stop or rank 0 goes away. Each step it takes every (layer, micro-batch) from all the
-attention ranks with rows in it, runs the FFN once on their concatenation and returns each
-attention rank its rows (see afd_attn's docstring for the order and why it cannot deadlock).
+(`afd_attn.AttentionRank`) or an FFN rank: an FFN rank builds its FFN side for its shard (with
+the builder the one-process runtime uses: `builders.make_builder`), then serves steps,
+statistics and shutdown until told to stop or rank 0 goes away. Each step it takes every
+(layer, micro-batch) from all the attention ranks with rows in it, runs the FFN once on their
+concatenation and returns each attention rank its rows (see afd_attn's docstring for the
+order and why it cannot deadlock).
 
 Entered by `afd.start_afd` through `torch.multiprocessing` (`spawned_main`) or by
 `python -m step3_edge.runtime.afd` under torchrun (`serve_env`)."""
@@ -111,19 +112,16 @@ class FFNRank:
                     return
 
     def _load(self, hello: dict[str, Any]) -> dict[str, Any]:
-        from step3_edge.runtime.loading import build_ffn
-
-        d, _, plan, cfg, reader, self.ffn_backend = open_worker_bundle(hello, self.wire)
-        self.device = self.ffn_backend.device
-        self.dtype = self.ffn_backend.dtype
+        d, _, plan, cfg, reader, builder = open_worker_bundle(hello, self.wire)
+        self.device, self.dtype = builder.backend.device, builder.backend.dtype
         self.shard = Shard.from_dict(hello["shard"])
-        self.ffn = build_ffn(cfg, reader, plan, self.ffn_backend, d.options.experts,
-                             d.options.bandwidths, shard=self.shard)
+        self.ffn = builder.build_ffn(cfg, reader, plan, d.options.experts,
+                                     d.options.bandwidths, shard=self.shard)
         t = cfg.text_config
         self.cfg = t
         self.layers = sorted(self.shard.layers)
         self.seconds = [0.0] * t.num_hidden_layers
-        return {"device": str(self.device), "backend": self.ffn_backend.describe()}
+        return {"device": str(self.device), "backend": builder.backend.describe()}
 
     def _step(self, rows: list[list[int]]) -> None:
         """One forward step; rows[a][m] = attention rank a's rows in micro-batch m. For each

@@ -28,7 +28,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,12 @@ from step3_edge.errors import Step3EdgeError
 from step3_edge.runtime.engine import Shard
 from step3_edge.runtime.options import MAX_MICRO_BATCHES, STEP_SLOTS
 from step3_edge.runtime.planner import Plan
+
+if TYPE_CHECKING:
+    from step3_edge.checkpoint import CheckpointReader
+    from step3_edge.manifest import Manifest
+    from step3_edge.runtime.builders import EngineBuilder
+    from step3_edge.runtime.decisions import LoadDecisions
 
 __all__ = ["MAX_MICRO_BATCHES", "STEP_SLOTS", "PROTOCOL", "Wire", "partition"]
 
@@ -91,11 +97,12 @@ def partition(plan: Plan, cfg: Step3Config, ranks: int) -> list[Shard]:
 
 
 def open_worker_bundle(hello: dict[str, Any], wire: "Wire"
-                       ) -> tuple[Any, Any, Any, Any, Any, Any]:
+                       ) -> tuple[LoadDecisions, Manifest, Plan, Step3Config, CheckpointReader,
+                                  EngineBuilder]:
     """A spawned or torchrun rank's start: check rank 0's protocol, open the bundle it names and
-    make the backend rank 0's decisions name on this rank's device -> (decisions, manifest,
-    plan, cfg, reader, backend)."""
-    from step3_edge.runtime.backends import make_backend
+    make the backend rank 0's decisions name on this rank's device, with its builder ->
+    (decisions, manifest, plan, cfg, reader, builder)."""
+    from step3_edge.runtime.builders import make_builder
     from step3_edge.runtime.decisions import LoadDecisions
     from step3_edge.runtime.loading import open_bundle
 
@@ -106,9 +113,7 @@ def open_worker_bundle(hello: dict[str, Any], wire: "Wire"
     o = d.options
     manifest, plan, cfg, reader = open_bundle(hello["bundle"], o.verify)
     dev = hello.get("device") or (str(wire.device) if wire.backend == "nccl" else "cpu")
-    backend = make_backend(d.backend, dev, d.dtype, manifest=manifest, threads=o.ort_threads,
-                           native_kernels=o.native_kernels, dtype_reason=d.dtype_reason)
-    return d, manifest, plan, cfg, reader, backend
+    return d, manifest, plan, cfg, reader, make_builder(d, manifest, dev)
 
 
 def answer_handshake(wire: "Wire", load: Callable[[], dict[str, Any]]) -> bool:

@@ -12,10 +12,10 @@ import torch
 from step3_edge.config import Step3Config
 from step3_edge.errors import PromptError
 from step3_edge.processor import ImageViews, Step3Processor
-from step3_edge.runtime.backends import make_backend
+from step3_edge.runtime.builders import make_builder
 from step3_edge.runtime.decisions import GRAPH_PREFILL_TOKENS, Host, LoadDecisions, decide
 from step3_edge.runtime.engine import Engine
-from step3_edge.runtime.loading import build_attention, build_ffn, check_kv_memory, open_bundle
+from step3_edge.runtime.loading import open_bundle
 from step3_edge.runtime.openmp import release_openmp_team
 from step3_edge.runtime.options import LOAD_KEYWORDS, RuntimeOptions
 from step3_edge.runtime.planner import Plan
@@ -50,19 +50,17 @@ class Step3Runtime:
         o = RuntimeOptions.from_kwargs(**options)
         manifest, plan, cfg, reader = open_bundle(bundle, o.verify)
         d = decide(o, manifest, plan, cfg, Host.probe())
-        backend = make_backend(d.backend, d.device, d.dtype, manifest=manifest,
-                               threads=o.ort_threads, native_kernels=o.native_kernels,
-                               dtype_reason=d.dtype_reason)
-        d = d.within(getattr(backend, "limits", {}))    # TensorRT: its engines' bounds
-        check_kv_memory(d.kv_tokens, d.torch_kv_dtype, cfg, backend, manifest)
-        attn = build_attention(cfg, reader, backend, d.kv_tokens, d.torch_kv_dtype, o.vision)
+        builder = make_builder(d, manifest)
+        d = d.within(builder.limits)                    # TensorRT: its engines' bounds
+        builder.check_kv_memory(d.kv_tokens, d.torch_kv_dtype, cfg, manifest)
+        attn = builder.build_attention(cfg, reader, d.kv_tokens, d.torch_kv_dtype, o.vision)
         if d.afd is not None:
             from step3_edge.runtime.afd import start_afd
 
             engine: Any = start_afd(Path(bundle), plan, attn, d)
         else:
-            ffn = build_ffn(cfg, reader, plan, backend, o.experts, o.bandwidths, o.threads,
-                            routers=attn.routers())
+            ffn = builder.build_ffn(cfg, reader, plan, o.experts, o.bandwidths, o.threads,
+                                    routers=attn.routers())
             engine = Engine(attn, ffn, o.sync_timing)
         try:
             processor = Step3Processor.from_pretrained(bundle, cfg)

@@ -8,25 +8,30 @@ into the device cache. Weights stay in their stored form wherever a fast kernel 
 none exists the weight is dequantized once at load into the compute dtype, and `describe()` /
 `Linear.kernel` say so.
 
-The ONNX Runtime backend (`ort_backend.py`) works on whole subgraphs rather than linears:
-`make_backend("onnxruntime", manifest=...)` returns it; the TensorRT backend (`trt_backend.py`)
-runs the bundle's TensorRT engines behind the same interface (`make_backend("tensorrt", ...)`).
+The graph backends work on whole subgraphs rather than linears (`ort_backend.GraphBackend`):
+`make_backend("onnxruntime", manifest=...)` returns the ONNX Runtime one (`ort_backend.py`),
+`make_backend("tensorrt", ...)` the one that runs the bundle's TensorRT engines
+(`trt_backend.py`). `builders.py` builds the model's two sides on either kind.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from step3_edge.errors import ConfigError
+from step3_edge.manifest import Manifest
 from step3_edge.quantize.schemes import Scheme, get_scheme
 from step3_edge.runtime import native
 from step3_edge.runtime.kernels import KernelCaps, fast_bf16_gemm
+
+if TYPE_CHECKING:        # ort_backend imports this module (through engine.py)
+    from step3_edge.runtime.ort_backend import GraphBackend
 
 FP8 = torch.float8_e4m3fn
 # (scheme, device type) -> kernel; "dequantized" means upcast once at load (no fast kernel).
@@ -479,9 +484,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | None) -> tuple[
 
 
 def make_backend(name: str = "torch", device: str | None = None,
-                 dtype: torch.dtype | str | None = None, *, manifest: Any = None,
+                 dtype: torch.dtype | str | None = None, *, manifest: Manifest | None = None,
                  threads: int | None = None, native_kernels: bool | None = None,
-                 dtype_reason: str | None = None) -> Any:
+                 dtype_reason: str | None = None) -> TorchBackend | GraphBackend:
     """The backend called `name` on `device` (default: CUDA when present, else the CPU),
     computing in `dtype` (torch: `resolve_dtype`'s choice for None / "auto"; the graph
     backends compute in float32). ONNX Runtime and

@@ -1,6 +1,6 @@
-"""Building the two sides of the runtime from a bundle and the load options, shared by the
-single-process runtime (`Step3Runtime.load`) and the AFD FFN ranks (`afd_ffn.serve`), so that a
-worker in another process builds exactly what the one-process engine would."""
+"""Opening a bundle, and what the torch builder (`builders.TorchBuilder`) reads from it and
+the load options: the resident experts, a profile's expert counts, the routers an FFN rank
+predicts with, the bandwidths the expert store's cost model reads."""
 
 from __future__ import annotations
 
@@ -8,27 +8,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from step3_edge.checkpoint import INDEX_NAME, CheckpointReader
 from step3_edge.config import Step3Config
-from step3_edge.errors import BundleError, PlanError
+from step3_edge.errors import BundleError
 from step3_edge.manifest import Manifest, load_manifest
 from step3_edge.model import Step3MoE
-from step3_edge.runtime.backends import TorchBackend, resolve_dtype
-from step3_edge.runtime.engine import AttentionWorker, FFNWorker, Shard
+from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.cost_model import Bandwidths, measure_bandwidths
-from step3_edge.runtime.expert_store import ExpertStore, Router, read_linear
-from step3_edge.runtime.decisions import GRAPH_BACKENDS
-from step3_edge.runtime.kv import kv_bytes_per_token
+from step3_edge.runtime.expert_residency import Router
+from step3_edge.runtime.mlp import read_linear
 from step3_edge.runtime.options import ExpertOptions
 from step3_edge.runtime.planner import Plan, expert_order
 
-RESERVE_BYTES = 2 << 30           # CUDA: left free for activations when capping residents
 
-
-def measure_with_threads(dev: torch.device, backend: Any, threads: int) -> Bandwidths:
+def measure_with_threads(dev: torch.device, backend: TorchBackend, threads: int
+                         ) -> Bandwidths:
     """`measure_bandwidths` at the engine thread's intra-op count (`threads`): a CPU's copy
     rate, which the cost model (and the stacked experts' choice) reads, grows with the
     threads that copy."""
@@ -59,29 +55,6 @@ def open_bundle(bundle: str | Path, verify: bool = False
     reader = CheckpointReader(bundle, cfg)
     reader.check()
     return manifest, plan, cfg, reader
-
-
-def check_kv_memory(kv_tokens: int, kv_dtype: torch.dtype, cfg: Step3Config, backend: Any,
-                    manifest: Manifest) -> None:
-    """Refuse, before any weight is read, a KV pool in CPU memory that does not fit in the
-    memory available now, beside the bundle's weights when they are computed on the CPU too
-    (torch would fail to allocate it, or the kernel would kill the process while it is
-    zeroed). The graph backends keep a float32 pool in host memory (`build_attention`)."""
-    graphs = backend.name in GRAPH_BACKENDS
-    if not graphs and backend.device.type != "cpu":
-        return
-    per_token = kv_bytes_per_token(cfg.text_config, torch.float32 if graphs else kv_dtype)
-    weights = sum(a.bytes for a in manifest.artifacts if a.kind == "weights") \
-        if backend.device.type == "cpu" else 0
-    free = psutil.virtual_memory().available
-    if kv_tokens * per_token + weights > free:
-        fit = max(0, (free - weights) // per_token)
-        raise PlanError(f"a KV pool of {kv_tokens:,} tokens needs "
-                        f"{kv_tokens * per_token / 2**30:.2f} GiB beside "
-                        f"{weights / 2**30:.2f} GiB of weights, but {free / 2**30:.2f} GiB of "
-                        "CPU memory is available",
-                        f"load with kv_tokens <= {fit:,}, or free memory" if fit >= 16 else
-                        "free memory, or use a machine with more")
 
 
 def resident_set(cfg: Step3Config, plan: Plan, experts: ExpertOptions,
@@ -126,54 +99,3 @@ def load_routers(cfg: Step3Config, reader: CheckpointReader, backend: TorchBacke
         moe.gate = read_linear(reader, backend, f"model.layers.{L}.moe.gate.weight")
         out[L] = moe.route
     return out
-
-
-def build_attention(cfg: Step3Config, reader: CheckpointReader, backend: Any,
-                    kv_tokens: int, kv_dtype: torch.dtype, vision: bool = True) -> Any:
-    """The attention side (torch modules, or the bundle's subgraphs in ONNX Runtime /
-    TensorRT)."""
-    if backend.name in GRAPH_BACKENDS:
-        from step3_edge.runtime.ort_backend import OrtAttentionWorker
-
-        return OrtAttentionWorker(cfg, backend, kv_tokens, vision)
-    return AttentionWorker(cfg, reader, backend, kv_tokens, kv_dtype, vision)
-
-
-def build_ffn(cfg: Step3Config, reader: CheckpointReader, plan: Plan, backend: TorchBackend,
-              experts: ExpertOptions, bandwidths: Bandwidths | None = None,
-              threads: int | None = None, shard: Shard | None = None,
-              routers: dict[int, Router] | None = None) -> FFNWorker:
-    """The FFN side (all of it, or one shard) with its expert store, as the expert options
-    ask; `bandwidths` None measures them (on a CPU at `threads` intra-op threads, if given)."""
-    if backend.name in GRAPH_BACKENDS:
-        from step3_edge.runtime.ort_backend import OrtFFNWorker
-
-        return OrtFFNWorker(cfg, backend, shard)
-    t = cfg.text_config
-    dev = backend.device
-    counts = read_counts(experts.expert_counts)
-    resident = resident_set(cfg, plan, experts, counts)
-    if shard is not None:
-        resident &= shard.experts
-    if dev.type == "cuda" and experts.resident_experts is None and \
-            experts.resident_fraction is None:        # one card holds what it can
-        ffn_fixed = sum(d.weight_bytes.get("mlp", 0) + d.weight_bytes.get("shared_expert", 0)
-                        for d in plan.device_plans)
-        free = torch.cuda.mem_get_info(dev)[0] - RESERVE_BYTES - ffn_fixed
-        cap = max(0, free // max(plan.expert_bytes, 1))
-        if len(resident) > cap:
-            order = [k for k in expert_order(cfg, counts)[0] if k in resident]
-            resident = set(order[:cap])
-    policy = experts.cache
-    bw = bandwidths
-    if bw is None and dev.type == "cpu" and threads:
-        bw = measure_with_threads(dev, backend, threads)
-    if routers is None:               # prefetch, and the trace's next-layer predictions
-        routers = load_routers(cfg, reader, backend)
-    prefetch = experts.prefetch if experts.prefetch is not None else \
-        dev.type == "cuda" and policy != "static"
-    store = ExpertStore(t, reader, backend, resident, policy=policy, miss=experts.miss,
-                        prefetch=prefetch, bandwidths=bw, routers=routers,
-                        owned=None if shard is None else set(shard.experts),
-                        stacked=experts.stacked_experts)
-    return FFNWorker(cfg, reader, backend, store, shard)

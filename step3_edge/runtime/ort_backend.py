@@ -13,13 +13,13 @@ Providers: CPU, or CUDA first when a CUDA device is asked for and onnxruntime-gp
 installed; whether a GPU really runs the graphs is read from the first session's
 `get_providers()` (never from `get_available_providers()`).
 
-The two workers only call `backend.run` and `backend.graphs`, so they also drive the TensorRT
-backend (trt_backend.py), whose sessions are refitted engines.
+The two workers take any `GraphBackend`, so they also drive the TensorRT backend
+(trt_backend.py), whose sessions are refitted engines; `builders.GraphBuilder` builds them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -27,8 +27,29 @@ import torch
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, MissingExtraError, PromptError
 from step3_edge.runtime.engine import Shard
-from step3_edge.runtime.kernels import NO_KERNELS
+from step3_edge.runtime.kernels import NO_KERNELS, KernelCaps
 from step3_edge.runtime.kv import KVPool, StepBatch
+
+if TYPE_CHECKING:
+    from step3_edge.export.onnx_runner import BundleGraphs
+
+
+class GraphBackend(Protocol):
+    """A backend that runs the bundle's subgraphs (`OrtBackend`, `trt_backend.TrtBackend`):
+    float32 host tensors at the graph boundary (`device`, `dtype`), one session per subgraph
+    instance in `graphs`."""
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    caps: KernelCaps
+    graphs: BundleGraphs
+    limits: dict[str, int]              # the engines' shape bounds (TensorRT), else empty
+
+    def run(self, kind: str, feeds: dict[str, np.ndarray], layer: int | None = None,
+            expert: int | None = None) -> dict[str, np.ndarray]: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 def check_graph_bundle(name: str, manifest: Any, dtype: torch.dtype | None, needs: str,
@@ -70,6 +91,7 @@ class OrtBackend:
         # scheduler) and other AFD processes need
         self.graphs = BundleGraphs(manifest, providers=providers, threads=threads, spin=False)
         self.threads = threads
+        self.limits: dict[str, int] = {}          # ONNX Runtime takes any shape
         self.used: dict[str, int] = {}
 
     def run(self, kind: str, feeds: dict[str, np.ndarray], layer: int | None = None,
@@ -99,7 +121,7 @@ class OrtAttentionWorker:
     """Attention side through ONNX Runtime: embed, per-layer attention graphs (norms, MFA,
     router top-k), lm_head; the paged KV pool in float32."""
 
-    def __init__(self, cfg: Step3Config, backend: OrtBackend, kv_tokens: int,
+    def __init__(self, cfg: Step3Config, backend: GraphBackend, kv_tokens: int,
                  vision: bool = True) -> None:
         from step3_edge.export.onnx_runner import OnnxStep3
 
@@ -170,7 +192,7 @@ class OrtFFNWorker:
     """FFN side (or one shard) through ONNX Runtime: dense MLP, shared expert and one session
     per routed expert; every expert is resident (ORT holds the bound weights)."""
 
-    def __init__(self, cfg: Step3Config, backend: OrtBackend, shard: Shard | None = None
+    def __init__(self, cfg: Step3Config, backend: GraphBackend, shard: Shard | None = None
                  ) -> None:
         t = cfg.text_config
         self.cfg, self.backend = t, backend

@@ -22,15 +22,11 @@ differently, which changes results only in the last bf16 bit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from step3_edge.runtime.cost_model import Bandwidths
-
-if TYPE_CHECKING:        # expert_store imports this module
-    from step3_edge.runtime.expert_store import FusedSwiGLU
+from step3_edge.runtime.mlp import FusedSwiGLU
 
 MAX_ROWS = 32           # rows (tokens) up to which every expert may run on every row
 

@@ -36,12 +36,12 @@ def test_cuda_greedy_tokens_equal_reference(mode: str, bundle: Path, prompts,
         outs = rt.generate(prompts, max_new_tokens=MAX_NEW)          # one continuous batch
         assert [o.token_ids for o in outs] == reference
         s = rt.stats()
-        store = rt.engine.ffn.store
+        residency = rt.engine.ffn.store.residency
         assert s["backend"]["device"].startswith("cuda")
-        assert all(t.is_pinned() for mlp in store.on_host.values()
+        assert all(t.is_pinned() for mlp in residency.on_host.values()
                    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
                    for t in lin.parts.values())
-        assert all(mlp.down_proj.parts[""].is_cuda for mlp in store.on_device.values())
+        assert all(mlp.down_proj.parts[""].is_cuda for mlp in residency.on_device.values())
     e = s["experts"]
     miss = kw.get("miss")
     if miss == "cpu":

@@ -170,8 +170,7 @@ def test_kv_pool_over_the_available_memory_is_refused(bundle: Path, monkeypatch)
     kv_tokens loads."""
     from types import SimpleNamespace
 
-    import step3_edge.runtime.api as api
-    import step3_edge.runtime.loading as loading
+    import step3_edge.runtime.builders as builders
     from step3_edge.errors import PlanError
     from step3_edge.manifest import load_manifest
 
@@ -179,14 +178,16 @@ def test_kv_pool_over_the_available_memory_is_refused(bundle: Path, monkeypatch)
     per_token = 2 * t.num_hidden_layers * t.head_dim * 4                  # float32 pool
     weights = sum(a.bytes for a in load_manifest(bundle).artifacts if a.kind == "weights")
     free = weights + 1000 * per_token + per_token // 2
-    monkeypatch.setattr(loading.psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
-    build = api.build_attention
-    monkeypatch.setattr(api, "build_attention", lambda *a, **k: pytest.fail("weights read"))
+    monkeypatch.setattr(builders.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(available=free))
+    build = builders.TorchBuilder.build_attention
+    monkeypatch.setattr(builders.TorchBuilder, "build_attention",
+                        lambda *a, **k: pytest.fail("weights read"))
     with pytest.raises(PlanError, match=r"KV pool of 2,000 tokens") as e:
         Step3Runtime.load(bundle, device="cpu", dtype="float32", kv_tokens=2000,
                           bandwidths=FIXED_BW, vision=False)
     assert "kv_tokens <= 1,000" in e.value.remedy
-    monkeypatch.setattr(api, "build_attention", build)
+    monkeypatch.setattr(builders.TorchBuilder, "build_attention", build)
     with Step3Runtime.load(bundle, device="cpu", dtype="float32", kv_tokens=1000,
                            bandwidths=FIXED_BW, vision=False) as rt:
         assert rt.kv_capacity == 1000 // 16 * 16                       # whole blocks

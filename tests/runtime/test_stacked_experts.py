@@ -15,7 +15,7 @@ from step3_edge.quantize.schemes import get_scheme
 from step3_edge.runtime import Step3Runtime, native
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.cost_model import Bandwidths
-from step3_edge.runtime.expert_store import make_mlp
+from step3_edge.runtime.mlp import make_mlp
 from step3_edge.runtime.stacked_experts import MAX_ROWS, StackedExperts
 
 BF16 = TorchBackend("cpu", torch.bfloat16, native_kernels=False)   # oneDNN: exact bits
@@ -92,8 +92,10 @@ def test_runtime_decode_batch_bit_identical_with_and_without_stacking(bundle: Pa
     for on in (True, False):
         with Step3Runtime.load(bundle, stacked_experts=on, **kw) as rt:
             eng = rt.engine
-            assert len(eng.ffn.store.stacked) == (2 if on else 0)   # tiny: 2 MoE layers
-            assert eng.ffn.store.stacked_off == ("" if on else "stacked_experts=False")
+            store = eng.ffn.store.summary()
+            assert store["stacked_layers"] == (2 if on else 0)      # tiny: 2 MoE layers
+            assert store["strategy"] == ("stacked" if on else "per expert")
+            assert store["stacked_off"] == ("" if on else "stacked_experts=False")
             with torch.inference_mode(), rt.scheduler.engine_lock:
                 seqs = [eng.attn.kv.allocate(len(p) + 4) for p in prompts]
                 for s, p in zip(seqs, prompts):
@@ -123,16 +125,16 @@ def test_stacking_only_where_nothing_can_miss(bundle: Path, monkeypatch) -> None
         cases.append(({"dtype": "bfloat16", "native_kernels": None}, "native GEMV runs"))
     for opts, why in cases:
         with Step3Runtime.load(bundle, **{**kw, **opts}) as rt:
-            assert rt.engine.ffn.store.stacked == {}
+            assert rt.stats()["experts"]["stacked_layers"] == 0
             assert why in rt.stats()["experts"]["stacked_off"]
-    from step3_edge.runtime import expert_store
+    from step3_edge.runtime import expert_compute
 
     class Tight:                      # 1 GiB available: under the 2 GiB left free
         available = 1 << 30
 
-    monkeypatch.setattr(expert_store.psutil, "virtual_memory", lambda: Tight)
+    monkeypatch.setattr(expert_compute.psutil, "virtual_memory", lambda: Tight)
     with Step3Runtime.load(bundle, dtype="bfloat16", **kw) as rt:
-        assert rt.engine.ffn.store.stacked == {}
+        assert rt.stats()["experts"]["stacked_layers"] == 0
         assert "GiB free" in rt.stats()["experts"]["stacked_off"]
     with pytest.raises(ConfigError, match="stacked_experts"):
         Step3Runtime.load(bundle, stacked_experts="yes", **kw)
