@@ -343,3 +343,42 @@ def test_runtime_options_documented() -> None:
     flags = doc[doc.index("## Command-line options"):doc.index("## Placement planner")]
     assert not [k for k in OVERRIDES if f"`{k}`" not in load]
     assert not [o.flag for o in RUNTIME_OPTIONS if f"`{o.flag}" not in flags]
+
+
+def test_server_metrics_documented() -> None:
+    """docs/serving.md's metrics table names every metric `GET /metrics` can expose."""
+    from step3_edge.app.metrics import BYTES_MOVED, RUNTIME_METRICS, ServerMetrics
+
+    stats: dict[str, dict[str, float]] = {}
+    for section, key, *_ in RUNTIME_METRICS:
+        stats.setdefault(section, {})[key] = 1
+    for key, _ in BYTES_MOVED:
+        stats["experts"][key] = 1
+    text = ServerMetrics().render(stats, {"model": "m"})
+    names = [line.split()[2].removeprefix("step3_edge_") for line in text.splitlines()
+             if line.startswith("# TYPE ")]
+    assert len(names) > 10
+    doc = (REPO / "docs" / "serving.md").read_text()
+    table = doc[doc.index("The metrics of `GET /metrics`"):]
+    assert not [n for n in names if not re.search(rf"`{n}[`{{]", table)]
+
+
+def test_readme_command_table_matches_the_cli() -> None:
+    """README's command table has a row per `step3-edge` command, and every option it names
+    is one of that command's."""
+    import argparse
+
+    from step3_edge.cli import COMMANDS, build_parser
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Command line"):readme.index("## Python API")]
+    rows = dict(re.findall(r"^\| `([a-z]+)` \| [^|]+ \| (.+) \|$", section, re.M))
+    assert sorted(rows) == sorted(COMMANDS)
+    bad = []
+    for name, options in rows.items():
+        parser = build_parser(name)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        flags = {s for a in sub.choices[name]._actions for s in a.option_strings}
+        bad += [f"{name} {f}" for f in re.findall(r"`(--[a-z][a-z0-9-]*)", options)
+                if f not in flags]
+    assert not bad, bad
