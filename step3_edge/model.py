@@ -1,10 +1,15 @@
 """The reference Step3 model in plain PyTorch (the Step3 paper's architecture,
 as vLLM's step3_text / step3_vl implement it; docs/model.md). It is the oracle every exported,
 quantized or offloaded path is compared with, so it follows that math to the letter and favours
-clarity over speed. Module paths equal checkpoint names, so loading needs no rename table."""
+clarity over speed. Module paths equal checkpoint names, so loading needs no rename table.
+
+A decoder layer is built from shapes with the ops it computes with (`Ops`: the plain ones here;
+the runtime passes its fast ones to the same layers), then the weight pass (`load_weights`)
+fills it. MFA attention is written once, in `mfa_math`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,8 +21,8 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config, Step3TextConfig
 from step3_edge.errors import PromptError
 from step3_edge.sampling import SamplingParams, sample_next
-from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, crop_batches,
-                               project_features)
+from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, embed_with_images,
+                               encode_images)
 
 
 class RMSNorm(nn.Module):
@@ -29,7 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * weight in fp32, as one call (fewer ops per decode step)
+        # x * rsqrt(mean(x^2) + eps) * weight, in fp32
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps
                           ).to(x.dtype)
 
@@ -52,59 +57,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos[:, None] + rot * sin[:, None]).to(x.dtype)
 
 
-# Queries per sequence up to which `mfa_attention` computes the scores directly.
+# Queries per sequence up to which `mfa_attention` takes the written-out math on a CPU.
 DIRECT_QUERIES = 16
 _MASKED = torch.finfo(torch.float32).min
 
 
-def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention of n query heads against MFA's one shared K/V head: q [B, n, T, d],
-    k, v [B, S, d] (q's dtype or float32), boolean mask [B, 1, T, S] -> [B, n, T, d]; mask
-    None means causal with the queries at the last T key slots (`attention_mask`).
-
-    On the CPU, up to DIRECT_QUERIES queries (decode), the n*T query rows meet the single K
-    head in one fp32 product [B, n*T, d] @ [B, d, S], with no per-head copies of K and V: ~5x
-    faster than the CPU flash kernel at S = 500. Longer queries (prefill), and every call on an
-    accelerator (one fused kernel launch instead of ~10), take scaled_dot_product_attention,
-    which never holds the [T, S] score matrix."""
+def mfa_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+             scale: float) -> torch.Tensor:
+    """MFA attention written out: n query heads against the one shared K/V head, q [B, n, T, d],
+    k, v [B, S, d], boolean mask [B, 1, T, S] (None: causal, the queries at the last T key
+    slots) -> [B, n, T, d] in q's dtype. The n*T query rows meet K in one float32 product
+    [B, n*T, d] @ [B, d, S], with no per-head copies of K and V. The exported attention graph
+    computes this function (`export/graphs.py`)."""
     b, n, t, d = q.shape
     s = k.shape[1]
-    if t > DIRECT_QUERIES or q.device.type != "cpu":
-        k = k.to(q.dtype)[:, None].expand(b, n, s, d)                     # no copies
-        v = v.to(q.dtype)[:, None].expand(b, n, s, d)
-        if mask is None and s > t and q.device.type == "cpu" and _FLASH_CPU is not None:
-            return _causal_after_past(q, k, v, scale)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal_lower_right(t, s) if mask is None else mask, scale=scale)
     scores = torch.bmm(q.reshape(b, n * t, d).float() * scale, k.float().transpose(1, 2))
-    scores = scores.view(b, n, t, s)
+    scores = scores.view(b, n, t, s)                                     # [B, n, T, S]
     if mask is None and t > 1:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
     if mask is not None:
         # a finite floor, not -inf: a row with every key masked (left padding) then stays
         # finite, and its values cannot turn other rows' zero-weighted sums into NaN
-        scores.masked_fill_(~mask, _MASKED)
-    p = torch.softmax(scores, dim=-1).view(b, n * t, s)
+        scores = scores.masked_fill(~mask, _MASKED)
+    p = torch.softmax(scores, dim=-1).view(b, n * t, s)                  # [B, n*T, S]
     return torch.bmm(p, v.float()).view(b, n, t, d).to(q.dtype)
 
 
-# torch's CPU flash kernel with its log-sum-exp (private; absent -> the masked SDPA call)
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _causal_after_past(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                       ) -> torch.Tensor:
-    """A later prefill chunk (T queries after S - T cached keys, all valid) on the CPU: the
-    cached keys unmasked and the chunk's own keys causal, as two flash calls merged by their
-    log-sum-exp. The CPU kernel cannot skip blocks of a T < S lower-right causal mask, so
-    this is ~1.4x one masked call (T = 2,048 after 1,952 cached keys: 124 -> 87 ms a layer)."""
-    past = k.shape[2] - q.shape[2]
-    o1, l1 = _FLASH_CPU(q, k[:, :, :past], v[:, :, :past], 0.0, False, scale=scale)
-    o2, l2 = _FLASH_CPU(q, k[:, :, past:], v[:, :, past:], 0.0, True, scale=scale)
-    lse = torch.logaddexp(l1, l2)                                        # [B, n, T] float32
-    out = o1.float() * (l1 - lse).exp_()[..., None] + o2.float() * (l2 - lse).exp_()[..., None]
-    return out.to(q.dtype)
+def mfa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """MFA attention (`mfa_math`'s arguments and result): the math as written for up to
+    DIRECT_QUERIES queries on a CPU (decode); longer queries (prefill), and every call on an
+    accelerator, through scaled_dot_product_attention over K and V broadcast to the n heads,
+    which never holds the [T, S] score matrix (the same attention, summed in its own order)."""
+    b, n, t, d = q.shape
+    if t <= DIRECT_QUERIES and q.device.type == "cpu":
+        return mfa_math(q, k, v, mask, scale)
+    s = k.shape[1]
+    k = k.to(q.dtype)[:, None].expand(b, n, s, d)                         # no copies
+    v = v.to(q.dtype)[:, None].expand(b, n, s, d)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(t, s) if mask is None else mask, scale=scale)
 
 
 class KVCache:
@@ -132,32 +124,62 @@ class KVCache:
         return self.k[layer][:, :self.length + t], self.v[layer][:, :self.length + t]
 
 
+class Ops:
+    """The operations a decoder layer is built from and computes with, given to it when it is
+    built. These are the reference's, plain PyTorch; the runtime gives its own to the same
+    layers (`runtime.ops.RuntimeOps`: native RMSNorm, q|k|v as one GEMM, a decode step's
+    attention in one native call, the CPU flash kernel for a later prefill chunk)."""
+
+    def rms_norm(self, dim: int, eps: float) -> nn.Module:
+        return RMSNorm(dim, eps)
+
+    def project_qkv(self, attn: Step3Attention, x: torch.Tensor, layer: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, h] -> the low-rank query [B, T, share_q], key and value [B, T, d]."""
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
+               ) -> torch.Tensor:
+        """Query heads q [B, T, n*d] and the new key and value k, v [B, T, d] -> [B, n, T, d]:
+        RoPE on q and k, the new keys and values through the cache, MFA."""
+        b, t, _ = q.shape
+        d = k.shape[-1]
+        q = apply_rope(q.view(b, t, -1, d).transpose(1, 2), cos, sin)           # [B,n,T,d]
+        k = apply_rope(k[:, None], cos, sin)[:, 0]                               # [B,T,d]
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                     # [B,S,d]
+        return self.mfa(q, k, v, mask, d ** -0.5)
+
+    def mfa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        return mfa_attention(q, k, v, mask, scale)
+
+
+PLAIN = Ops()
+
+
 class Step3Attention(nn.Module):
     """MFA: q_proj -> inter_norm -> wq (64 heads), one shared K and V head (Step3's MFA)."""
 
-    def __init__(self, cfg: Step3TextConfig) -> None:
+    def __init__(self, cfg: Step3TextConfig, ops: Ops = PLAIN) -> None:
         super().__init__()
         h, d, n = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
-        self.cfg = cfg
+        self.cfg, self.ops = cfg, ops
         self.q_proj = nn.Linear(h, cfg.share_q_dim, bias=False)
         self.k_proj = nn.Linear(h, d, bias=False)
         self.v_proj = nn.Linear(h, d, bias=False)
-        self.inter_norm = RMSNorm(cfg.share_q_dim, cfg.rms_norm_eps)
+        self.inter_norm = ops.rms_norm(cfg.share_q_dim, cfg.rms_norm_eps)
         self.wq = nn.Linear(cfg.share_q_dim, n * d, bias=False)
         self.o_proj = nn.Linear(n * d, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
-        n, d = self.cfg.num_attention_heads, self.cfg.head_dim
-        q = self.wq(self.inter_norm(self.q_proj(x))).view(b, t, n, d).transpose(1, 2)  # [B,n,T,d]
-        k = self.k_proj(x)[:, None]                                                 # [B,1,T,d]
-        v = self.v_proj(x)                                                          # [B,T,d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)[:, 0]
-        if cache is not None:
-            k, v = cache.update(layer, k, v)                                        # [B,S,d]
-        out = mfa_attention(q, k, v, mask, d ** -0.5)                               # [B,n,T,d]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
+        q, k, v = self.ops.project_qkv(self, x, layer)                  # [B,T,sq], [B,T,d] x2
+        q = self.wq(self.inter_norm(q))                                  # [B, T, n*d]
+        out = self.ops.attend(q, k, v, cos, sin, mask, cache, layer)     # [B, n, T, d]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class Step3MLP(nn.Module):
@@ -182,16 +204,18 @@ class StackedExperts(nn.Module):
 
 
 class Step3MoE(nn.Module):
-    """Routed experts, stored stacked [E, out, in] as in the HF checkpoint."""
+    """Routed experts, stored stacked [E, out, in] as in the HF checkpoint; without `experts`,
+    the router alone (what the attention side of the AFD split holds)."""
 
-    def __init__(self, cfg: Step3TextConfig) -> None:
+    def __init__(self, cfg: Step3TextConfig, experts: bool = True) -> None:
         super().__init__()
         e, m, h = cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.cfg = cfg
         self.gate = nn.Linear(h, e, bias=False)                       # the router
-        self.gate_proj = StackedExperts(e, m, h)
-        self.up_proj = StackedExperts(e, m, h)
-        self.down_proj = StackedExperts(e, h, m)
+        if experts:
+            self.gate_proj = StackedExperts(e, m, h)
+            self.up_proj = StackedExperts(e, m, h)
+            self.down_proj = StackedExperts(e, h, m)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, h] -> top-k expert ids [N, k] and weights [N, k] (softmax, fp32)."""
@@ -220,21 +244,26 @@ class Step3MoE(nn.Module):
 
 
 class Step3DecoderLayer(nn.Module):
-    def __init__(self, cfg: Step3TextConfig, layer: int) -> None:
+    """One decoder layer, built from `ops`. `ffn=False` builds its AFD attention side only:
+    the norms, MFA and, on MoE layers, the router (`moe.gate`)."""
+
+    def __init__(self, cfg: Step3TextConfig, layer: int, ops: Ops = PLAIN, ffn: bool = True
+                 ) -> None:
         super().__init__()
         self.layer = layer
         self.is_moe = cfg.is_moe(layer)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Step3Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = ops.rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Step3Attention(cfg, ops)
+        self.post_attention_layernorm = ops.rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
         if self.is_moe:
-            self.moe = Step3MoE(cfg)
-            self.share_expert = Step3MLP(cfg.hidden_size, cfg.share_expert_dim)
-        else:
+            self.moe = Step3MoE(cfg, experts=ffn)
+            if ffn:
+                self.share_expert = Step3MLP(cfg.hidden_size, cfg.share_expert_dim)
+        elif ffn:
             self.mlp = Step3MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def attention_side(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       mask: torch.Tensor, cache: KVCache | None
+                       mask: torch.Tensor | None, cache: KVCache | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """AFD attention side: residual h -> (new residual, post-attention-normed hidden)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.layer)
@@ -248,7 +277,7 @@ class Step3DecoderLayer(nn.Module):
         return (self.share_expert(flat) + self.moe(flat)).view_as(x)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         h, x = self.attention_side(h, cos, sin, mask, cache)
         return h + self.ffn_side(x)
 
@@ -278,6 +307,14 @@ def attention_mask(positions: torch.Tensor, key_valid: torch.Tensor, past: int
     return (causal[None] & key_valid[:, None, :])[:, None]             # [B, 1, T, S]
 
 
+def load_weights(module: nn.Module, read: Callable[[str], torch.Tensor]) -> nn.Module:
+    """The weight pass over a module built from shapes (on the meta device): every entry of
+    its state dict assigned the tensor `read(name)` gives (strict: all of them, no others).
+    Returns the module in eval mode, without gradients."""
+    module.load_state_dict({n: read(n) for n in module.state_dict()}, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
 class Step3ForConditionalGeneration(nn.Module):
     """Step3 VLM: `model.*` (LLM), `lm_head`, `vision_model`, the downsamplers, the projector."""
 
@@ -294,15 +331,14 @@ class Step3ForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                         reader: CheckpointReader | None = None) -> Step3ForConditionalGeneration:
-        """Build on the meta device and assign every tensor from the (lazy) checkpoint reader;
-        quantized weights are dequantized on read. Strict: the checkpoint must match config."""
+        """Build from shapes on the meta device, then the weight pass: every tensor from the
+        (lazy) checkpoint reader, quantized weights dequantized on read. Strict: the checkpoint
+        must match config."""
         reader = reader or CheckpointReader(path)
         reader.check()
         with torch.device("meta"):
             model = cls(reader.cfg)
-        state = {name: reader.read(name, dtype) for name in model.state_dict()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
+        return load_weights(model, lambda name: reader.read(name, dtype))
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -310,38 +346,14 @@ class Step3ForConditionalGeneration(nn.Module):
         return self.lm_head.weight.dtype
 
     def encode_images(self, images: list) -> torch.Tensor:
-        """Vision features for a list of ImageViews, in token order: for each image its crops
-        (raster order, `CROPS_PER_CALL` per tower call) then its global view.
-        -> [n_image_tokens, hidden]."""
+        """Vision features for a list of ImageViews, in token order (`vision.encode_images`)."""
         heads = (self.vit_downsampler, self.vit_downsampler2, self.vit_large_projector)
-        feats = []
-        for views in images:
-            for crops in crop_batches(views.crops):
-                f = project_features(self.vision_model(crops.to(self.dtype)), *heads)
-                feats.append(f.reshape(-1, f.shape[-1]))                # [n*81, h]
-            g = project_features(self.vision_model(views.global_view[None].to(self.dtype)),
-                                 *heads)
-            feats.append(g[0])                                          # [169, h]
-        return torch.cat(feats)
+        return encode_images(images, self.vision_model, heads, self.dtype)
 
     def embed(self, input_ids: torch.Tensor, images: list | None = None) -> torch.Tensor:
         """Token embeddings with image features written at the `<im_patch>` positions."""
-        x = self.model.embed_tokens(input_ids)                          # [B, T, h]
-        slots = input_ids == self.config.image_token_id
-        n_slots = int(slots.sum())
-        if not images:
-            if n_slots:
-                raise PromptError(f"the prompt holds {n_slots} <im_patch> tokens but no image",
-                                  "pass the images, or remove the image placeholders")
-            return x
-        feats = self.encode_images(images)
-        if feats.shape[0] != n_slots:
-            raise PromptError(f"{feats.shape[0]} image features for {n_slots} <im_patch> "
-                              "tokens", "build the prompt with Step3Processor so each image "
-                              "placeholder is expanded to its token layout")
-        x = x.clone()
-        x[slots] = feats.to(x.dtype)
-        return x
+        return embed_with_images(self.model.embed_tokens, input_ids,
+                                 self.config.image_token_id, images, self.encode_images)
 
     def forward(self, input_ids: torch.Tensor, images: list | None = None,
                 cache: KVCache | None = None, key_valid: torch.Tensor | None = None,

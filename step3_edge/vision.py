@@ -13,13 +13,14 @@ Two details are easy to get wrong and are kept on purpose:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from step3_edge.config import Step3Config, Step3VisionConfig
-from step3_edge.errors import ImageError
+from step3_edge.errors import ImageError, PromptError
 
 PAD_TP_SIZE = 4  # tokens in front of the patches: 3 CLS copies + CLS (vLLM "hard code for padding")
 # Crops per vision-tower call. The crop rule has no upper bound: a 64x20000 image gives 336
@@ -192,6 +193,45 @@ def project_features(features: torch.Tensor, vit_downsampler: nn.Module,
     x = vit_downsampler2(x)                                      # [B, 2o, g2, g2]
     x = x.flatten(2).transpose(1, 2)                             # [B, g2*g2, 2o]
     return vit_large_projector(x)                                # [B, N', hidden]
+
+
+def encode_images(images: list, tower: Step3VisionEncoder,
+                  heads: tuple[nn.Module, nn.Module, nn.Module], dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """Vision features for a list of ImageViews, in token order: for each image its crops
+    (raster order, `CROPS_PER_CALL` per tower call) then its global view, each view through
+    the tower and `project_features` with `heads` -> [n_image_tokens, hidden]."""
+    feats = []
+    for views in images:
+        for crops in crop_batches(views.crops):
+            f = project_features(tower(crops.to(dtype)), *heads)
+            feats.append(f.reshape(-1, f.shape[-1]))                    # [n*81, h]
+        g = project_features(tower(views.global_view[None].to(dtype)), *heads)
+        feats.append(g[0])                                              # [169, h]
+    return torch.cat(feats)
+
+
+def embed_with_images(embed_tokens: nn.Module, input_ids: torch.Tensor, image_token_id: int,
+                      images: list | None, encode: Callable[[list], torch.Tensor]
+                      ) -> torch.Tensor:
+    """Token embeddings [B, T, h] with the features `encode(images)` [n, h] written at the n
+    `<im_patch>` positions of input_ids [B, T]."""
+    x = embed_tokens(input_ids)                                         # [B, T, h]
+    slots = input_ids == image_token_id
+    n_slots = int(slots.sum())
+    if not images:
+        if n_slots:
+            raise PromptError(f"the prompt holds {n_slots} <im_patch> tokens but no image",
+                              "pass the images, or remove the image placeholders")
+        return x
+    feats = encode(images)
+    if feats.shape[0] != n_slots:
+        raise PromptError(f"{feats.shape[0]} image features for {n_slots} <im_patch> "
+                          "tokens", "build the prompt with Step3Processor so each image "
+                          "placeholder is expanded to its token layout")
+    x = x.clone()
+    x[slots] = feats.to(x.dtype)
+    return x
 
 
 def _check_pixels(pixel_values: torch.Tensor, channels: int, patch: int) -> None:

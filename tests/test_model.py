@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from step3_edge.errors import PromptError
 from step3_edge.model import (DIRECT_QUERIES, KVCache, Step3ForConditionalGeneration, apply_rope,
-                              attention_mask, mfa_attention, rope_cos_sin)
+                              attention_mask, mfa_attention, mfa_math, rope_cos_sin)
 from step3_edge.sampling import SamplingParams, sample_next
 from step3_edge.vision import CROPS_PER_CALL
 
@@ -74,23 +74,28 @@ def test_rope_rotates_all_dims_neox_style(rng):
     torch.testing.assert_close(dot(10, 3), dot(107, 100), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("t", [1, 5, DIRECT_QUERIES])
-def test_direct_mfa_attention_equals_sdpa_over_shared_kv(t, rng):
-    b, n, s, d = 3, 4, 23, 32
+@pytest.mark.parametrize("t", [1, 5, DIRECT_QUERIES, 40])
+def test_mfa_attention_equals_sdpa_over_shared_kv(t, rng):
+    """Both formulations (`mfa_math`, and SDPA past DIRECT_QUERIES queries) against SDPA over
+    K and V copied to every head, a row with no visible key included."""
+    b, n, s, d = 3, 4, 45, 32
     q = torch.randn(b, n, t, d, generator=rng)
     k, v = torch.randn(b, s, d, generator=rng), torch.randn(b, s, d, generator=rng)
     mask = torch.rand(b, 1, t, s, generator=rng) < 0.7
     mask[0, 0, 0] = False                           # a row with no visible key (left padding)
     mask[1:, :, :, -1] = True                       # every other row sees a key
-    got = mfa_attention(q, k, v, mask, d ** -0.5)
-    want = F.scaled_dot_product_attention(q, k[:, None].expand(b, n, s, d),
-                                          v[:, None].expand(b, n, s, d), attn_mask=mask,
+    want = F.scaled_dot_product_attention(q, k[:, None].repeat(1, n, 1, 1),
+                                          v[:, None].repeat(1, n, 1, 1), attn_mask=mask,
                                           scale=d ** -0.5)
     seen = mask.any(-1, keepdim=True).expand(b, n, t, 1)
-    # fp32 both ways, different summation order: agreement to fp32 rounding
-    torch.testing.assert_close(got.masked_select(seen), want.masked_select(seen),
-                               rtol=1e-5, atol=1e-6)
-    assert torch.isfinite(got).all()                # the unseen row stays finite
+    for got in (mfa_attention(q, k, v, mask, d ** -0.5), mfa_math(q, k, v, mask, d ** -0.5)):
+        # fp32 both ways, different summation order: agreement to fp32 rounding
+        torch.testing.assert_close(got.masked_select(seen), want.masked_select(seen),
+                                   rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(got).all()            # the math's unseen row stays finite
+    if t <= DIRECT_QUERIES:                         # the math itself on a CPU
+        assert torch.equal(mfa_attention(q, k, v, mask, d ** -0.5),
+                           mfa_math(q, k, v, mask, d ** -0.5))
 
 
 @pytest.mark.parametrize("t,s", [(1, 9), (6, 6), (5, 12), (40, 40), (24, 70)])
@@ -103,17 +108,14 @@ def test_plain_causal_runs_maskless_with_the_same_bits(t, s, rng):
     valid = torch.ones(b, s, dtype=torch.bool)
     valid[1, 0] = False                             # one padding key: a mask tensor again
     assert torch.equal(attention_mask(positions, valid, past), causal & valid[:, None, None])
-    q = torch.randn(b, n, t, d, generator=rng, dtype=torch.bfloat16)
-    k = torch.randn(b, s, d, generator=rng, dtype=torch.bfloat16)
-    v = torch.randn(b, s, d, generator=rng, dtype=torch.bfloat16)
-    got, want = mfa_attention(q, k, v, None, d ** -0.5), mfa_attention(q, k, v, causal, d ** -0.5)
-    if t > DIRECT_QUERIES and s > t:     # a later prefill chunk: two flash calls merged
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 ** -7)  # bf16
-        q, k, v = q.float(), k.float(), v.float()
-        torch.testing.assert_close(mfa_attention(q, k, v, None, d ** -0.5),
-                                   mfa_attention(q, k, v, causal, d ** -0.5))      # fp32
-    else:
-        assert torch.equal(got, want)
+    for dtype in (torch.bfloat16, torch.float32):
+        q = torch.randn(b, n, t, d, generator=rng).to(dtype)
+        k = torch.randn(b, s, d, generator=rng).to(dtype)
+        v = torch.randn(b, s, d, generator=rng).to(dtype)
+        assert torch.equal(mfa_attention(q, k, v, None, d ** -0.5),
+                           mfa_attention(q, k, v, causal, d ** -0.5))
+        assert torch.equal(mfa_math(q, k, v, None, d ** -0.5),
+                           mfa_math(q, k, v, causal, d ** -0.5))
 
 
 def test_prefill_then_decode_equals_one_forward(tiny_model, rng):

@@ -5,7 +5,9 @@ These are the export-time twins of the reference modules in `step3_edge.model` a
 like its checkpoint tensor, Linear weights come pre-transposed ([in, out], so `x @ w`
 exports as ONNX MatMul, which ORT's quantized MatMul ops replace) and nothing depends on data
 values, so `torch.onnx.export(dynamo=True)` traces them on the meta device without ever
-allocating a weight. `validate.py` checks each one against the reference module itself.
+allocating a weight. The attention graph takes RoPE and the MFA math from the reference itself
+(`model.apply_rope`, `model.mfa_math`); `validate.py` checks each graph against the reference
+module.
 """
 
 from __future__ import annotations
@@ -15,22 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from step3_edge.config import Step3Config
+from step3_edge.model import apply_rope, mfa_math
 from step3_edge.vision import PAD_TP_SIZE
-
-NEG = torch.finfo(torch.float32).min  # masked score: finite, so fully-masked (padding) rows
-#                                       give a uniform average instead of NaN
-
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm in fp32 (no 1+w offset), as `step3_edge.model.RMSNorm`."""
     xf = x.float()
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX rotate-half on the last dim; cos/sin broadcast against x."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
@@ -87,20 +80,17 @@ class AttentionGraph(Graph):
         ang = torch.cat([ang, ang], dim=-1)                                # [B, T, d]
         cos, sin = ang.cos(), ang.sin()
         q = rms_norm(x @ wq_low, inter, eps) @ wq                          # [B, T, n*d]
-        q = rope(q.view(b, s_new, n, d).transpose(1, 2), cos[:, None], sin[:, None])  # [B,n,T,d]
-        k = rope(x @ wk, cos, sin)                                         # [B, T, d]
+        q = apply_rope(q.view(b, s_new, n, d).transpose(1, 2), cos, sin)   # [B, n, T, d]
+        k = apply_rope((x @ wk)[:, None], cos, sin)[:, 0]                  # [B, T, d]
         v = x @ wv                                                         # [B, T, d]
         k = torch.cat([past_k, k], dim=1)                                  # [B, S, d]
         v = torch.cat([past_v, v], dim=1)                                  # [B, S, d]
         s = k.shape[1]
-        # MQA: every head reads the one K/V head -> one batched GEMM over (head, query) rows
-        scores = (q.reshape(b, n * s_new, d) @ k.transpose(1, 2)) * d ** -0.5  # [B, n*T, S]
         q_slot = torch.arange(s_new, device=hidden.device)[:, None] + (s - s_new)  # [T, 1]
         causal = torch.arange(s, device=hidden.device)[None, :] <= q_slot      # [T, S]
         allowed = causal[None] & key_valid[:, None, :]                          # [B, T, S]
-        scores = scores.view(b, n, s_new, s).masked_fill(~allowed[:, None], NEG)
-        p = torch.softmax(scores, dim=-1).view(b, n * s_new, s)                # [B, n*T, S]
-        o = (p @ v).view(b, n, s_new, d).transpose(1, 2).reshape(b, s_new, n * d)
+        o = mfa_math(q, k, v, allowed[:, None], d ** -0.5)                 # [B, n, T, d]
+        o = o.transpose(1, 2).reshape(b, s_new, n * d)                     # [B, T, n*d]
         h = hidden + o @ wo                                                # [B, T, h]
         normed = rms_norm(h, ln_post, eps)                                 # [B, T, h]
         if not self.moe:

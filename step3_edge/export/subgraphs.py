@@ -22,7 +22,7 @@ from step3_edge.config import Step3Config
 from step3_edge.export.graphs import (AttentionGraph, EmbedGraph, Graph, LMHeadGraph,
                                       SwiGLUGraph, VisionGraph)
 from step3_edge.model import (KVCache, RMSNorm, Step3DecoderLayer, Step3MLP, Step3MoE,
-                              attention_mask, rope_cos_sin)
+                              attention_mask, load_weights, rope_cos_sin)
 from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, project_features,
                                resize_position_embedding)
 
@@ -110,13 +110,9 @@ def _positions(b: int, past: int, seq: int, gen: torch.Generator | None) -> Tens
 
 
 # ---------------------------------------------------------------------------- references
-def _load(module: nn.Module, reader: CheckpointReader, prefix: str,
-          names: list[str] | None = None, expert: int | None = None) -> nn.Module:
-    """Assign `module`'s parameters (all, or `names`) from the checkpoint, dequantized fp32."""
-    state = {k: reader.read(prefix + k, torch.float32, expert) for k in
-             (names if names is not None else module.state_dict())}
-    module.load_state_dict(state, strict=names is None, assign=True)
-    return module.eval().requires_grad_(False)
+def _load(module: nn.Module, reader: CheckpointReader, prefix: str) -> nn.Module:
+    """The reference's weight pass over `module`, every tensor dequantized to float32."""
+    return load_weights(module, lambda name: reader.read(prefix + name, torch.float32))
 
 
 def _ref_embed(cfg: Step3Config, reader: CheckpointReader, inst: Instance):
@@ -129,10 +125,8 @@ def _ref_embed(cfg: Step3Config, reader: CheckpointReader, inst: Instance):
 def _ref_attention(cfg: Step3Config, reader: CheckpointReader, inst: Instance):
     t = cfg.text_config
     with torch.device("meta"):
-        layer = Step3DecoderLayer(t, inst.layer)
-    names = [k for k in layer.state_dict() if not k.startswith(("mlp.", "share_expert.", "moe."))]
-    _load(layer, reader, f"model.layers.{inst.layer}.", names + (["moe.gate.weight"]
-                                                                 if layer.is_moe else []))
+        layer = Step3DecoderLayer(t, inst.layer, ffn=False)
+    _load(layer, reader, f"model.layers.{inst.layer}.")
 
     def run(hidden, positions, key_valid, past_k, past_v) -> Tensors:
         b, s_new, past = hidden.shape[0], hidden.shape[1], past_k.shape[1]

@@ -5,10 +5,11 @@ Step3 paper).
 `AttentionWorker` holds the embeddings, the vision tower, every layer's norms, MFA attention and
 router, the final norm, lm_head and the paged KV pool; `FFNWorker` holds the dense MLPs, shared
 experts and the `ExpertStore`. `Engine` runs one forward step over a flat batch of N new tokens
-from several sequences (continuous batching). The math is the reference model's own modules
-(`Step3DecoderLayer.attention_side`, `Step3MoE.route`, `Step3MLP`, `RMSNorm`, the rope and mask
-helpers) with the runtime's linears swapped in, so fp32 compute over bf16 weights gives the
-reference's tokens. `afd.AFDEngine` runs the same two workers in separate processes (the
+from several sequences (continuous batching). The attention side is the reference's own layers
+(`Step3DecoderLayer(..., ffn=False)`, `Step3MoE.route`), built with the runtime's ops and
+filled by its weight pass (`runtime/ops.py`: the backend's linears, native RMSNorm, fused
+q|k|v, native decode attention); the FFN side is the reference's `Step3MLP` over the runtime's
+linears. So fp32 compute over bf16 weights gives the reference's tokens. `afd.AFDEngine` runs the same two workers in separate processes (the
 micro-batched AFD pipeline); nothing here assumes they share a process except `Engine`'s loop.
 """
 
@@ -26,36 +27,15 @@ from tqdm import tqdm
 from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config, Step3TextConfig
 from step3_edge.errors import PromptError
-from step3_edge.model import (RMSNorm, Step3DecoderLayer, Step3ForConditionalGeneration,
-                              apply_rope, mfa_attention)
+from step3_edge.model import Step3DecoderLayer, load_weights
 from step3_edge.runtime import native
-from step3_edge.runtime.backends import FusedQuant, NativeQuant, PackedBf16, TorchBackend
+from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.expert_cache import Key
 from step3_edge.runtime.expert_store import ExpertStore, make_mlp, read_linear
 from step3_edge.runtime.kv import Group, GroupCache, KVPool, SeqKV, StepBatch, plan_step
-from step3_edge.vision import Step3VisionEncoder, build_vision_heads
-
-ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
-
-
-class NativeRMSNorm(RMSNorm):
-    """`RMSNorm` through the native kernel for bf16 inputs (`native.rms_norm`: one call for
-    the reference's ~10 ops; the sum of squares in another order, so within a bf16 rounding
-    of the reference's, not bit-identical); the reference's ops for other dtypes."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16:
-            return super().forward(x)
-        return native.rms_norm(x, self.weight, self.eps)
-
-
-def _norm(reader: CheckpointReader, name: str, eps: float, backend: TorchBackend) -> RMSNorm:
-    w = reader.read(name, torch.float32).to(backend.device)
-    with torch.device("meta"):
-        norm = (NativeRMSNorm if backend.caps.native else RMSNorm)(w.shape[0], eps)
-    norm.load_state_dict({"weight": w.contiguous()}, assign=True)
-    return norm
-
+from step3_edge.runtime.ops import RuntimeOps, load_runtime_weights
+from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, embed_with_images,
+                               encode_images)
 
 class _Embedding(nn.Module):
     """Token embedding kept as stored (bf16); rows are cast to the compute dtype on lookup."""
@@ -69,80 +49,45 @@ class _Embedding(nn.Module):
 
 
 class Frontend(nn.Module):
-    """Token embeddings with image features at the `<im_patch>` slots: the reference's `embed`
-    and `encode_images`, bound to a module that holds only what they use."""
-
-    embed = Step3ForConditionalGeneration.embed
-    _encode = Step3ForConditionalGeneration.encode_images
+    """Token embeddings with image features at the `<im_patch>` slots (the reference's
+    `embed_with_images` and `vision.encode_images`), over the embedding table and, with
+    `vision`, the vision tower and its heads."""
 
     def __init__(self, cfg: Step3Config, reader: CheckpointReader, backend: TorchBackend,
                  vision: bool) -> None:
         super().__init__()
-        self.config, self._dtype, self.has_vision = cfg, backend.dtype, vision
-        self.model = nn.Module()
+        self.config, self.dtype = cfg, backend.dtype
         # copied: rows read straight from the mmapped file page-fault on first use (~0.1 ms
         # per new token in decode)
         w = reader.read("model.embed_tokens.weight", torch.bfloat16).to(backend.device,
                                                                         copy=True)
-        self.model.embed_tokens = _Embedding(w, backend.dtype)
+        self.embed_tokens = _Embedding(w, backend.dtype)
+        self.vision_model: Step3VisionEncoder | None = None
         if vision:
             with torch.device("meta"):
-                self.vision_model = Step3VisionEncoder(cfg.vision_config)
-                for name, module in build_vision_heads(cfg).items():
-                    self.add_module(name, module)
-            names = [n for n in self.state_dict() if not n.startswith("model.")]
-            self.load_state_dict({n: reader.read(n, backend.dtype).to(backend.device)
-                                  for n in names}, strict=False, assign=True)
+                tower = Step3VisionEncoder(cfg.vision_config)
+                heads = build_vision_heads(cfg)
+            self.vision_model = _load_as(tower, "vision_model.", reader, backend)
+            self.heads = tuple(_load_as(heads[n], f"{n}.", reader, backend) for n in
+                               ("vit_downsampler", "vit_downsampler2", "vit_large_projector"))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
+    def embed(self, input_ids: torch.Tensor, images: list | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> [B, T, h], image features in place."""
+        return embed_with_images(self.embed_tokens, input_ids, self.config.image_token_id,
+                                 images, self.encode_images)
 
     def encode_images(self, images: list) -> torch.Tensor:
-        if not self.has_vision:
+        if self.vision_model is None:
             raise PromptError("this runtime was loaded without the vision tower",
                               "load it with vision=True to send images")
-        return self._encode(images)
+        return encode_images(images, self.vision_model, self.heads, self.dtype)
 
 
-def _fuse_qkv(attn: nn.Module) -> PackedBf16 | FusedQuant | None:
-    """q_proj, k_proj and v_proj as one matrix [share_q + 2d, h]: one prepacked bf16 one (when
-    all three are prepacked; bit-identical to three GEMMs), their stored int8 / fp8 bytes
-    (`FusedQuant`, when all three are `NativeQuant` of one scheme), else None."""
-    lins = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if all(isinstance(lin, NativeQuant) for lin in lins) and \
-            len({lin.scheme.name for lin in lins}) == 1:
-        return FusedQuant(list(lins))
-    if any(getattr(lin, "packed", None) is None for lin in lins):
-        return None
-    for lin in lins:
-        lin.packed = None                     # the fused copy replaces theirs
-    return lins[0].backend.pack_bf16([lin.weight for lin in lins])
-
-
-def _attention_side(layer: Step3DecoderLayer, qkv: PackedBf16 | FusedQuant, h: torch.Tensor,
-                    cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                    cache: GroupCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """`Step3DecoderLayer.attention_side` with q/k/v projected by one GEMM: the reference's
-    ops in the reference's order otherwise (same bits), except where the native kernels run
-    (`native.py`: with the GEMV, also the norms and a decode step's RoPE, KV write and
-    attention)."""
-    a = layer.self_attn
-    x = layer.input_layernorm(h)
-    b, t, _ = x.shape
-    n, d, sq = a.cfg.num_attention_heads, a.cfg.head_dim, a.cfg.share_q_dim
-    y = qkv(x.reshape(b * t, -1)).view(b, t, -1)                            # [b, t, sq + 2d]
-    q = a.wq(a.inter_norm(y[..., :sq]))                                      # [b, t, n * d]
-    # a decode group in one native call where the pool has the kernels, else None
-    out = cache.decode_attention(layer.layer, y.view(b, -1), sq, q.view(b, -1), n, d ** -0.5)
-    if out is None:
-        q = q.view(b, t, n, d).transpose(1, 2)                               # [b, n, t, d]
-        qk = apply_rope(torch.cat([q, y[..., sq:sq + d][:, None]], 1), cos, sin)
-        q, k = qk[:, :n], qk[:, n]              # one rope for both (elementwise: same bits)
-        k, v = cache.update(layer.layer, k, y[..., sq + d:])                 # [b, S, d]
-        out = mfa_attention(q, k, v, mask, d ** -0.5)                       # [b, n, t, d]
-    h = h + a.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
-    return h, layer.post_attention_layernorm(h)
+def _load_as(module: nn.Module, prefix: str, reader: CheckpointReader, backend: TorchBackend
+             ) -> nn.Module:
+    """The reference's weight pass, in the compute dtype on the backend's device."""
+    return load_weights(module, lambda n: reader.read(prefix + n, backend.dtype)
+                        .to(backend.device))
 
 
 class AttentionWorker:
@@ -156,25 +101,20 @@ class AttentionWorker:
         dev = backend.device
         self.cfg, self.backend = cfg, backend
         self.frontend = Frontend(cfg, reader, backend, vision)
+        self.ops = RuntimeOps(backend.caps.native)
         self.layers: list[Step3DecoderLayer] = []
         # progress on a terminal (a real model's weights take minutes to read)
         for L in tqdm(range(t.num_hidden_layers), desc="load attention", unit="layer",
                       disable=None, leave=False):
             with torch.device("meta"):
-                layer = Step3DecoderLayer(t, L)
-            p = f"model.layers.{L}."
-            for n in ("input_layernorm", "post_attention_layernorm"):
-                setattr(layer, n, _norm(reader, f"{p}{n}.weight", t.rms_norm_eps, backend))
-            layer.self_attn.inter_norm = _norm(reader, f"{p}self_attn.inter_norm.weight",
-                                               t.rms_norm_eps, backend)
-            for n in ATTN_LINEARS:
-                setattr(layer.self_attn, n, read_linear(reader, backend,
-                                                        f"{p}self_attn.{n}.weight"))
-            if layer.is_moe:
-                layer.moe.gate = read_linear(reader, backend, f"{p}moe.gate.weight")
-            self.layers.append(layer)
-        self.qkv = {L: _fuse_qkv(layer.self_attn) for L, layer in enumerate(self.layers)}
-        self.norm = _norm(reader, "model.norm.weight", t.rms_norm_eps, backend)
+                layer = Step3DecoderLayer(t, L, self.ops, ffn=False)
+            self.layers.append(load_runtime_weights(layer, f"model.layers.{L}.", reader,
+                                                    backend))
+            self.ops.fuse_qkv(L, layer.self_attn)
+        self.qkv = self.ops.qkv
+        with torch.device("meta"):
+            norm = self.ops.rms_norm(t.hidden_size, t.rms_norm_eps)
+        self.norm = load_runtime_weights(norm, "model.norm.", reader, backend)
         self.lm_head = read_linear(reader, backend, "lm_head.weight")
         self.kv = KVPool(t, kv_tokens, kv_dtype or backend.dtype, dev)
         self.kv.native = backend.caps.native and \
@@ -213,7 +153,7 @@ class AttentionWorker:
     def embed_tokens(self, ids: list[int]) -> torch.Tensor:
         """Embeddings [len(ids), h] of plain tokens (decode steps)."""
         x = torch.tensor(ids, dtype=torch.long, device=self.backend.device)
-        return self.frontend.model.embed_tokens(x)
+        return self.frontend.embed_tokens(x)
 
     def layer(self, L: int, h: torch.Tensor, batch: StepBatch
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -233,13 +173,11 @@ class AttentionWorker:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`layer` for `groups` (rows g.start .. of h, in order) through the reference's ops,
         one router call for all their rows."""
-        layer, qkv = self.layers[L], self.qkv[L]
+        layer = self.layers[L]
         hs, xs = [], []
         for g in groups:
             hg = h[g.start:g.start + g.b * g.t].view(g.b, g.t, -1)          # [b, t, h]
-            cache = GroupCache(self.kv, g)
-            hh, xx = layer.attention_side(hg, g.cos, g.sin, g.mask, cache) if qkv is None \
-                else _attention_side(layer, qkv, hg, g.cos, g.sin, g.mask, cache)
+            hh, xx = layer.attention_side(hg, g.cos, g.sin, g.mask, GroupCache(self.kv, g))
             hs.append(hh.reshape(g.b * g.t, -1))
             xs.append(xx.reshape(g.b * g.t, -1))
         h, x = (hs[0], xs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(xs))

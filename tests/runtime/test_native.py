@@ -21,7 +21,7 @@ from step3_edge.errors import ConfigError
 from step3_edge.model import RMSNorm, mfa_attention
 from step3_edge.runtime import Step3Runtime, backends, native
 from step3_edge.runtime.backends import PackedBf16, TorchBackend
-from step3_edge.runtime.engine import NativeRMSNorm
+from step3_edge.runtime.ops import NativeRMSNorm
 from step3_edge.runtime.kv import plan_step
 from step3_edge.synth import write_checkpoint
 
