@@ -266,3 +266,15 @@ def test_a_value_out_of_range_is_refused_before_any_model_loads(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("target", ["cpu", "l20"])
+def test_plan_and_export_take_the_same_device_count_by_default(
+        target: str, tiny_bf16: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", str(tiny_bf16), "--target", target, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["devices"]
+    assert main(["export", "--model", str(tiny_bf16), "--target", target, "--out",
+                 str(tmp_path / "b"), "--no-onnx", "--no-trt", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert len(manifest["devices"]) == planned == (1 if target == "cpu" else 8)
