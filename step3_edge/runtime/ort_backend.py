@@ -70,6 +70,7 @@ class OrtBackend:
 
     name = "onnxruntime"
     caps = NO_KERNELS                   # no torch kernels: the graphs run in ONNX Runtime
+    limits: dict[str, int] = {}         # no engine bounds: ONNX Runtime takes any shape
 
     def __init__(self, manifest: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, threads: int | None = None) -> None:
@@ -91,7 +92,6 @@ class OrtBackend:
         # scheduler) and other AFD processes need
         self.graphs = BundleGraphs(manifest, providers=providers, threads=threads, spin=False)
         self.threads = threads
-        self.limits: dict[str, int] = {}          # ONNX Runtime takes any shape
         self.used: dict[str, int] = {}
 
     def run(self, kind: str, feeds: dict[str, np.ndarray], layer: int | None = None,
