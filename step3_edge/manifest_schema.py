@@ -191,8 +191,10 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> None:
                   and (p[1] is None or p[1] < _count(t, "moe_num_experts")) for p in v))
         s.get(sg, "weights", _LIST, w, "a list of weight bindings",
               lambda v: all(_binding(b) for b in v))
-        for k in ("inputs", "outputs", "devices"):
-            s.get(sg, k, _LIST, w)
+        for k in ("inputs", "outputs"):
+            s.get(sg, k, _LIST, w, "a list of {name, dtype, shape}",
+                  lambda v: all(_graph_io(io) for io in v))
+        s.get(sg, "devices", _LIST, w)
         val = s.get(sg, "validation", _DICT, w, optional=True)
         for k in ("max_abs", "rel", "allowed", "rtol"):
             s.get(val, k, _NUM, f"{w}.validation")
@@ -222,6 +224,14 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> None:
                                    if len(s.problems) > 12 else [])
         raise BundleError(f"{source} does not follow the bundle schema: " + "; ".join(shown),
                           "the manifest was edited or damaged; re-export the bundle")
+
+
+def _graph_io(io: Any) -> bool:
+    """One declared graph input or output: a name, an element type, and a shape of sizes and
+    axis names."""
+    return isinstance(io, dict) and isinstance(io.get("name"), str) \
+        and isinstance(io.get("dtype"), str) and isinstance(io.get("shape"), list) \
+        and all(isinstance(d, str) or type(d) is int and d >= 0 for d in io["shape"])
 
 
 def _binding(b: Any) -> bool:

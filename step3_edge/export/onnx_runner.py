@@ -54,6 +54,7 @@ class BoundSession:
     session: Any
     values: list[Any] = field(repr=False)
     outputs: list[str] = field(default_factory=list)
+    weights: dict[str, Any] = field(default_factory=dict, repr=False)  # fed each run (lean)
 
     @classmethod
     def create(cls, model: str | Path | bytes, bound: dict[str, Bound],
@@ -62,11 +63,12 @@ class BoundSession:
                lean: bool = False) -> BoundSession:
         """`threads`: intra-op threads (default: ORT's, one per core); `spin=False` stops
         idle ORT threads from busy-waiting (use it when torch shares the cores);
-        `lean=True` runs MatMuls on the bound weights as given instead of a packed copy and
-        frees activations after each run instead of keeping an arena (validation: a session
-        run a few times, where a packed 3.7 GB lm_head or a ViT's arena would be the peak). A
-        graph ONNX Runtime cannot load is a `BundleError` naming `name` (default: the
-        file)."""
+        `lean=True` is for a session run a few times (validation), where a second copy of a
+        3.7 GB embedding or lm_head would be the peak: the bound weights enter as graph inputs
+        fed on every run (ONNX Runtime copies external initializers when it creates a session,
+        and inputs it reads where they are), MatMuls run on them as given instead of a packed
+        copy, and activations are freed after each run instead of kept in an arena. A graph
+        ONNX Runtime cannot load is a `BundleError` naming `name` (default: the file)."""
         ort = _ort()
         so = ort.SessionOptions()
         if threads:
@@ -82,8 +84,11 @@ class BoundSession:
                                                                  FLOAT8E4M3FN)
                   if bound[n].onnx_type == FLOAT8E4M3FN else
                   ort.OrtValue.ortvalue_from_numpy(bound[n].array) for n in names]
-        so.add_external_initializers(names, values)
-        src = str(model) if isinstance(model, Path) else model
+        if lean:
+            src = _weights_as_inputs(model, bound)
+        else:
+            so.add_external_initializers(names, values)
+            src = str(model) if isinstance(model, Path) else model
         try:
             sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
         except _load_errors(ort) as e:
@@ -92,10 +97,34 @@ class BoundSession:
             raise BundleError(f"{what} is not an ONNX graph ONNX Runtime "
                               f"{ort.__version__} can load with its weights: {why[:300]}",
                               RE_EXPORT) from None
-        return cls(sess, values, [o.name for o in sess.get_outputs()])
+        weights = dict(zip(names, values)) if lean else {}
+        return cls(sess, values, [o.name for o in sess.get_outputs()], weights)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(None, feeds)))
+        if not self.weights:
+            return dict(zip(self.outputs, self.session.run(None, feeds)))
+        ort = _ort()
+        values = {**self.weights, **{k: ort.OrtValue.ortvalue_from_numpy(v)
+                                     for k, v in feeds.items()}}
+        return dict(zip(self.outputs, (v.numpy() for v in
+                                       self.session.run_with_ort_values(self.outputs, values))))
+
+
+def _weights_as_inputs(model: str | Path | bytes, bound: dict[str, Bound]) -> bytes:
+    """The graph with the initializers named in `bound` turned into graph inputs of the same
+    type and shape (their data stays outside the graph, as exported)."""
+    import onnx
+
+    proto = (onnx.load_model_from_string(model) if isinstance(model, bytes) else
+             onnx.load(str(model), load_external_data=False))
+    g = proto.graph
+    kept = [t for t in g.initializer if t.name not in bound]
+    inputs = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+              for t in g.initializer if t.name in bound]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    g.input.extend(inputs)
+    return proto.SerializeToString()
 
 
 class BundleGraphs:

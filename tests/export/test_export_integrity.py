@@ -77,6 +77,18 @@ def test_subgraph_file_outside_the_artifacts_is_refused(copy: Path) -> None:
         BundleGraphs(copy).session("embed")
 
 
+@pytest.mark.parametrize("io", [7, {"name": "hidden"}, {"name": "hidden", "dtype": "float32",
+                                                        "shape": [-1]}])
+def test_a_declared_graph_input_that_is_not_name_dtype_shape_is_refused(copy: Path, io) -> None:
+    f = copy / "manifest.json"
+    data = json.loads(f.read_text())
+    data["subgraphs"]["lm_head"]["inputs"][0] = io
+    f.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"subgraphs\['lm_head'\].inputs is .*expected a list "
+                       r"of \{name, dtype, shape\}"):
+        load_manifest(copy)
+
+
 def test_interrupted_export_leaves_no_bundle(tiny_bf16: Path, tmp_path: Path, monkeypatch
                                              ) -> None:
     import step3_edge.export.bundle as B
