@@ -206,8 +206,8 @@ class CheckpointReader:
 
     # ------------------------------------------------------------------ reconciliation
     def check(self) -> None:
-        """Compare every stored tensor with the layout of spec §3; raise one CheckpointError
-        that lists every missing, unexpected, misshapen or wrong-dtype tensor."""
+        """Compare every stored tensor with the checkpoint layout (docs/model.md); raise one
+        CheckpointError that lists every missing, unexpected, misshapen or wrong-dtype tensor."""
         missing, bad_shape, bad_dtype = [], [], []
         known: set[str] = set()
         for name, spec in self.expected.items():

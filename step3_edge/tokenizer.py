@@ -27,7 +27,7 @@ PATCH_START, PATCH_END, PATCH_NEWLINE = "<patch_start>", "<patch_end>", "<patch_
 BOT_TOKEN, EOT_TOKEN = "<|BOT|>", "<|EOT|>"
 THINK_START, THINK_END = "<think>", "</think>"
 
-# Grades as in step3_spec.md §5.2 / §10:
+# How sure each id is: CONFIRMED (read from the released tokenizer / config), UNCONFIRMED (assumed):
 SPECIAL_TOKENS: dict[str, int] = {
     BOS_TOKEN: 0,            # UNCONFIRMED (DeepSeek-V3 layout; config.json bos_token_id default)
     EOS_TOKEN: 1,            # UNCONFIRMED (DeepSeek-V3 layout; config.json eos_token_id default)

@@ -66,7 +66,7 @@ MAX_ROWS = 2
 # bf16 math), larger calls run it on 8 rows at a time (`backends.PackedBf16`)
 GEMV_MAX_ROWS = 8
 # Rows of x up to which a MoE layer's shared and routed experts run as one `swiglu` call
-# (`ExpertStore._native_sum`; decode batches): each (row, expert) pair is a GEMV, so an expert
+# (`expert_compute.NativeSum`; decode batches): each (row, expert) pair is a GEMV, so an expert
 # two rows chose is read twice (the second time mostly from cache). Prefill chunks keep
 # oneDNN's GEMM per expert.
 EXPERT_MAX_ROWS = 16
