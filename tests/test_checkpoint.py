@@ -21,11 +21,11 @@ def test_real_names_shapes_and_block_fp8_layout(tiny_fp8, tiny_cfg):
     r.check()
     stored = set(r.stored_names())
     t = tiny_cfg.text_config
-    # the checkpoint layout (docs/model.md): separate q/k/v, inter_norm, wq, 3-D experts, router, shared expert
+    # the layout (docs/model.md): separate q/k/v, inter_norm, wq, 3-D experts, router, shared expert
     assert "model.layers.1.moe.gate_proj.weight" in stored
     assert r.stored_shape("model.layers.1.moe.down_proj.weight") == (
         t.moe_num_experts, t.hidden_size, t.moe_intermediate_size)
-    # block-fp8 (docs/model.md): scale [E, ceil(out/128), ceil(in/128)], float32; router/norm/embed bf16
+    # block-fp8: scale [E, ceil(out/128), ceil(in/128)], float32; router / norm / embed bf16
     assert r.stored_shape("model.layers.1.moe.down_proj.weight_scale_inv") == (8, 1, 1)
     assert r.stored_dtype("model.layers.0.mlp.gate_proj.weight_scale_inv") == torch.float32
     assert r.stored_shape("model.layers.0.mlp.gate_proj.weight_scale_inv") == (3, 1)
