@@ -40,7 +40,7 @@ a command's options."""
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("step3_edge.synth", "write a synthetic Step3 checkpoint in the real layout"),
+    "synth": ("step3_edge.synth_cli", "write a synthetic Step3 checkpoint in the real layout"),
     "generate": ("step3_edge.generate", "answer one prompt (checkpoint: reference model; "
                  "bundle: runtime)"),
     "eval": ("step3_edge.evaluate", "exact-match accuracy on the held-out shapes task"),

@@ -16,11 +16,11 @@ from step3_edge.cli import COMMANDS, RUNTIME_OPTIONS, build_parser, main, versio
 
 # the commands whose options this test holds to the convention (help and a shown default)
 OWN = ("chat", "plan", "profile", "app", "serve", "eval", "generate", "quantize", "export",
-       "inspect")
+       "inspect", "synth")
 RUNTIME_COMMANDS = ("chat", "profile", "app", "serve")
 MODEL_DEFAULTS = ("chat", "profile", "app", "serve", "generate", "eval")
 LIGHT = ("chat", "plan", "profile", "app", "serve", "export", "inspect", "generate", "eval",
-         "quantize")
+         "quantize", "synth")
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:

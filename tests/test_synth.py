@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from step3_edge import synth
+from step3_edge import synth, synth_cli
 from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError
@@ -51,11 +51,11 @@ def _args(**kw) -> argparse.Namespace:
 
 def test_cli_refuses_the_whole_full_model_with_its_size_and_depth_flags_elsewhere() -> None:
     with pytest.raises(ConfigError, match="642 GB") as e:
-        synth.slice_config(_args())
+        synth_cli.slice_config(_args())
     assert "--layers" in e.value.remedy
     with pytest.raises(ConfigError, match="--experts only apply to --preset full"):
-        synth.slice_config(_args(preset="tiny", experts=4))
-    assert synth.slice_config(_args(layers=2, experts=4)).text_config.moe_num_experts == 4
+        synth_cli.slice_config(_args(preset="tiny", experts=4))
+    assert synth_cli.slice_config(_args(layers=2, experts=4)).text_config.moe_num_experts == 4
 
 
 def test_checkpoint_bytes_of_the_real_model() -> None:
