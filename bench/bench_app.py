@@ -9,7 +9,7 @@ the answer, then (answer tokens - 1) / (time from first to last text change), th
 token count read off the side panel. Prints a table, writes bench/results/app.json and
 bench/results/app_screenshot.png.
 
-    python bench/bench_app.py [--questions 3] [--repeat 2] [--bundle B] [--out JSON]
+    python bench/bench_app.py [--questions 3] [--repeat 2] [--model B] [--out JSON]
 """
 
 from __future__ import annotations
@@ -73,20 +73,20 @@ def main() -> int:
     ap.add_argument("--questions", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2, help="starts of each kind (median kept)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "app.json"))
-    ap.add_argument("--bundle", help="measure this bundle instead of the default model "
+    ap.add_argument("--model", help="measure this bundle instead of the default model "
                     "(then only the warm start is timed)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                     "default_model_trained": default_is_trained(), "bundle": args.bundle}
+                     "default_model_trained": default_is_trained(), "bundle": args.model}
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         env = dict(os.environ, GRADIO_TEMP_DIR=f"{tmp}/gradio",
                    GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-        cmd = ["app"] + (["--bundle", args.bundle] if args.bundle else [])
+        cmd = ["app"] + (["--model", args.model] if args.model else [])
         browser = launch_browser(p)
         try:
-            for kind in (["fresh_cache"] if not args.bundle else []) + ["warm_cache"]:
+            for kind in (["fresh_cache"] if not args.model else []) + ["warm_cache"]:
                 runs = []
                 for i in range(args.repeat):
                     cache = f"{tmp}/cache-{i}" if kind == "fresh_cache" else f"{tmp}/cache-0"

@@ -9,7 +9,7 @@ sequences (`afd_attn` describes the step); the FFN ranks serve all of them.
 Launch: `Step3Runtime.load(bundle, afd=True, attention_ranks=A, ffn_ranks=F)` spawns ranks
 1..A+F-1 with torch.multiprocessing; under torchrun every rank runs this module:
 
-    torchrun --nproc-per-node 3 -m step3_edge.runtime.afd --bundle B --attention-ranks 2 "p" ..
+    torchrun --nproc-per-node 3 -m step3_edge.runtime.afd --model B --attention-ranks 2 "p" ..
 
 rank 0 loads the runtime (`afd="env"`) and answers the prompts; ranks 1..A-1 serve attention,
 the others FFN (each learns its role from rank 0's handshake).
@@ -159,23 +159,26 @@ def _dead(procs: list[Any], m: int = 1) -> str | None:
 
 # ---------------------------------------------------------------------------- torchrun entry
 def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc-per-node N -m step3_edge.runtime.afd --bundle B PROMPT...`: rank 0
+    """`torchrun --nproc-per-node N -m step3_edge.runtime.afd --model B PROMPT...`: rank 0
     answers the prompts through the AFD runtime; ranks 1..A-1 serve attention (data-parallel,
     `--attention-ranks A`, default 1 or the plan's attention devices), the rest the FFN side."""
     ap = argparse.ArgumentParser(prog="python -m step3_edge.runtime.afd",
                                  description=main.__doc__)
-    ap.add_argument("--bundle", required=True)
-    ap.add_argument("prompts", nargs="*", default=["Hello"])
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--micro-batches", type=int, default=3)
+    ap.add_argument("--model", required=True, help="the bundle folder")
+    ap.add_argument("prompts", nargs="*", default=["Hello"], help="prompts to answer")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer")
+    ap.add_argument("--device", default=None, help="device of this rank (default: the plan's)")
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: the runtime's)")
+    ap.add_argument("--micro-batches", type=int, default=3,
+                    help="micro-batches in flight between the two sides")
     ap.add_argument("--attention-ranks", type=int, default=None,
                     help="attention ranks (rank 0 and the next A-1); the rest serve FFN")
-    ap.add_argument("--afd-backend", default=None, choices=("gloo", "nccl"))
-    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    ap.add_argument("--afd-backend", default=None, choices=("gloo", "nccl"),
+                    help="torch.distributed backend (default: nccl on CUDA, else gloo)")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                    help="seconds a rank waits for the others")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the answers as JSON")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from step3_edge.runtime.api import Step3Runtime
 
     device = args.device or ("cuda:" + os.environ.get("LOCAL_RANK", "0") if cuda else "cpu")
-    with Step3Runtime.load(args.bundle, afd="env", afd_backend=backend, device=device,
+    with Step3Runtime.load(args.model, afd="env", afd_backend=backend, device=device,
                            dtype=args.dtype, micro_batches=args.micro_batches,
                            attention_ranks=args.attention_ranks,
                            afd_timeout=args.timeout) as rt:

@@ -39,7 +39,7 @@ def torchrun_tokens(bundle: Path, nproc: int, prompts: list[str], *extra: str,
     """Greedy token ids of `prompts` from `torchrun -m step3_edge.runtime.afd` with `nproc`
     processes (fp32, 6 new tokens, `extra` flags), asserting a clean exit."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), "-m", "step3_edge.runtime.afd", "--bundle", str(bundle), "--dtype",
+           str(nproc), "-m", "step3_edge.runtime.afd", "--model", str(bundle), "--dtype",
            "float32", *extra, "--max-new-tokens", "6", "--json", *prompts]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
