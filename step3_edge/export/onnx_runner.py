@@ -52,9 +52,9 @@ class BoundSession:
     """An ORT session of one graph with one instance's weights bound (kept alive with it)."""
 
     session: Any
-    values: list[Any] = field(repr=False)
+    weights: dict[str, Any] = field(repr=False)     # name -> OrtValue, kept alive with it
     outputs: list[str] = field(default_factory=list)
-    weights: dict[str, Any] = field(default_factory=dict, repr=False)  # fed each run (lean)
+    fed: bool = False                               # weights are graph inputs fed each run
 
     @classmethod
     def create(cls, model: str | Path | bytes, bound: dict[str, Bound],
@@ -66,9 +66,9 @@ class BoundSession:
         `lean=True` is for a session run a few times (validation), where a second copy of a
         3.7 GB embedding or lm_head would be the peak: the bound weights enter as graph inputs
         fed on every run (ONNX Runtime copies external initializers when it creates a session,
-        and inputs it reads where they are), MatMuls run on them as given instead of a packed
-        copy, and activations are freed after each run instead of kept in an arena. A graph
-        ONNX Runtime cannot load is a `BundleError` naming `name` (default: the file)."""
+        and reads inputs where they are, unpacked), and activations are freed after each run
+        instead of kept in an arena. A graph ONNX Runtime cannot load is a `BundleError` naming
+        `name` (default: the file)."""
         ort = _ort()
         so = ort.SessionOptions()
         if threads:
@@ -76,18 +76,14 @@ class BoundSession:
             so.inter_op_num_threads = 1
         if not spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        weights = {n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(b.array, FLOAT8E4M3FN)
+                   if b.onnx_type == FLOAT8E4M3FN else ort.OrtValue.ortvalue_from_numpy(b.array)
+                   for n, b in bound.items()}
         if lean:
-            so.add_session_config_entry("session.disable_prepacking", "1")
             so.enable_cpu_mem_arena = False
-        names = list(bound)
-        values = [ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bound[n].array,
-                                                                 FLOAT8E4M3FN)
-                  if bound[n].onnx_type == FLOAT8E4M3FN else
-                  ort.OrtValue.ortvalue_from_numpy(bound[n].array) for n in names]
-        if lean:
             src = _weights_as_inputs(model, bound)
         else:
-            so.add_external_initializers(names, values)
+            so.add_external_initializers(list(weights), list(weights.values()))
             src = str(model) if isinstance(model, Path) else model
         try:
             sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
@@ -97,11 +93,10 @@ class BoundSession:
             raise BundleError(f"{what} is not an ONNX graph ONNX Runtime "
                               f"{ort.__version__} can load with its weights: {why[:300]}",
                               RE_EXPORT) from None
-        weights = dict(zip(names, values)) if lean else {}
-        return cls(sess, values, [o.name for o in sess.get_outputs()], weights)
+        return cls(sess, weights, [o.name for o in sess.get_outputs()], lean)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self.weights:
+        if not self.fed:
             return dict(zip(self.outputs, self.session.run(None, feeds)))
         ort = _ort()
         values = {**self.weights, **{k: ort.OrtValue.ortvalue_from_numpy(v)
