@@ -51,7 +51,7 @@ from step3_edge.quantize.schemes import get_scheme
 from step3_edge.runtime import Step3Runtime
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.cost_model import Bandwidths, CostModel, measure_bandwidths
-from step3_edge.runtime.expert_store import make_mlp
+from step3_edge.runtime.mlp import make_mlp
 from step3_edge.synth import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,8 +31,9 @@ from step3_edge.model import Step3DecoderLayer, load_weights
 from step3_edge.runtime import native
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.expert_cache import Key
-from step3_edge.runtime.expert_store import ExpertStore, make_mlp, read_linear
+from step3_edge.runtime.expert_store import ExpertStore
 from step3_edge.runtime.kv import Group, GroupCache, KVPool, SeqKV, StepBatch, plan_step
+from step3_edge.runtime.mlp import make_mlp, read_linear
 from step3_edge.runtime.ops import RuntimeOps, load_runtime_weights
 from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, embed_with_images,
                                encode_images)

@@ -24,7 +24,7 @@ from step3_edge.runtime.expert_cache import Key
 from step3_edge.runtime.expert_compute import Routing, choose_strategy, histogram
 from step3_edge.runtime.expert_residency import ExpertResidency, Router
 from step3_edge.runtime.expert_stats import RoutingLog, StoreStats, Trace
-from step3_edge.runtime.mlp import RuntimeMLP, make_mlp, read_linear
+from step3_edge.runtime.mlp import RuntimeMLP
 
 
 class ExpertStore:
@@ -116,4 +116,4 @@ class ExpertStore:
 
 
 # engine.py imports the MLP helpers (mlp.py) from here
-__all__ = ["ExpertStore", "Router", "make_mlp", "read_linear"]
+__all__ = ["ExpertStore", "Router"]

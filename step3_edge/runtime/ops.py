@@ -23,7 +23,7 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.model import DIRECT_QUERIES, Ops, RMSNorm, Step3Attention, mfa_attention
 from step3_edge.runtime import native
 from step3_edge.runtime.backends import FusedQuant, NativeQuant, PackedBf16, TorchBackend
-from step3_edge.runtime.expert_store import read_linear
+from step3_edge.runtime.mlp import read_linear
 
 # torch's CPU flash kernel with its log-sum-exp (private; absent -> the reference's SDPA call)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
