@@ -227,7 +227,7 @@ class NativeQuant(Linear):
     dequantize `UPCAST_BLOCK` elements of rows at a time to float32 for a float32 GEMM. Each
     output is the float32 sum rounded once to bf16."""
 
-    kernel = "native int8/fp8 GEMV (<= 8 rows); float32 GEMM on dequantized row blocks"
+    kernel = "native int8/fp8 GEMV (<= 16 rows); float32 GEMM on dequantized row blocks"
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

@@ -47,7 +47,7 @@ class FusedSwiGLU(RuntimeMLP):
         gate.packed = up.packed = None
         self.native = native.SwiGLU(gate.weight, up.weight, down.weight) \
             if self.packed.native is not None and down.gemv is not None else None
-        # without oneDNN's blocked GEMM the native MLP is the fastest path up to its 8 rows
+        # without oneDNN's blocked GEMM the native MLP is the fastest path up to its 16 rows
         self.native_rows = native.MAX_ROWS if self.packed.packed is not None else \
             native.GEMV_MAX_ROWS
 

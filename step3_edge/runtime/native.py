@@ -62,9 +62,10 @@ ISAS = {
 # 1 row 5.1-5.4 / 10.5-12.3, 2 rows 7.2-8.7 / 11.8-12.9, 3 rows 8.1-8.9 / 9.2-9.7,
 # 4 rows 15.5 / 10.5-12.1, 16 rows 14.4-21.8 / 12.6-15.6.
 MAX_ROWS = 2
-# Rows of x the GEMV takes in one call: where no blocked bf16 GEMM exists (a CPU without fast
-# bf16 math), larger calls run it on 8 rows at a time (`backends.PackedBf16`)
-GEMV_MAX_ROWS = 8
+# Rows of x the GEMV takes in one call (each weight row is read from memory once for all of
+# them): where no blocked bf16 GEMM exists (a CPU without fast bf16 math), larger calls run it
+# on 16 rows at a time (`backends.PackedBf16`)
+GEMV_MAX_ROWS = 16
 # Rows of x up to which a MoE layer's shared and routed experts run as one `swiglu` call
 # (`expert_compute.NativeSum`; decode batches): each (row, expert) pair is a GEMV, so an expert
 # two rows chose is read twice (the second time mostly from cache). Prefill chunks keep
@@ -216,7 +217,7 @@ class Weights:
         self._gemv = kernel().gemv                       # looked up once, not per call
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x bf16 [M <= 8, K] -> bf16 [M, rows], or into `out` ([M, >= rows] float32
+        """x bf16 [M <= 16, K] -> bf16 [M, rows], or into `out` ([M, >= rows] float32
         or bf16, rows contiguous; float32 receives the bf16-rounded value)."""
         m = x.shape[0]
         assert x.dtype == torch.bfloat16 and 0 < m <= GEMV_MAX_ROWS
@@ -231,8 +232,8 @@ class Weights:
 
 # stored weight dtypes `QuantWeights` takes -> the kernel's code for each
 Q8_KINDS = {torch.int8: 0, torch.float8_e4m3fn: 1}
-# rows of x per `QuantWeights` call (the kernel's limit)
-Q8_MAX_ROWS = 8
+# rows of x per `QuantWeights` call (the kernel's limit; each weight row is read once for all)
+Q8_MAX_ROWS = 16
 
 
 class QuantWeights:
@@ -260,7 +261,7 @@ class QuantWeights:
         self._gemv = kernel().gemv_q8
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M <= 8, K] (bf16 or float32) -> bf16 [M, rows], or into `out` ([M, >= rows]
+        """x [M <= 16, K] (bf16 or float32) -> bf16 [M, rows], or into `out` ([M, >= rows]
         float32 or bf16, rows contiguous; float32 receives the bf16-rounded value)."""
         m = x.shape[0]
         assert 0 < m <= Q8_MAX_ROWS and x.shape[1] == self.k
@@ -276,7 +277,7 @@ class QuantWeights:
 
 class SwiGLU:
     """A SwiGLU MLP's bf16 gate, up [m, K] and down [K, m] weights for `swiglu` (held by
-    reference: no copy is made). Called on x [M <= 8, K] it is the reference's `Step3MLP`."""
+    reference: no copy is made). Called on x [M <= 16, K] it is the reference's `Step3MLP`."""
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         m, k = gate.shape
@@ -309,8 +310,8 @@ def swiglu(x: torch.Tensor, mlps: list[SwiGLU], pairs: list[tuple[int, int, floa
     rows = (ctypes.c_int64 * (2 * n))(*[v for i, r, _ in pairs for v in (i, r)])
     coef = (ctypes.c_float * n)(*[c for _, _, c in pairs])
     widest = max(e.m for e in mlps)
-    xg = torch.empty(n * k, dtype=torch.bfloat16)
-    act = torch.empty(n * widest, dtype=torch.bfloat16)
+    xg = torch.empty(n * k)                         # float32-sized: the rows in the kernel's form
+    act = torch.empty(n * widest)
     out = torch.empty(m, k, dtype=dtype)
     acc = out if dtype == torch.float32 else torch.empty(2, m, k)
     work = sum(mlps[i].elements for i, _, _ in pairs)

@@ -44,7 +44,7 @@ def _check_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
 
 @needs_native
 @pytest.mark.parametrize("k", [32, 80, 128, 200, 512])
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 12, 16])
 def test_native_kernels_against_float64(k: int, m: int) -> None:
     """Random shapes, K with and without a 32-element tail, 1-3 row segments (a fused q|k|v),
     and the threaded split (a weight above THREADED_MIN_ELEMENTS)."""
@@ -65,8 +65,8 @@ def test_native_kernels_against_float64(k: int, m: int) -> None:
 def test_quantized_gemv_against_float64(scheme: str, k: int) -> None:
     """`QuantWeights` (int8 / fp8 bytes with their scales, as stored) against float64 of the
     dequantized weight, up to one bf16 rounding: K with a tail of 16 and a partial last group
-    of 128, rows not a multiple of 128 (block_fp8's partial row block), 1-2 segments, 1-8
-    rows, threaded or not, bf16 or float32 output (the bf16 value)."""
+    of 128, rows not a multiple of 128 (block_fp8's partial row block), 1-2 segments, 1-16
+    rows (two blocks of 8 above 8), threaded or not, bf16 or float32 output (the bf16 value)."""
     from step3_edge.quantize.schemes import get_scheme
 
     g, sch = _gen(), get_scheme(scheme)
@@ -77,7 +77,7 @@ def test_quantized_gemv_against_float64(scheme: str, k: int) -> None:
         qw = native.QuantWeights([(p[""], p[key].float().reshape(-(-r // row_block), -1)
                                    .contiguous()) for p, r in zip(parts, rows)],
                                  group or k, row_block)
-        for m in (1, 3, 8):
+        for m in (1, 3, 5, 8, 13, 16):
             x = torch.randn(m, k, generator=g).bfloat16()
             for threaded in (False, True):
                 qw._threaded = threaded
@@ -242,11 +242,11 @@ def test_decode_mfa_writes_fp8_as_cast_fp8() -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("m", [1, 2, 12])
+@pytest.mark.parametrize("m", [1, 2, 12, 20])
 def test_swiglu_against_the_composition(m: int, monkeypatch) -> None:
     """One MLP (weight 1, bf16 out), routed experts' weighted sums (float32 out, pairs in
-    order, a row without pairs) and those plus a shared expert (bf16 out; with 12 rows, its 13
-    pairs are groups of 8 and 5), on one thread and over the team, against the same math as
+    order, a row without pairs) and those plus a shared expert (bf16 out; with 20 rows, its 21
+    pairs are groups of 16 and 5), on one thread and over the team, against the same math as
     torch ops around the native GEMV (gate|up, silu * up, down; `y.float() * w` accumulated in
     pair order): equal but for silu's exp (libm's against torch's), which may move a bf16
     rounding of an activation."""

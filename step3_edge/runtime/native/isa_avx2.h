@@ -1,7 +1,8 @@
 /* The AVX2 + FMA primitives of kernels.c (included there when built without AVX512-BF16):
  * the same functions as isa_avx512.h, 8 float32 lanes wide. bf16 is widened to float32 by a
  * shift (exact), and bf16 products are exact in float32, so results differ from the AVX-512
- * build only in the order of float32 sums. */
+ * build only in the order of float32 sums. The rows of x are widened once per call
+ * (`prepare_row`), the weights as they stream. */
 #define S3E_ISA "avx2_fma"
 
 /* 16 bf16 at p as two float32 vectors: *even gets elements 0, 2, .., 14 and *odd 1, 3, .., 15
@@ -12,50 +13,92 @@ INLINE void load_bf16_pairs(const uint16_t* p, __m256* even, __m256* odd) {
     *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int32_t)0xFFFF0000u)));
 }
 
-/* One weight row against M (<= 8) rows of x (row stride ldx): sums[m] = dot(x[m], w), 16
- * elements a step (even and odd halves, one FMA each). With M <= 2 each row of x has two
- * accumulator pairs (two steps in flight) to hide the FMA latency; larger M has independent
- * rows enough. M is a constant in every caller, so the loops over m unroll. */
-INLINE void row_dot(const uint16_t* w, const uint16_t* x, const int64_t M, int64_t K,
+/* Rows of x as row_dot reads them: float32, each whole chunk of 16 elements as its 8 even then
+ * its 8 odd elements (the halves load_bf16_pairs splits a weight chunk into), the last K % 16
+ * as they are. Widened once per call, so that in the dot products a weight chunk costs one
+ * load and two integer ops and each row of x two FMAs that read it from cache. */
+typedef float xrow_t;
+
+static inline void prepare_row(const uint16_t* x, int64_t K, float* out) {
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 e, o;
+        load_bf16_pairs(x + k, &e, &o);
+        _mm256_storeu_ps(out + k, e);
+        _mm256_storeu_ps(out + k + 8, o);
+    }
+    for (; k < K; k++) out[k] = bf16_to_float(x[k]);
+}
+
+/* element j of a prepared row of K, set to the bf16 v */
+static inline void put_x(float* row, int64_t j, int64_t K, uint16_t v) {
+    row[j < (K & ~(int64_t)15) ? (j & ~(int64_t)15) + (j & 1) * 8 + ((j & 15) >> 1) : j] =
+        bf16_to_float(v);
+}
+
+/* One weight row against M (<= 8) prepared rows of x (row stride ldx): sums[m] = dot(x[m], w),
+ * 16 elements a step (even and odd halves). M <= 2: four accumulators per row of x (two steps
+ * in flight) hide the FMA latency; M <= 4: two (even, odd); more rows: one each, so that the
+ * accumulators and the weight halves stay in the 16 registers. M is a constant in every
+ * caller, so the loops over m unroll. */
+INLINE void row_dot(const uint16_t* w, const float* x, const int64_t M, int64_t K,
                     int64_t ldx, float* sums) {
-    __m256 acc0[8], acc1[8];
-    for (int64_t m = 0; m < M; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    const int64_t K16 = K & ~(int64_t)15;
     int64_t k = 0;
     if (M <= 2) {
-        __m256 acc2[2], acc3[2];
-        for (int64_t m = 0; m < M; m++) acc2[m] = acc3[m] = _mm256_setzero_ps();
-        for (; k + 32 <= K; k += 32) {
-            __m256 we0, wo0, we1, wo1, xe, xo;
+        __m256 a0[2], a1[2], a2[2], a3[2];
+        for (int64_t m = 0; m < M; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();
+        for (; k + 32 <= K16; k += 32) {
+            __m256 we0, wo0, we1, wo1;
             load_bf16_pairs(w + k, &we0, &wo0);
             load_bf16_pairs(w + k + 16, &we1, &wo1);
             for (int64_t m = 0; m < M; m++) {
-                load_bf16_pairs(x + m * ldx + k, &xe, &xo);
-                acc0[m] = _mm256_fmadd_ps(we0, xe, acc0[m]);
-                acc1[m] = _mm256_fmadd_ps(wo0, xo, acc1[m]);
-                load_bf16_pairs(x + m * ldx + k + 16, &xe, &xo);
-                acc2[m] = _mm256_fmadd_ps(we1, xe, acc2[m]);
-                acc3[m] = _mm256_fmadd_ps(wo1, xo, acc3[m]);
+                const float* xm = x + m * ldx + k;
+                a0[m] = _mm256_fmadd_ps(we0, _mm256_loadu_ps(xm), a0[m]);
+                a1[m] = _mm256_fmadd_ps(wo0, _mm256_loadu_ps(xm + 8), a1[m]);
+                a2[m] = _mm256_fmadd_ps(we1, _mm256_loadu_ps(xm + 16), a2[m]);
+                a3[m] = _mm256_fmadd_ps(wo1, _mm256_loadu_ps(xm + 24), a3[m]);
             }
         }
-        for (int64_t m = 0; m < M; m++) {
-            acc0[m] = _mm256_add_ps(acc0[m], acc2[m]);
-            acc1[m] = _mm256_add_ps(acc1[m], acc3[m]);
+        if (k < K16) {
+            __m256 we, wo;
+            load_bf16_pairs(w + k, &we, &wo);
+            for (int64_t m = 0; m < M; m++) {
+                a0[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx + k), a0[m]);
+                a1[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + k + 8), a1[m]);
+            }
+            k += 16;
         }
-    }
-    for (; k + 16 <= K; k += 16) {
-        __m256 we, wo, xe, xo;
-        load_bf16_pairs(w + k, &we, &wo);
-        for (int64_t m = 0; m < M; m++) {
-            load_bf16_pairs(x + m * ldx + k, &xe, &xo);
-            acc0[m] = _mm256_fmadd_ps(we, xe, acc0[m]);
-            acc1[m] = _mm256_fmadd_ps(wo, xo, acc1[m]);
+        for (int64_t m = 0; m < M; m++)
+            sums[m] = hsum8(_mm256_add_ps(_mm256_add_ps(a0[m], a2[m]),
+                                          _mm256_add_ps(a1[m], a3[m])));
+    } else if (M <= 4) {
+        __m256 a0[4], a1[4];
+        for (int64_t m = 0; m < M; m++) a0[m] = a1[m] = _mm256_setzero_ps();
+        for (; k < K16; k += 16) {
+            __m256 we, wo;
+            load_bf16_pairs(w + k, &we, &wo);
+            for (int64_t m = 0; m < M; m++) {
+                a0[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx + k), a0[m]);
+                a1[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + k + 8), a1[m]);
+            }
         }
+        for (int64_t m = 0; m < M; m++) sums[m] = hsum8(_mm256_add_ps(a0[m], a1[m]));
+    } else {
+        __m256 a[8];
+        for (int64_t m = 0; m < M; m++) a[m] = _mm256_setzero_ps();
+        for (; k < K16; k += 16) {
+            __m256 we, wo;
+            load_bf16_pairs(w + k, &we, &wo);
+            for (int64_t m = 0; m < M; m++) {
+                a[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx + k), a[m]);
+                a[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + k + 8), a[m]);
+            }
+        }
+        for (int64_t m = 0; m < M; m++) sums[m] = hsum8(a[m]);
     }
-    for (int64_t m = 0; m < M; m++) {
-        float s = hsum8(_mm256_add_ps(acc0[m], acc1[m]));
-        for (int64_t t = k; t < K; t++) s += bf16_to_float(w[t]) * bf16_to_float(x[m * ldx + t]);
-        sums[m] = s;
-    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t t = K16; t < K; t++) sums[m] += bf16_to_float(w[t]) * x[m * ldx + t];
 }
 
 /* sum of x[i]^2 over bf16 x [n], float32 */

@@ -6,6 +6,18 @@ static inline __m512bh load_bf16(const uint16_t* p, int64_t n) { /* n in 1..32 *
     return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
 }
 
+/* Rows of x as row_dot reads them: bf16 as they are (VDPBF16PS takes bf16 pairs). */
+typedef uint16_t xrow_t;
+
+static inline void prepare_row(const uint16_t* x, int64_t K, uint16_t* out) {
+    memcpy(out, x, (size_t)K * sizeof(uint16_t));
+}
+
+static inline void put_x(uint16_t* row, int64_t j, int64_t K, uint16_t v) {
+    (void)K;
+    row[j] = v;
+}
+
 /* One weight row against M (<= 8) rows of x (row stride ldx): sums[m] = dot(x[m], w). Two
  * accumulators per row of x (even and odd 32-wide steps) hide VDPBF16PS's latency when M is 1.
  * M is a constant in every caller (run_rows_m, dot_rows below), so the loops over m unroll and

@@ -38,6 +38,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "s3e.h"
@@ -74,16 +75,30 @@ static void load_kv_row(const void* pool, int kind, int64_t row, float* out, int
 
 const char* s3e_isa(void) { return S3E_ISA; }
 
+#define MAX_ROWS 16   /* rows of x per call: row_dot takes them in blocks of up to 8 */
+
+/* One weight row against M (<= 16) prepared rows of x: row_dot on blocks of 8 (the row is
+ * read from memory once, then from cache). */
+INLINE void dot_block(const uint16_t* w, const xrow_t* x, const int64_t M, int64_t K,
+                      int64_t ldx, float* sums) {
+    if (M <= 8) {
+        row_dot(w, x, M, K, ldx, sums);
+    } else {
+        row_dot(w, x, 8, K, ldx, sums);
+        row_dot(w, x + 8 * ldx, M - 8, K, ldx, sums + 8);
+    }
+}
+
 /* Rows [lo, hi) of the segments laid end to end. */
-INLINE void run_rows_m(const uint16_t* x, const int64_t M, int64_t K, const uint16_t* const* segs,
+INLINE void run_rows_m(const xrow_t* x, const int64_t M, int64_t K, const uint16_t* const* segs,
                        const int64_t* seg_rows, int64_t nseg, void* y, int64_t ldy, int out_f32,
                        int64_t lo, int64_t hi) {
-    float sums[8];
+    float sums[MAX_ROWS];
     int64_t base = 0;
     for (int64_t s = 0; s < nseg && base < hi; base += seg_rows[s], s++) {
         int64_t a = lo > base ? lo : base, b = hi < base + seg_rows[s] ? hi : base + seg_rows[s];
         for (int64_t r = a; r < b; r++) {
-            row_dot(segs[s] + (r - base) * K, x, M, K, K, sums);
+            dot_block(segs[s] + (r - base) * K, x, M, K, K, sums);
             for (int64_t m = 0; m < M; m++) {
                 if (out_f32)
                     ((float*)y)[m * ldy + r] = bf16_to_float(round_bf16(sums[m]));
@@ -94,27 +109,30 @@ INLINE void run_rows_m(const uint16_t* x, const int64_t M, int64_t K, const uint
     }
 }
 
-/* row_dot for a run-time M (1..8). */
-static void dot_rows(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K, int64_t ldx,
+#define CASES CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) \
+    CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
+
+/* dot_block for a run-time M (1..16). */
+static void dot_rows(const uint16_t* w, const xrow_t* x, int64_t M, int64_t K, int64_t ldx,
                      float* sums) {
     switch (M) {
-#define CASE(n) case n: row_dot(w, x, n, K, ldx, sums); break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#define CASE(n) case n: dot_block(w, x, n, K, ldx, sums); break;
+        CASES
 #undef CASE
     }
 }
 
-static void run_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* const* segs,
+static void run_rows(const xrow_t* x, int64_t M, int64_t K, const uint16_t* const* segs,
                      const int64_t* seg_rows, int64_t nseg, void* y, int64_t ldy, int out_f32,
                      int64_t lo, int64_t hi) {
     switch (M) {
 #define CASE(n) case n: run_rows_m(x, n, K, segs, seg_rows, nseg, y, ldy, out_f32, lo, hi); break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+        CASES
 #undef CASE
     }
 }
 
-/* Entry point. x: bf16 [M, K] contiguous; segs[s]: bf16 [seg_rows[s], K] contiguous;
+/* Entry point. x: bf16 [M <= 16, K] contiguous; segs[s]: bf16 [seg_rows[s], K] contiguous;
  * y: [M, ldy] bf16 (or float32 with out_f32), columns 0 .. sum(seg_rows) written;
  * threads: the OpenMP team to split rows over (1 = the calling thread alone). */
 void s3e_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* const* segs,
@@ -122,17 +140,20 @@ void s3e_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* cons
                    int threads) {
     int64_t rows = 0;
     for (int64_t s = 0; s < nseg; s++) rows += seg_rows[s];
+    xrow_t* xp = malloc((size_t)(M * K) * sizeof(xrow_t));
+    for (int64_t m = 0; m < M; m++) prepare_row(x + m * K, K, xp + m * K);
     if (threads <= 1) {
-        run_rows(x, M, K, segs, seg_rows, nseg, y, ldy, out_f32, 0, rows);
-        return;
-    }
+        run_rows(xp, M, K, segs, seg_rows, nseg, y, ldy, out_f32, 0, rows);
+    } else {
 #pragma omp parallel num_threads(threads)
-    {
-        int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-        int64_t per = ((rows + T - 1) / T + 15) & ~(int64_t)15; /* whole cache lines of y */
-        int64_t lo = t * per, hi = lo + per < rows ? lo + per : rows;
-        if (lo < hi) run_rows(x, M, K, segs, seg_rows, nseg, y, ldy, out_f32, lo, hi);
+        {
+            int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+            int64_t per = ((rows + T - 1) / T + 15) & ~(int64_t)15; /* whole cache lines of y */
+            int64_t lo = t * per, hi = lo + per < rows ? lo + per : rows;
+            if (lo < hi) run_rows(xp, M, K, segs, seg_rows, nseg, y, ldy, out_f32, lo, hi);
+        }
     }
+    free(xp);
 }
 
 /* Entry point for quantized weights. x: float32 [M, K] contiguous (the bf16 activations
@@ -324,19 +345,20 @@ static inline uint16_t silu_mul(float g, float u) {
  * stored as float32 [M, K] (out_f32) or rounded to bf16; rows of x without pairs get 0.
  * With nbase > 0 (bf16 output only) the first nbase pairs (a shared expert) are summed apart
  * and y[r] = bf16(bf16(their sum) + bf16(the other pairs' sum)): `shared(x) + routed.to(bf16)`.
- * Consecutive pairs of one MLP (up to 8, other rows each) form a group whose rows of x are
+ * Consecutive pairs of one MLP (up to 16, other rows each) form a group whose rows of x are
  * gathered, so that each weight row is read once for all of them.
- * Scratch: xg bf16 [P, K], act bf16 [P, widest] (widest >= every pair's m), acc float32
- * [2, M, K] (unused with out_f32). The groups' gate/up rows, then the output columns, are
+ * Scratch: xg [P, K] and act [P, widest] (widest >= every pair's m) of float32 size (the rows
+ * in row_dot's form), acc float32 [2, M, K] (unused with out_f32). The groups' gate/up rows, then the output columns, are
  * split over `threads`. */
 void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlps,
                      const int64_t* pairs, const float* coef, int64_t P, int64_t nbase, void* y,
-                     int out_f32, uint16_t* xg, uint16_t* act, int64_t widest, float* acc,
+                     int out_f32, void* xg_, void* act_, int64_t widest, float* acc,
                      int threads) {
+    xrow_t *xg = xg_, *act = act_;
     int64_t first[P + 1], groups = 0, total = 0;      /* group g: pairs first[g] .. first[g+1] */
     for (int64_t p = 0; p < P;) {
         int64_t q = p + 1;
-        while (q < P && q - p < 8 && pairs[2 * q] == pairs[2 * p] && (q < nbase) == (p < nbase))
+        while (q < P && q - p < MAX_ROWS && pairs[2 * q] == pairs[2 * p] && (q < nbase) == (p < nbase))
             q++;
         first[groups++] = p;
         total += mlps[4 * pairs[2 * p] + 3];
@@ -344,7 +366,7 @@ void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlp
     }
     first[groups] = P;
     for (int64_t p = 0; p < P; p++)
-        memcpy(xg + p * K, x + pairs[2 * p + 1] * K, (size_t)K * sizeof(uint16_t));
+        prepare_row(x + pairs[2 * p + 1] * K, K, xg + p * K);
     if (out_f32) acc = (float*)y;
     float* shared = acc + M * K;
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -358,10 +380,11 @@ void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlp
             const int64_t* e = mlps + 4 * pairs[2 * p0];
             const int64_t m = e[3], a = lo1 > at ? lo1 - at : 0, b = hi1 < at + m ? hi1 - at : m;
             for (int64_t j = a; j < b; j++) {
-                float gs[8], us[8];
+                float gs[MAX_ROWS], us[MAX_ROWS];
                 dot_rows((const uint16_t*)e[0] + j * K, xg + p0 * K, n, K, K, gs);
                 dot_rows((const uint16_t*)e[1] + j * K, xg + p0 * K, n, K, K, us);
-                for (int64_t i = 0; i < n; i++) act[(p0 + i) * widest + j] = silu_mul(gs[i], us[i]);
+                for (int64_t i = 0; i < n; i++)
+                    put_x(act + (p0 + i) * widest, j, m, silu_mul(gs[i], us[i]));
             }
             at += m;
         }
@@ -379,7 +402,7 @@ void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlp
             const int64_t* e = mlps + 4 * pairs[2 * p0];
             const int64_t m = e[3];
             for (int64_t c = lo; c < hi; c++) {
-                float d[8];
+                float d[MAX_ROWS];
                 dot_rows((const uint16_t*)e[2] + c * m, act + p0 * widest, n, m, widest, d);
                 for (int64_t i = 0; i < n; i++) {
                     const int64_t p = p0 + i;

@@ -45,7 +45,7 @@ void s3e_argmax_f32(const float* x, int64_t B, int64_t n, int64_t ld, int64_t* o
                     int threads);
 void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlps,
                      const int64_t* pairs, const float* coef, int64_t P, int64_t nbase, void* y,
-                     int out_f32, uint16_t* xg, uint16_t* act, int64_t widest, float* acc,
+                     int out_f32, void* xg, void* act, int64_t widest, float* acc,
                      int threads);
 void s3e_attention_block(const s3e_layer* L, const uint16_t* h, int64_t B, const float* cos,
                          const float* sin, void* pool, int kind, int64_t slots,
