@@ -33,6 +33,14 @@ class Target:
     def is_gpu(self) -> bool:
         return self.compute_capability is not None
 
+    def device_count(self, asked: int | None = None) -> int:
+        """The devices a plan or an export of this target uses: `asked`, else a whole server
+        (the cpu target is one device)."""
+        devices = asked if asked is not None else (self.cards_per_server if self.is_gpu else 1)
+        if devices < 1:
+            raise ConfigError(f"--devices {devices}", "pass at least one device")
+        return devices
+
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("l20", "NVIDIA L20 48 GB (Ada)", (8, 9), 45.0, 864, 32, True, "fp8_per_channel"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from step3_edge.errors import ConfigError
 from step3_edge.targets import TARGETS, get_target
 
 
@@ -43,10 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from step3_edge.runtime.planner import parse_size
 
     tgt = get_target(args.target)
-    devices = args.devices if args.devices is not None else (
-        tgt.cards_per_server if tgt.is_gpu else 1)
-    if devices < 1:
-        raise ConfigError(f"--devices {devices}", "pass at least one device")
+    devices = tgt.device_count(args.devices)
     t0 = time.perf_counter()
     out = export_bundle(args.model, tgt, devices, args.out,
                         cpu_mem_bytes=parse_size(args.cpu_mem) if args.cpu_mem else None,

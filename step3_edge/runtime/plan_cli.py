@@ -101,10 +101,7 @@ def run(args: argparse.Namespace) -> int:
     reserve = (DEFAULT_ACTIVATION_RESERVE if args.activation_reserve is None
                else parse_size(args.activation_reserve))
     target = get_target(args.target)
-    devices = args.devices if args.devices is not None else (
-        target.cards_per_server if target.is_gpu else 1)
-    if devices < 1:
-        raise ConfigError(f"--devices {devices}", "pass at least one device")
+    devices = target.device_count(args.devices)
     plan = plan_placement(
         cfg, target, devices, cpu_mem_bytes=_cpu_mem(args.cpu_mem),
         scheme=args.scheme, attn_scheme=args.attn_scheme, kv_tokens=kv_tokens,
