@@ -31,13 +31,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from step3_edge.errors import ConfigError
+from step3_edge.plan import Plan
 from step3_edge.runtime import afd_ffn
 from step3_edge.runtime.afd_engine import AFDEngine, split_segments
 from step3_edge.runtime.afd_protocol import (PROTOCOL, START_TIMEOUT, AFDWorkerError, Wire,
                                              make_groups, partition, peer_name)
 from step3_edge.runtime.decisions import LoadDecisions
 from step3_edge.runtime.engine import AttentionWorker
-from step3_edge.runtime.planner import Plan
 
 __all__ = ["AFDEngine", "split_segments", "start_afd", "main"]
 DEFAULT_TIMEOUT = 300.0

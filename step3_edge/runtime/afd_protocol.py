@@ -35,9 +35,9 @@ import torch.distributed as dist
 
 from step3_edge.config import Step3Config
 from step3_edge.errors import Step3EdgeError
+from step3_edge.plan import Plan
 from step3_edge.runtime.engine import Shard
 from step3_edge.runtime.options import MAX_MICRO_BATCHES, STEP_SLOTS
-from step3_edge.runtime.planner import Plan
 
 if TYPE_CHECKING:
     from step3_edge.checkpoint import CheckpointReader

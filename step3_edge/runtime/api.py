@@ -11,6 +11,7 @@ import torch
 
 from step3_edge.config import Step3Config
 from step3_edge.errors import PromptError
+from step3_edge.plan import Plan
 from step3_edge.processor import ImageViews, Step3Processor
 from step3_edge.runtime.builders import make_builder
 from step3_edge.runtime.decisions import GRAPH_PREFILL_TOKENS, Host, LoadDecisions, decide
@@ -18,7 +19,6 @@ from step3_edge.runtime.engine import Engine
 from step3_edge.runtime.loading import open_bundle
 from step3_edge.runtime.openmp import release_openmp_team
 from step3_edge.runtime.options import LOAD_KEYWORDS, RuntimeOptions
-from step3_edge.runtime.planner import Plan
 from step3_edge.runtime.scheduler import Generation, Request, Scheduler, stats
 from step3_edge.sampling import SamplingParams, check_max_new_tokens, check_seed
 

@@ -21,6 +21,7 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config
 from step3_edge.errors import PlanError
 from step3_edge.manifest import Manifest
+from step3_edge.plan import Plan
 from step3_edge.runtime.backends import TorchBackend, make_backend
 from step3_edge.runtime.cost_model import Bandwidths
 from step3_edge.runtime.decisions import LoadDecisions
@@ -32,7 +33,7 @@ from step3_edge.runtime.loading import (load_routers, measure_with_threads, read
                                         resident_set)
 from step3_edge.runtime.options import ExpertOptions
 from step3_edge.runtime.ort_backend import GraphBackend, OrtAttentionWorker, OrtFFNWorker
-from step3_edge.runtime.planner import Plan, expert_order
+from step3_edge.runtime.planner import expert_order
 
 Backend = TorchBackend | GraphBackend
 RESERVE_BYTES = 2 << 30           # CUDA: left free for activations when capping residents

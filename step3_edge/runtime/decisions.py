@@ -16,10 +16,10 @@ import torch
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError
 from step3_edge.manifest import Manifest
+from step3_edge.plan import Plan
 from step3_edge.runtime.backends import default_device, resolve_dtype
 from step3_edge.runtime.kv import kv_bytes_per_token
 from step3_edge.runtime.options import STEP_SLOTS, OptionError, RuntimeOptions
-from step3_edge.runtime.planner import Plan
 
 # backends that run the bundle's subgraphs (ort_backend's graph workers drive both)
 GRAPH_BACKENDS = ("onnxruntime", "tensorrt")

@@ -22,21 +22,18 @@ experts, so the split that maximises hot experts is the smallest that satisfies 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
-from typing import Any
+from dataclasses import dataclass
 
-from step3_edge.config import Step3Config
+from step3_edge.config import Step3Config, Step3TextConfig
 from step3_edge.errors import ConfigError, PlanError
 from step3_edge.layout import expected_weights, layer_of
+from step3_edge.plan import DevicePlan, ExpertId, GiB, Plan, gib
 from step3_edge.quantize.schemes import get_scheme
 from step3_edge.targets import Target
 
-GiB = 2**30
 DEFAULT_ACTIVATION_RESERVE = 2 * GiB  # CUDA context, GEMM workspace, one prefill chunk
 DEFAULT_HEADROOM = 0.05               # allocator fragmentation
 ATTN_ROLES = ("attn", "norm", "router", "embed", "lm_head", "vision")
-ExpertId = tuple[int, int]            # (layer, expert)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -55,151 +52,6 @@ def parse_size(text: str) -> int:
         raise ConfigError(f"cannot read the size {text!r}",
                           "write a number with an optional unit, e.g. 512GiB, 64GB, 1.5TiB")
     return int(value * _UNITS[unit])
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    """One accelerator: its role and where its memory goes (bytes)."""
-
-    index: int
-    role: str                        # "attention" | "ffn" | "both"
-    capacity_bytes: int
-    weight_bytes: dict[str, int]     # by layout role; "experts" = the hot routed experts here
-    kv_bytes: int
-    kv_tokens: int
-    activation_bytes: int
-    headroom_bytes: int
-    hot_experts: tuple[ExpertId, ...] = ()
-    dense_layers: tuple[int, ...] = ()          # layers whose dense MLP runs here
-    shared_expert_layers: tuple[int, ...] = ()  # layers whose shared expert runs here
-
-    @property
-    def weights_total(self) -> int:
-        return sum(self.weight_bytes.values())
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_total + self.kv_bytes + self.activation_bytes + self.headroom_bytes
-
-    @property
-    def free_bytes(self) -> int:
-        return self.capacity_bytes - self.total_bytes
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where every weight lives and how much KV fits; goes into the bundle manifest."""
-
-    target: str
-    devices: int
-    scheme: str
-    attn_scheme: str
-    kv_bytes_per_elem: float
-    kv_bytes_per_token: int
-    max_context: int
-    num_experts: int
-    moe_layers: tuple[int, ...]
-    expert_bytes: int                 # one routed expert: gate + up + down
-    model_weight_bytes: int           # every weight once, under these schemes
-    cpu_mem_bytes: int
-    kv_tokens_requested: int | None
-    device_plans: tuple[DevicePlan, ...]
-    cold_experts: tuple[ExpertId, ...] = field(default=())
-
-    @property
-    def attention_devices(self) -> tuple[int, ...]:
-        return tuple(d.index for d in self.device_plans if d.role in ("attention", "both"))
-
-    @property
-    def ffn_devices(self) -> tuple[int, ...]:
-        return tuple(d.index for d in self.device_plans if d.role in ("ffn", "both"))
-
-    @property
-    def hot(self) -> dict[int, list[ExpertId]]:
-        """device -> the (layer, expert) pairs it holds."""
-        return {d.index: list(d.hot_experts) for d in self.device_plans if d.hot_experts}
-
-    @property
-    def kv_tokens(self) -> int:
-        """KV cache tokens over all attention devices."""
-        return sum(d.kv_tokens for d in self.device_plans)
-
-    @property
-    def cold_bytes(self) -> int:
-        return len(self.cold_experts) * self.expert_bytes
-
-    @cached_property
-    def _where(self) -> dict[ExpertId, int | str]:
-        loc: dict[ExpertId, int | str] = {e: "cpu" for e in self.cold_experts}
-        for d in self.device_plans:
-            loc.update({e: d.index for e in d.hot_experts})
-        return loc
-
-    def expert_location(self, layer: int, expert: int) -> int | str:
-        """Device index holding routed expert `expert` of `layer`, or "cpu" when it is cold."""
-        try:
-            return self._where[(layer, expert)]
-        except KeyError:
-            raise PlanError(f"layer {layer} expert {expert} is not a routed expert of this plan",
-                            f"MoE layers are {self.moe_layers[0]}..{self.moe_layers[-1]}, "
-                            f"experts 0..{self.num_experts - 1}") from None
-
-    def expert_map(self) -> dict[int, list[int | str]]:
-        """layer -> location of each of its experts (device index or "cpu")."""
-        return {L: [self._where[(L, e)] for e in range(self.num_experts)]
-                for L in self.moe_layers}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
-        """Inverse of `to_dict` (also after a JSON round trip)."""
-        try:
-            devs = tuple(DevicePlan(**{**p, "weight_bytes": dict(p["weight_bytes"]),
-                                       "hot_experts": tuple(map(tuple, p["hot_experts"])),
-                                       "dense_layers": tuple(p["dense_layers"]),
-                                       "shared_expert_layers": tuple(p["shared_expert_layers"])})
-                         for p in d["device_plans"])
-            return cls(**{**d, "moe_layers": tuple(d["moe_layers"]), "device_plans": devs,
-                          "cold_experts": tuple(map(tuple, d["cold_experts"]))})
-        except (KeyError, TypeError) as e:
-            raise PlanError(f"the device plan is malformed: {e}",
-                            "re-run `step3-edge plan` / export to write a fresh plan") from e
-
-    def format_table(self, contexts: tuple[int, ...] = (4096, 8192, 32768)) -> str:
-        """Per-device memory table in GiB, then the offloaded experts and the KV capacity."""
-        n_att = sum(d.role == "attention" for d in self.device_plans)
-        split = (f"{n_att} attention + {self.devices - n_att} FFN" if n_att else "one device")
-        lines = [f"target {self.target}, {self.devices} device(s) ({split}); weights "
-                 f"{self.scheme}, attention {self.attn_scheme}, KV {self.kv_bytes_per_elem:g} "
-                 f"B/elem = {self.kv_bytes_per_token:,} B/token",
-                 f"model weights {_gib(self.model_weight_bytes)} "
-                 f"({self.model_weight_bytes / 1e9:.1f} GB) under these schemes", "",
-                 f"{'dev':>3}  {'role':<9} {'weights':>8} {'KV':>7} {'act':>6} {'headrm':>6} "
-                 f"{'total':>7} {'capacity':>8} {'free':>6}  hot experts"]
-        for d in self.device_plans:
-            g = [x / GiB for x in (d.weights_total, d.kv_bytes, d.activation_bytes,
-                                   d.headroom_bytes, d.total_bytes, d.capacity_bytes,
-                                   d.free_bytes)]
-            lines.append(f"{d.index:>3}  {d.role:<9} {g[0]:8.2f} {g[1]:7.2f} {g[2]:6.2f} "
-                         f"{g[3]:6.2f} {g[4]:7.2f} {g[5]:8.2f} {g[6]:6.2f}  "
-                         f"{len(d.hot_experts)}")
-        n_exp = len(self.moe_layers) * self.num_experts
-        lines += ["", f"routed experts: {n_exp} x {self.expert_bytes / 1e6:.1f} MB; "
-                  f"{n_exp - len(self.cold_experts)} hot on cards, {len(self.cold_experts)} "
-                  f"cold in CPU memory ({_gib(self.cold_bytes)} of {_gib(self.cpu_mem_bytes)})"]
-        per = ", ".join(f"dev {d.index}: {d.kv_tokens:,}" for d in self.device_plans
-                        if d.kv_tokens)
-        batches = ", ".join(f"batch {self.kv_tokens // c} at {c // 1024}K context"
-                            for c in contexts if c <= self.max_context)
-        lines.append(f"KV capacity: {self.kv_tokens:,} tokens ({per}) = {batches} "
-                     f"(max context {self.max_context:,})")
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -288,7 +140,39 @@ def plan_placement(cfg: Step3Config, target: Target, devices: int, *, cpu_mem_by
     """Plan `devices` cards of `target` for `cfg`; raise PlanError (with the numbers) if the
     request cannot fit. `kv_tokens=None` means at least one `max_context` sequence, and as many
     more as fit on the attention devices. `vision=False` plans a text-only deployment."""
+    _check_request(devices, cpu_mem_bytes, activation_reserve_bytes, headroom_fraction,
+                   kv_bytes_per_elem, kv_tokens)
     t = cfg.text_config
+    scheme = scheme or target.default_scheme
+    attn_scheme = attn_scheme or scheme
+    sz = _sizes(cfg, scheme, attn_scheme, vision)
+    order, weight = expert_order(cfg, expert_counts)
+    kv_tok = math.ceil(t.num_hidden_layers * cfg.kv_bytes_per_token_per_layer(kv_bytes_per_elem))
+    want = kv_tokens if kv_tokens is not None else t.max_context
+    cap, cpu_budget = target.memory_bytes, cpu_mem_bytes
+    if not target.is_gpu:  # the CPU itself is the one device; nothing is offloaded from it
+        if devices != 1:
+            raise PlanError(f"target {target.name} runs on {devices} devices",
+                            "the cpu target is one device: pass --devices 1")
+        cap, cpu_budget = cpu_mem_bytes, 0
+    card = _Card(target.name, cap, activation_reserve_bytes, int(cap * headroom_fraction), kv_tok)
+    if devices == 1:
+        placed, plans = _one_device(t, sz, order, card, want, fill_kv=kv_tokens is None)
+    else:
+        placed, plans = _split_devices(sz, order, weight, card, devices, want,
+                                       fill_kv=kv_tokens is None,
+                                       attention_devices=attention_devices)
+    cold = _cold_experts(order, placed, sz.expert, cpu_budget)
+    for p in plans:
+        assert p.total_bytes <= p.capacity_bytes, p
+    return Plan(target.name, devices, scheme, attn_scheme, kv_bytes_per_elem, kv_tok,
+                t.max_context, t.moe_num_experts, tuple(t.moe_layers), sz.expert, sz.total,
+                cpu_mem_bytes, kv_tokens, tuple(plans), cold)
+
+
+def _check_request(devices: int, cpu_mem_bytes: int, activation_reserve_bytes: int,
+                   headroom_fraction: float, kv_bytes_per_elem: float,
+                   kv_tokens: int | None) -> None:
     if devices < 1 or cpu_mem_bytes < 0 or activation_reserve_bytes < 0:
         raise PlanError(f"devices={devices}, cpu_mem_bytes={cpu_mem_bytes}, activation reserve "
                         f"{activation_reserve_bytes} must be >= 1, >= 0, >= 0",
@@ -297,110 +181,147 @@ def plan_placement(cfg: Step3Config, target: Target, devices: int, *, cpu_mem_by
         raise PlanError(f"headroom {headroom_fraction}, KV bytes/elem {kv_bytes_per_elem}, KV "
                         f"tokens {kv_tokens} out of range", "headroom in [0, 1), KV bytes per "
                         "element > 0 (1 = fp8/int8, 2 = bf16), KV tokens >= 1")
-    scheme = scheme or target.default_scheme
-    attn_scheme = attn_scheme or scheme
-    sz = _sizes(cfg, scheme, attn_scheme, vision)
-    order, weight = expert_order(cfg, expert_counts)
-    kv_tok = math.ceil(t.num_hidden_layers * cfg.kv_bytes_per_token_per_layer(kv_bytes_per_elem))
-    want = kv_tokens if kv_tokens is not None else t.max_context
-    cpu_budget = cpu_mem_bytes
-    cap = target.memory_bytes
-    if not target.is_gpu:  # the CPU itself is the one device; nothing is offloaded from it
-        if devices != 1:
-            raise PlanError(f"target {target.name} runs on {devices} devices",
-                            "the cpu target is one device: pass --devices 1")
-        cap, cpu_budget = cpu_mem_bytes, 0
-    head = int(cap * headroom_fraction)
-    usable = cap - activation_reserve_bytes - head
-    attn_w = sum(sz.attn_side.values())
 
-    def dev(i: int, role: str, w: dict[str, int], kv: int = 0, hot: tuple[ExpertId, ...] = (),
-            dense: tuple[int, ...] = (), shared: tuple[int, ...] = ()) -> DevicePlan:
-        return DevicePlan(i, role, cap, {k: v for k, v in w.items() if v}, kv * kv_tok, kv,
-                          activation_reserve_bytes, head, hot, dense, shared)
 
-    if devices == 1:
-        fixed = attn_w + sz.vision + sum(sz.dense.values()) + sum(sz.shared.values())
-        room = usable - fixed
-        if room < want * kv_tok:
-            raise PlanError(
-                f"device 0 ({target.name}) needs {_gib(fixed)} of non-expert weights + "
-                f"{_gib(want * kv_tok)} KV ({want:,} tokens) but has {_gib(usable)} usable "
-                f"({_gib(cap)} - {_gib(activation_reserve_bytes)} activations - {_gib(head)} "
-                "headroom)", "use more devices, a smaller scheme or a smaller --kv-tokens")
-        n_hot = min(len(order), (room - want * kv_tok) // sz.expert)
-        kv = want + ((room - want * kv_tok - n_hot * sz.expert) // kv_tok
-                     if kv_tokens is None else 0)
-        placed = {0: order[:n_hot]}
-        w = {**sz.attn_side, "vision": sz.vision, "mlp": sum(sz.dense.values()),
-             "shared_expert": sum(sz.shared.values()), "experts": n_hot * sz.expert}
-        plans = [dev(0, "both", w, kv, tuple(order[:n_hot]), t.dense_layers, t.moe_layers)]
+@dataclass(frozen=True)
+class _Card:
+    """One card of the target as the plan divides it (bytes): its capacity, the activation
+    reserve and headroom kept free, and one KV token over all layers."""
+
+    target: str
+    capacity: int
+    reserve: int
+    headroom: int
+    kv_token: int
+
+    @property
+    def usable(self) -> int:
+        """What weights and KV may take."""
+        return self.capacity - self.reserve - self.headroom
+
+    def device(self, i: int, role: str, w: dict[str, int], kv: int = 0,
+               hot: tuple[ExpertId, ...] = (), dense: tuple[int, ...] = (),
+               shared: tuple[int, ...] = ()) -> DevicePlan:
+        return DevicePlan(i, role, self.capacity, {k: v for k, v in w.items() if v},
+                          kv * self.kv_token, kv, self.reserve, self.headroom, hot, dense,
+                          shared)
+
+
+Placed = dict[int, list[ExpertId]]     # device -> its hot experts
+
+
+def _one_device(t: Step3TextConfig, sz: _Sizes, order: list[ExpertId], card: _Card,
+                want: int, fill_kv: bool) -> tuple[Placed, list[DevicePlan]]:
+    """One device runs everything: every non-expert weight and `want` KV tokens must fit;
+    the hottest experts fill the room left, and (`fill_kv`) more KV the rest."""
+    kv_tok = card.kv_token
+    fixed = sum(sz.attn_side.values()) + sz.vision + sum(sz.dense.values()) + \
+        sum(sz.shared.values())
+    room = card.usable - fixed
+    if room < want * kv_tok:
+        raise PlanError(
+            f"device 0 ({card.target}) needs {gib(fixed)} of non-expert weights + "
+            f"{gib(want * kv_tok)} KV ({want:,} tokens) but has {gib(card.usable)} usable "
+            f"({gib(card.capacity)} - {gib(card.reserve)} activations - {gib(card.headroom)} "
+            "headroom)", "use more devices, a smaller scheme or a smaller --kv-tokens")
+    n_hot = min(len(order), (room - want * kv_tok) // sz.expert)
+    kv = want + ((room - want * kv_tok - n_hot * sz.expert) // kv_tok if fill_kv else 0)
+    w = {**sz.attn_side, "vision": sz.vision, "mlp": sum(sz.dense.values()),
+         "shared_expert": sum(sz.shared.values()), "experts": n_hot * sz.expert}
+    return {0: order[:n_hot]}, [card.device(0, "both", w, kv, tuple(order[:n_hot]),
+                                            t.dense_layers, t.moe_layers)]
+
+
+def _split_devices(sz: _Sizes, order: list[ExpertId], weight: dict[ExpertId, float],
+                   card: _Card, devices: int, want: int, fill_kv: bool,
+                   attention_devices: int | None) -> tuple[Placed, list[DevicePlan]]:
+    """Attention devices first, each with its KV share (`_attention_kv`), then FFN devices
+    (`_ffn_devices`)."""
+    kv = _attention_kv(sz, card, devices, want, fill_kv, attention_devices)
+    plans = [card.device(i, "attention", {**sz.attn_side, "vision": sz.vision if i == 0 else 0},
+                         kv[i]) for i in range(len(kv))]
+    placed, ffn = _ffn_devices(sz, order, weight, card, list(range(len(kv), devices)))
+    return placed, plans + ffn
+
+
+def _attention_kv(sz: _Sizes, card: _Card, devices: int, want: int, fill_kv: bool,
+                  attention_devices: int | None) -> list[int]:
+    """KV tokens of each attention device: `attention_devices` of them, or the fewest whose
+    KV room holds `want` tokens; each takes all its room (`fill_kv`), else its share of
+    `want` in proportion to its room."""
+    kv_tok, attn_w = card.kv_token, sum(sz.attn_side.values())
+    room = [card.usable - attn_w - (sz.vision if i == 0 else 0) for i in range(devices - 1)]
+    if room[0] < 0:
+        raise PlanError(
+            f"attention device 0 needs {gib(attn_w + sz.vision)} of weights "
+            f"(attention {gib(sz.attn_side['attn'])}, embed + lm_head "
+            f"{gib(sz.attn_side['embed'] + sz.attn_side['lm_head'])}, vision "
+            f"{gib(sz.vision)}) but has {gib(card.usable)} usable",
+            "use a smaller --attn-scheme, --text-only, or cards with more memory")
+    caps = [max(r, 0) // kv_tok for r in room]
+    if attention_devices is not None:
+        if not 1 <= attention_devices < devices:
+            raise PlanError(f"{attention_devices} attention devices out of {devices}",
+                            f"choose 1..{devices - 1} so that FFN devices remain")
+        n_att = attention_devices
     else:
-        room = [usable - attn_w - (sz.vision if i == 0 else 0) for i in range(devices - 1)]
-        if room[0] < 0:
-            raise PlanError(
-                f"attention device 0 needs {_gib(attn_w + sz.vision)} of weights "
-                f"(attention {_gib(sz.attn_side['attn'])}, embed + lm_head "
-                f"{_gib(sz.attn_side['embed'] + sz.attn_side['lm_head'])}, vision "
-                f"{_gib(sz.vision)}) but has {_gib(usable)} usable",
-                "use a smaller --attn-scheme, --text-only, or cards with more memory")
-        caps = [max(r, 0) // kv_tok for r in room]
-        if attention_devices is not None:
-            if not 1 <= attention_devices < devices:
-                raise PlanError(f"{attention_devices} attention devices out of {devices}",
-                                f"choose 1..{devices - 1} so that FFN devices remain")
-            n_att = attention_devices
-        else:
-            n_att = next((a for a in range(1, devices) if sum(caps[:a]) >= want), devices - 1)
-        if sum(caps[:n_att]) < want:
-            raise PlanError(
-                f"KV budget of {want:,} tokens x {kv_tok:,} B = {_gib(want * kv_tok)} does "
-                f"not fit: {n_att} attention device(s) hold at most {sum(caps[:n_att]):,} "
-                f"tokens ({', '.join(_gib(max(r, 0)) for r in room[:n_att])} free after "
-                "attention-side weights)",
-                "ask for fewer KV tokens (smaller --batch or --context), use more devices, "
-                "or 8-bit KV")
-        if kv_tokens is None:
-            kv = caps[:n_att]
-        else:  # spread the budget in proportion to each device's room
-            kv = [want * c // sum(caps[:n_att]) for c in caps[:n_att]]
-            for i in [i for i in range(n_att) if kv[i] < caps[i]][:want - sum(kv)]:
-                kv[i] += 1
-        plans = [dev(i, "attention", {**sz.attn_side, "vision": sz.vision if i == 0 else 0},
-                     kv[i]) for i in range(n_att)]
-        ffn = list(range(n_att, devices))
-        units = sorted([(b, "d", L) for L, b in sz.dense.items()]
-                       + [(b, "s", L) for L, b in sz.shared.items()], key=lambda u: -u[0])
-        fixed = {d: 0 for d in ffn}
-        owned: dict[int, list[tuple[str, int]]] = {d: [] for d in ffn}
-        for b, kind, L in units:  # largest first onto the least filled device
-            d = min(ffn, key=lambda d: (fixed[d], d))
-            fixed[d] += b
-            owned[d].append((kind, L))
-        short = [d for d in ffn if fixed[d] > usable]
-        if short:
-            raise PlanError(
-                f"FFN device {short[0]} needs {_gib(fixed[short[0]])} for dense MLPs and shared "
-                f"experts but has {_gib(usable)} usable ({len(ffn)} FFN devices)",
-                "use more devices, fewer attention devices or a smaller --scheme")
-        placed = _place_experts(order, weight, {d: (usable - fixed[d]) // sz.expert
-                                                for d in ffn})
-        for d in ffn:
-            dl = tuple(sorted(L for k, L in owned[d] if k == "d"))
-            sl = tuple(sorted(L for k, L in owned[d] if k == "s"))
-            w = {"mlp": sum(sz.dense[L] for L in dl), "shared_expert":
-                 sum(sz.shared[L] for L in sl), "experts": len(placed[d]) * sz.expert}
-            plans.append(dev(d, "ffn", w, 0, tuple(placed[d]), dl, sl))
+        n_att = next((a for a in range(1, devices) if sum(caps[:a]) >= want), devices - 1)
+    if sum(caps[:n_att]) < want:
+        raise PlanError(
+            f"KV budget of {want:,} tokens x {kv_tok:,} B = {gib(want * kv_tok)} does "
+            f"not fit: {n_att} attention device(s) hold at most {sum(caps[:n_att]):,} "
+            f"tokens ({', '.join(gib(max(r, 0)) for r in room[:n_att])} free after "
+            "attention-side weights)",
+            "ask for fewer KV tokens (smaller --batch or --context), use more devices, "
+            "or 8-bit KV")
+    if fill_kv:
+        return caps[:n_att]
+    kv = [want * c // sum(caps[:n_att]) for c in caps[:n_att]]
+    for i in [i for i in range(n_att) if kv[i] < caps[i]][:want - sum(kv)]:
+        kv[i] += 1
+    return kv
+
+
+def _ffn_devices(sz: _Sizes, order: list[ExpertId], weight: dict[ExpertId, float],
+                 card: _Card, ffn: list[int]) -> tuple[Placed, list[DevicePlan]]:
+    """FFN devices: dense MLPs and shared experts as whole units, largest first onto the
+    least filled device; hot routed experts in the room left (`_place_experts`)."""
+    units = sorted([(b, "d", L) for L, b in sz.dense.items()]
+                   + [(b, "s", L) for L, b in sz.shared.items()], key=lambda u: -u[0])
+    fixed = {d: 0 for d in ffn}
+    owned: dict[int, list[tuple[str, int]]] = {d: [] for d in ffn}
+    for b, kind, L in units:
+        d = min(ffn, key=lambda d: (fixed[d], d))
+        fixed[d] += b
+        owned[d].append((kind, L))
+    short = [d for d in ffn if fixed[d] > card.usable]
+    if short:
+        raise PlanError(
+            f"FFN device {short[0]} needs {gib(fixed[short[0]])} for dense MLPs and shared "
+            f"experts but has {gib(card.usable)} usable ({len(ffn)} FFN devices)",
+            "use more devices, fewer attention devices or a smaller --scheme")
+    placed = _place_experts(order, weight, {d: (card.usable - fixed[d]) // sz.expert
+                                            for d in ffn})
+    plans = []
+    for d in ffn:
+        dl = tuple(sorted(L for k, L in owned[d] if k == "d"))
+        sl = tuple(sorted(L for k, L in owned[d] if k == "s"))
+        w = {"mlp": sum(sz.dense[L] for L in dl), "shared_expert":
+             sum(sz.shared[L] for L in sl), "experts": len(placed[d]) * sz.expert}
+        plans.append(card.device(d, "ffn", w, 0, tuple(placed[d]), dl, sl))
+    return placed, plans
+
+
+def _cold_experts(order: list[ExpertId], placed: Placed, expert_bytes: int,
+                  cpu_budget: int) -> tuple[ExpertId, ...]:
+    """The experts no device holds, which must fit the CPU budget."""
     hot = {x for xs in placed.values() for x in xs}
     cold = tuple(sorted(x for x in order if x not in hot))
-    if len(cold) * sz.expert > cpu_budget:
+    if len(cold) * expert_bytes > cpu_budget:
         raise PlanError(
-            f"{len(cold)} cold experts x {sz.expert / 1e6:.1f} MB = {_gib(len(cold) * sz.expert)}"
-            f" must live in CPU memory, but the CPU budget is {_gib(cpu_budget)}",
-            f"give --cpu-mem >= {_gib(len(cold) * sz.expert)}, use more devices, a smaller KV "
-            "budget or a smaller --scheme")
-    for p in plans:
-        assert p.total_bytes <= p.capacity_bytes, p
-    return Plan(target.name, devices, scheme, attn_scheme, kv_bytes_per_elem, kv_tok,
-                t.max_context, t.moe_num_experts, tuple(t.moe_layers), sz.expert, sz.total,
-                cpu_mem_bytes, kv_tokens, tuple(plans), cold)
+            f"{len(cold)} cold experts x {expert_bytes / 1e6:.1f} MB = "
+            f"{gib(len(cold) * expert_bytes)} must live in CPU memory, but the CPU budget is "
+            f"{gib(cpu_budget)}",
+            f"give --cpu-mem >= {gib(len(cold) * expert_bytes)}, use more devices, a smaller "
+            "KV budget or a smaller --scheme")
+    return cold
