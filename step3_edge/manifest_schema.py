@@ -125,6 +125,21 @@ def _plan(s: _Schema, plan: Any, cfg: dict) -> None:
               "each (layer, expert) in one place")
 
 
+def _target(s: _Schema, tgt: Any) -> None:
+    """The target row: `step3_edge.targets.Target`'s fields."""
+    w = "target"
+    for k in ("name", "description", "default_scheme"):
+        s.get(tgt, k, _STR, w)
+    for k in ("memory_gib", "bandwidth_gbs", "pcie_gbs"):
+        s.get(tgt, k, _NUM, w, "a number >= 0", lambda v: v >= 0)
+    s.get(tgt, "fp8_math", (bool,), w)
+    s.nat(tgt, "cards_per_server", w, 1)
+    if isinstance(tgt, dict) and "compute_capability" not in tgt:
+        s.problems.append(f"{w}.compute_capability is missing")
+    s.get(tgt, "compute_capability", _LIST, w, "[major, minor] or null (the cpu)",
+          lambda v: len(v) == 2 and all(type(x) is int and x >= 0 for x in v), optional=True)
+
+
 def _artifacts(s: _Schema, arts: Any) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for i, a in enumerate(arts if isinstance(arts, list) else []):
@@ -161,7 +176,7 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> None:
     src = s.get(data, "source", _DICT, "manifest")
     s.get(src, "path", _STR, "source")
     cfg = s.get(data, "config", _DICT, "manifest") or {}
-    s.get(s.get(data, "target", _DICT, "manifest"), "name", _STR, "target")
+    _target(s, s.get(data, "target", _DICT, "manifest"))
     arts = _artifacts(s, s.get(data, "artifacts", _LIST, "manifest"))
     plan = s.get(data, "plan", _DICT, "manifest")
     if plan is not None:
@@ -203,7 +218,17 @@ def validate_manifest(data: Any, source: str = MANIFEST) -> None:
     onnx = s.get(engines, "onnx", _DICT, "engines", optional=True)
     trt = s.get(engines, "trt", _DICT, "engines")
     s.get(trt, "built", (bool,), "engines.trt")
-    s.get(trt, "reason", _STR, "engines.trt", optional=True)
+    for k in ("reason", "version", "gpu", "precision"):
+        s.get(trt, k, _STR, "engines.trt", optional=True)
+    for k in ("shapes", "failed"):
+        s.get(trt, k, _DICT, "engines.trt", optional=True)
+    s.nat(onnx, "opset", "engines.onnx", 1)
+    for k in ("flavour", "kv_dtype"):
+        s.get(onnx, k, _STR, "engines.onnx")
+    export = s.get(data, "export", _DICT, "manifest")
+    s.get(export, "seconds", _NUM, "export", "a number >= 0", lambda v: v >= 0)
+    for k in ("validated", "validate_all"):
+        s.get(export, k, (bool,), "export")
     if onnx is not None and not subs:
         s.bad("subgraphs", subs, "the exported graphs (engines.onnx is set)")
     if subs and isinstance(engines, dict) and onnx is None:

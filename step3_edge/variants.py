@@ -143,7 +143,7 @@ def build_bundle(ckpt: Path, key: str, work: Path, rebuild: bool = False,
         try:
             m = load_manifest(out)
             return {"path": str(out), "bytes": sum(a.bytes for a in m.artifacts),
-                    "build_s": m.data.get("export", {}).get("seconds"), "reused": True}
+                    "build_s": m.export.seconds, "reused": True}
         except BundleError:
             pass                                  # damaged: export it again
     work.mkdir(parents=True, exist_ok=True)

@@ -78,8 +78,8 @@ def test_real_width_layer_through_every_stage(real_width: Path, tmp_path: Path, 
                            kv_tokens=1024, cpu_mem_bytes=16 << 30, onnx=onnx, progress=False)
     m = load_manifest(bundle)
     if onnx:
-        checked = {n: sg["validation"] for n, sg in m.subgraphs.items()}
-        assert checked and all(v and v["max_abs"] <= v["allowed"] for v in checked.values())
+        checked = {n: sg.validation for n, sg in m.subgraphs.items()}
+        assert checked and all(v and v.max_abs <= v.allowed for v in checked.values())
         assert any(n.startswith("vision") for n in checked)
     g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
     ids = torch.randint(3, 259, (int(torch.randint(6, 20, (), generator=g)) + 3,),

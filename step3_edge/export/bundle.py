@@ -10,7 +10,6 @@ when complete (docs/bundle.md).
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -25,10 +24,13 @@ from step3_edge.config import Step3Config
 from step3_edge.errors import CheckpointError
 from step3_edge.export.binding import plan_bindings, precision_of, signature
 from step3_edge.export.onnx_export import OPSET, apply_bindings, export_base, save
-from step3_edge.export.subgraphs import REGISTRY, Instance, SubgraphDecl
+from step3_edge.export.subgraphs import REGISTRY, Instance
 from step3_edge.export.weights import EXPERTS_DIR, readers_of, write_weights
-from step3_edge.fsutil import files_under, staged_dir
-from step3_edge.manifest import MANIFEST, SCHEMA_VERSION, Artifact, write_manifest
+from step3_edge.fsutil import staged_dir
+from step3_edge.manifest import (Artifact, DeviceEntry, Engines, ExportInfo, Manifest,
+                                 OnnxSettings, Source, Subgraph, TrtInfo, Validation,
+                                 WeightsInfo, bundle_owned, write_manifest)
+from step3_edge.plan import Plan
 from step3_edge.quantize.convert import convert_checkpoint, side_files
 from step3_edge.quantize.recipe import build_recipe
 from step3_edge.runtime.planner import plan_placement
@@ -66,7 +68,7 @@ def export_bundle(model_dir: str | Path, target: str | Target, devices: int, out
     expert_scheme = scheme or tgt.default_scheme
     plan = plan_placement(cfg, tgt, devices, cpu_mem_bytes=cpu_mem, scheme=expert_scheme,
                           attn_scheme=attn_scheme or expert_scheme,
-                          kv_tokens=kv_tokens).to_dict()
+                          kv_tokens=kv_tokens)
     src_qc = cfg.quantization_config or {}
     with staged_dir(out, overwrite, bundle_owned, [model_dir]) as tmp:
         if src_qc.get("quant_method") == "step3_edge" and src_qc.get("modules") == modules:
@@ -83,16 +85,16 @@ def export_bundle(model_dir: str | Path, target: str | Target, devices: int, out
         reader = CheckpointReader(tmp, qcfg)
         subgraphs = _export_subgraphs(qcfg, reader, tmp, tgt, plan, validate, validate_all,
                                       progress) if onnx else {}
-        trt_info: dict = {"built": False, "reason": "not requested"}
+        trt_info = TrtInfo(False, "not requested")
         trt_files: list[tuple[str, int, dict]] = []
         if onnx and trt and tgt.is_gpu:
             from step3_edge.export.trt import build_bundle_engines
 
             trt_info, trt_files = build_bundle_engines(tmp, subgraphs, reader, qcfg, tgt, plan)
         elif onnx and tgt.is_gpu and not trt:
-            trt_info = {"built": False, "reason": "--no-trt"}
+            trt_info = TrtInfo(False, "--no-trt")
         elif not tgt.is_gpu:
-            trt_info = {"built": False, "reason": "cpu target: ONNX Runtime runs the graphs"}
+            trt_info = TrtInfo(False, "cpu target: ONNX Runtime runs the graphs")
         arts = [Artifact.of(tmp, "config.json", "config")]
         arts.append(Artifact.of(tmp, INDEX_NAME, "config"))
         arts += [Artifact.of(tmp, rel, kind) for rel, kind in side]
@@ -101,30 +103,25 @@ def export_bundle(model_dir: str | Path, target: str | Target, devices: int, out
                                  {"tensors": f.tensors,
                                   "devices": readers_of(f.path.split("/")[0], plan)}))
         for name, sg in subgraphs.items():
-            arts.append(Artifact.of(tmp, sg["file"], "onnx", None, subgraph=name,
-                                    precision=sg["precision"], devices=sg["devices"]))
+            arts.append(Artifact.of(tmp, sg.file, "onnx", None, subgraph=name,
+                                    precision=sg.precision, devices=list(sg.devices)))
         arts += [Artifact.of(tmp, rel, "trt", dev, **meta) for rel, dev, meta in trt_files]
         src_format = {None: "bf16", "fp8": "block-fp8"}.get(src_qc.get("quant_method"),
                                                             src_qc.get("quant_method"))
-        write_manifest(tmp, {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "step3_edge_version": _version(),
-            "source": {"path": str(model_dir.resolve()), "format": src_format,
-                       "config_sha256": _hash(model_dir / "config.json")[0]},
-            "config": qcfg.to_dict(),
-            "target": asdict(tgt),
-            "plan": plan,
-            "weights": {"index": INDEX_NAME, "recipe": recipe.to_json(),
-                        "schemes": _count(modules), "total_bytes": sum(f.bytes for f in wfiles),
-                        "experts_dir": EXPERTS_DIR},
-            "devices": _device_table(plan, wfiles, subgraphs),
-            "subgraphs": subgraphs,
-            "engines": {"onnx": {"opset": OPSET, "flavour": _flavour(tgt),
-                                 "kv_dtype": "float32"} if onnx else None, "trt": trt_info},
-            "export": {"seconds": round(time.perf_counter() - t0, 2), "validated": bool(
-                onnx and validate), "validate_all": validate_all},
-            "artifacts": arts,
-        })
+        write_manifest(Manifest(
+            tmp, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            step3_edge_version=_version(),
+            source=Source(str(model_dir.resolve()), src_format,
+                          _hash(model_dir / "config.json")[0]),
+            config=qcfg, target=tgt, plan=plan,
+            weights=WeightsInfo(INDEX_NAME, recipe.to_json(), _count(modules),
+                                sum(f.bytes for f in wfiles), EXPERTS_DIR),
+            devices=_device_table(plan, wfiles, subgraphs), subgraphs=subgraphs,
+            engines=Engines(OnnxSettings(OPSET, _flavour(tgt), "float32") if onnx else None,
+                            trt_info),
+            export=ExportInfo(round(time.perf_counter() - t0, 2), bool(onnx and validate),
+                              validate_all),
+            artifacts=tuple(arts)))
     return out
 
 
@@ -133,12 +130,12 @@ def _flavour(tgt: Target) -> str:
 
 
 def _export_subgraphs(cfg: Step3Config, reader: CheckpointReader, tmp: Path, tgt: Target,
-                      plan: dict, validate: bool, validate_all: bool, progress: bool
-                      ) -> dict[str, dict]:
+                      plan: Plan, validate: bool, validate_all: bool, progress: bool
+                      ) -> dict[str, Subgraph]:
     from step3_edge.export.validate import TOLERANCES, validate_subgraph
 
     modules = (cfg.quantization_config or {}).get("modules", {})
-    out: dict[str, dict] = {}
+    out: dict[str, Subgraph] = {}
     kinds = [d for d in REGISTRY.values() if d.instances(cfg)]
     for decl in tqdm(kinds, desc="export subgraphs", unit="graph", disable=not progress):
         groups: dict[tuple, list[Instance]] = {}
@@ -158,59 +155,46 @@ def _export_subgraphs(cfg: Step3Config, reader: CheckpointReader, tmp: Path, tgt
             checked = insts if validate_all else list(dict.fromkeys([insts[0], insts[-1]]))
             result = validate_subgraph(name, decl, cfg, tmp / rel, bindings, reader, checked,
                                        precision) if validate else None
-            out[name] = _entry(decl, cfg, rel, insts, precision, bindings, tgt, plan,
-                               TOLERANCES[precision].__dict__,
-                               result.to_dict() if result else None)
+            out[name] = Subgraph(
+                rel, decl.kind, decl.doc, tuple((i.layer, i.expert) for i in insts),
+                decl.inputs(cfg), decl.outputs(cfg), precision, _flavour(tgt), OPSET,
+                asdict(TOLERANCES[precision]),
+                Validation.from_dict(result.to_dict()) if result else None,
+                tuple(b.to_dict() for b in bindings), subgraph_devices(decl.kind, plan))
     return out
 
 
-def _entry(decl: SubgraphDecl, cfg: Step3Config, rel: str, insts: list[Instance],
-           precision: str, bindings: list, tgt: Target, plan: dict, tol: dict,
-           validation: dict | None) -> dict:
-    ios = decl.inputs(cfg) + decl.outputs(cfg)
-    return {
-        "file": rel, "kind": decl.kind, "doc": decl.doc,
-        "instances": [[i.layer, i.expert] for i in insts],
-        "inputs": [io.to_dict() for io in decl.inputs(cfg)],
-        "outputs": [io.to_dict() for io in decl.outputs(cfg)],
-        "dynamic_axes": {io.name: {str(a): d for a, d in enumerate(io.shape)
-                                   if isinstance(d, str)} for io in ios},
-        "precision": precision, "flavour": _flavour(tgt), "opset": OPSET,
-        "tolerance": tol, "validation": validation,
-        "weights": [b.to_dict() for b in bindings],
-        "devices": subgraph_devices(decl.kind, plan),
-    }
-
-
-def subgraph_devices(kind: str, plan: dict) -> list[int | str]:
+def subgraph_devices(kind: str, plan: Plan) -> tuple[int | str, ...]:
     """Devices that run a subgraph kind under the plan ("cpu": cold experts)."""
-    devs = plan["device_plans"]
-    attn = [d["index"] for d in devs if d["role"] in ("attention", "both")]
+    devs = plan.device_plans
+    attn = plan.attention_devices
     if kind in ATTN_KINDS:
         return attn
     if kind.startswith("vision"):
         return attn[:1]
     if kind == "dense_mlp":
-        return [d["index"] for d in devs if d["dense_layers"]]
+        return tuple(d.index for d in devs if d.dense_layers)
     if kind == "shared_expert":
-        return [d["index"] for d in devs if d["shared_expert_layers"]]
-    return [d["index"] for d in devs if d["hot_experts"]] + \
-        (["cpu"] if plan["cold_experts"] else [])
+        return tuple(d.index for d in devs if d.shared_expert_layers)
+    return tuple(d.index for d in devs if d.hot_experts) + (("cpu",) if plan.cold_experts
+                                                             else ())
 
 
-def _device_table(plan: dict, wfiles: list, subgraphs: dict) -> list[dict]:
+def _device_table(plan: Plan, wfiles: list, subgraphs: dict[str, Subgraph]
+                  ) -> tuple[DeviceEntry, ...]:
     table = []
-    for d in plan["device_plans"]:
-        reads = [f.path for f in wfiles if d["index"] in readers_of(f.path.split("/")[0], plan)]
-        runs = [n for n, sg in subgraphs.items() if d["index"] in sg["devices"]]
-        table.append({"index": d["index"], "role": d["role"], "reads": reads,
-                      "subgraphs": runs, "hot_experts": len(d["hot_experts"])})
-    if plan["cold_experts"]:
-        table.append({"index": "cpu", "role": "cold experts",
-                      "reads": [f.path for f in wfiles if f.path.startswith(EXPERTS_DIR)],
-                      "subgraphs": [n for n, sg in subgraphs.items() if "cpu" in sg["devices"]],
-                      "hot_experts": 0, "cold_experts": len(plan["cold_experts"])})
-    return table
+    for d in plan.device_plans:
+        reads = tuple(f.path for f in wfiles
+                      if d.index in readers_of(f.path.split("/")[0], plan))
+        runs = tuple(n for n, sg in subgraphs.items() if d.index in sg.devices)
+        table.append(DeviceEntry(d.index, d.role, reads, runs, len(d.hot_experts)))
+    if plan.cold_experts:
+        table.append(DeviceEntry(
+            "cpu", "cold experts", tuple(f.path for f in wfiles
+                                         if f.path.startswith(EXPERTS_DIR)),
+            tuple(n for n, sg in subgraphs.items() if "cpu" in sg.devices), 0,
+            len(plan.cold_experts)))
+    return tuple(table)
 
 
 def _copy_side_files(side: list[tuple[str, Path]], dst: Path) -> list[tuple[str, str]]:
@@ -220,22 +204,6 @@ def _copy_side_files(side: list[tuple[str, Path]], dst: Path) -> list[tuple[str,
         shutil.copyfile(path, dst / name)
         out.append((name, "tokenizer" if name.startswith("tokenizer") else "config"))
     return out
-
-
-def bundle_owned(folder: Path) -> str | None:
-    """None when `folder` is a bundle `export` wrote (its manifest.json names every file it
-    holds; a damaged one counts too, so --force can replace it); else why it is not."""
-    try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        named = {a["path"] for a in data["artifacts"]} | {MANIFEST}
-        ok = data["schema_version"] == SCHEMA_VERSION
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return f"it is not a bundle (no readable {MANIFEST} listing its artifacts)"
-    extra = [p for p in files_under(folder) if p not in named]
-    if not ok or extra:
-        return (f"it holds files its {MANIFEST} does not name: {extra[:5]}" if extra else
-                f"its {MANIFEST} is not a step3-edge bundle manifest")
-    return None
 
 
 def _hash(path: Path) -> tuple[str, int]:

@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}: target {tgt.name}, {devices} device(s), {len(m.artifacts)} artifacts, "
           f"{size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
     for name, sg in m.subgraphs.items():
-        v = sg["validation"]
-        check = (f"max err {v['max_abs']:.2e} ({v['rel']:.1e} of max |ref|, allowed "
-                 f"{v['allowed']:.2e}) on {v['output']}" if v else "not validated")
-        print(f"  {name:<14} {sg['precision']:<5} {len(sg['instances']):>5} instance(s)  {check}")
+        v = sg.validation
+        check = (f"max err {v.max_abs:.2e} ({v.rel:.1e} of max |ref|, allowed "
+                 f"{v.allowed:.2e}) on {v.output}" if v else "not validated")
+        print(f"  {name:<14} {sg.precision:<5} {len(sg.instances):>5} instance(s)  {check}")
     return 0

@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from step3_edge.manifest import Manifest, load_manifest
+from step3_edge.manifest import SCHEMA_VERSION, Manifest, load_manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,30 +20,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def summary(m: Manifest) -> dict:
     """The facts `inspect` prints, as a dict."""
-    d = m.data
-    arts = m.artifacts
     by_kind: dict[str, list[int]] = {}
-    for a in arts:
+    for a in m.artifacts:
         by_kind.setdefault(a.kind, [0, 0])
         by_kind[a.kind][0] += 1
         by_kind[a.kind][1] += a.bytes
-    plan = d.get("plan", {})
-    t = d.get("config", {}).get("text_config", {})
+    t = m.config.text_config
     return {
-        "bundle": str(m.bundle), "schema_version": d["schema_version"],
-        "created": d.get("created"), "step3_edge_version": d.get("step3_edge_version"),
-        "source": d.get("source"), "target": d["target"]["name"],
-        "model": {k: t.get(k) for k in ("hidden_size", "num_hidden_layers",
-                                        "moe_num_experts", "vocab_size")},
-        "devices": [{k: v for k, v in dev.items() if k != "reads"} for dev in d.get("devices",
-                                                                                    [])],
-        "cold_experts": len(plan.get("cold_experts", [])),
-        "weights": {k: d.get("weights", {}).get(k) for k in ("schemes", "total_bytes")},
-        "subgraphs": {n: {"kind": s["kind"], "precision": s["precision"],
-                          "instances": len(s["instances"]), "devices": s["devices"],
-                          "validation": s.get("validation")}
+        "bundle": str(m.bundle), "schema_version": SCHEMA_VERSION,
+        "created": m.created, "step3_edge_version": m.step3_edge_version,
+        "source": m.source.to_dict(), "target": m.target.name,
+        "model": {k: getattr(t, k) for k in ("hidden_size", "num_hidden_layers",
+                                             "moe_num_experts", "vocab_size")},
+        "devices": [{k: v for k, v in dev.to_dict().items() if k != "reads"}
+                    for dev in m.devices],
+        "cold_experts": len(m.plan.cold_experts),
+        "weights": {"schemes": m.weights.schemes, "total_bytes": m.weights.total_bytes},
+        "subgraphs": {n: {"kind": s.kind, "precision": s.precision,
+                          "instances": len(s.instances), "devices": list(s.devices),
+                          "validation": s.validation.to_dict() if s.validation else None}
                       for n, s in m.subgraphs.items()},
-        "engines": d.get("engines"),
+        "engines": m.engines.to_dict(),
         "artifacts": {k: {"files": n, "bytes": b} for k, (n, b) in sorted(by_kind.items())},
     }
 

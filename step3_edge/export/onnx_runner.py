@@ -22,7 +22,7 @@ from step3_edge.config import Step3Config
 from step3_edge.errors import BundleError, MissingExtraError, PromptError
 from step3_edge.export.binding import FLOAT8E4M3FN, Bound, WeightBinding, bind
 from step3_edge.export.subgraphs import Instance
-from step3_edge.manifest import Manifest, load_manifest, sha256_file
+from step3_edge.manifest import Manifest, Subgraph, load_manifest, sha256_file
 from step3_edge.vision import crop_batches
 
 
@@ -129,14 +129,14 @@ class BundleGraphs:
                  threads: int | None = None, spin: bool = True, verify: bool = False) -> None:
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle, verify)
         self.bundle = self.manifest.bundle
-        self.cfg = Step3Config.from_dict(self.manifest.data["config"])
+        self.cfg = self.manifest.config
         self.reader = CheckpointReader(self.bundle, self.cfg)
         self.providers, self.threads, self.spin = providers, threads, spin
         self._route: dict[tuple[str, int | None, int | None], str] = {}
         for name, sg in self.manifest.subgraphs.items():
-            for layer, expert in sg["instances"]:
-                self._route[(sg["kind"], layer, expert)] = name
-        self._bindings = {n: [WeightBinding.from_dict(w) for w in sg["weights"]]
+            for layer, expert in sg.instances:
+                self._route[(sg.kind, layer, expert)] = name
+        self._bindings = {n: [WeightBinding.from_dict(w) for w in sg.weights]
                           for n, sg in self.manifest.subgraphs.items()}
         self._files: dict[str, Path] = {}
         self._sessions: dict[tuple[str, int | None, int | None], BoundSession] = {}
@@ -154,10 +154,9 @@ class BundleGraphs:
     def _file(self, name: str) -> Path:
         """The graph file, checked against its manifest sha256 once (graphs are small)."""
         if name not in self._files:
-            rel = self.manifest.subgraphs[name]["file"]
+            rel = self.manifest.subgraphs[name].file
             path = self.manifest.path(rel)
-            art = next(a for a in self.manifest.artifacts if a.path == rel)
-            if sha256_file(path) != art.sha256:
+            if sha256_file(path) != self.manifest.artifact(rel).sha256:
                 raise BundleError(f"{rel} does not match its sha256 in manifest.json",
                                   "the bundle was modified or damaged; re-export it")
             self._files[name] = path
@@ -177,7 +176,7 @@ class BundleGraphs:
         the runtime's TensorRT backend makes an engine instead)."""
         sg = self.manifest.subgraphs[name]
         sess = BoundSession.create(self._file(name), bound, self.providers, self.threads,
-                                   self.spin, name=sg["file"])
+                                   self.spin, name=sg.file)
         check_io(sess.session, sg)
         return sess
 
@@ -204,24 +203,24 @@ ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64":
               "int32": "tensor(int32)", "bool": "tensor(bool)", "bfloat16": "tensor(bfloat16)"}
 
 
-def check_io(session: Any, sg: dict[str, Any]) -> None:
+def check_io(session: Any, sg: Subgraph) -> None:
     """The graph's inputs and outputs are the ones manifest.json declares for its subgraph:
     names, element types, ranks and fixed sizes (a graph file swapped for another of the
     bundle may load with the same weights, and would compute something else)."""
-    for side, have in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-        want = {io["name"]: io for io in sg.get(side, [])}
+    for side, declared, have in (("inputs", sg.inputs, session.get_inputs()),
+                                 ("outputs", sg.outputs, session.get_outputs())):
+        want = {io.name: io for io in declared}
         got = {io.name: io for io in have}
         if sorted(got) != sorted(want):
-            raise BundleError(f"{sg['file']} has {side} {list(got)}, but manifest.json "
+            raise BundleError(f"{sg.file} has {side} {list(got)}, but manifest.json "
                               f"declares {list(want)} for its subgraph", RE_EXPORT)
         for name, io in got.items():
-            shape, dtype = want[name].get("shape"), want[name].get("dtype")
-            fixed = isinstance(shape, list) and io.shape is not None and \
-                len(io.shape) == len(shape) and all(
-                    not isinstance(d, int) or not isinstance(g, int) or d == g
-                    for d, g in zip(shape, io.shape))
+            shape, dtype = list(want[name].shape), want[name].dtype
+            fixed = io.shape is not None and len(io.shape) == len(shape) and all(
+                not isinstance(d, int) or not isinstance(g, int) or d == g
+                for d, g in zip(shape, io.shape))
             if not fixed or ONNX_TYPES.get(dtype, io.type) != io.type:
-                raise BundleError(f"{sg['file']}: {name} is {io.type} {io.shape}, but "
+                raise BundleError(f"{sg.file}: {name} is {io.type} {io.shape}, but "
                                   f"manifest.json declares {dtype} {shape}", RE_EXPORT)
 
 

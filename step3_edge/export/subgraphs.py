@@ -21,6 +21,7 @@ from step3_edge.checkpoint import CheckpointReader
 from step3_edge.config import Step3Config
 from step3_edge.export.graphs import (AttentionGraph, EmbedGraph, Graph, LMHeadGraph,
                                       SwiGLUGraph, VisionGraph)
+from step3_edge.manifest import GraphIO
 from step3_edge.model import (KVCache, RMSNorm, Step3DecoderLayer, Step3MLP, Step3MoE,
                               attention_mask, load_weights, rope_cos_sin)
 from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, project_features,
@@ -28,18 +29,6 @@ from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, project_f
 
 CROP_SIZE = 504  # crops of vLLM's ImagePatcher; the global view is vision_config.image_size
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class IO:
-    """One graph input or output; str dims are dynamic axes shared by name across a graph."""
-
-    name: str
-    dtype: str                        # float32 | int64 | bool
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -64,8 +53,8 @@ class SubgraphDecl:
     kind: str
     doc: str
     build: Callable[[Step3Config], Graph]
-    inputs: Callable[[Step3Config], tuple[IO, ...]]
-    outputs: Callable[[Step3Config], tuple[IO, ...]]
+    inputs: Callable[[Step3Config], tuple[GraphIO, ...]]
+    outputs: Callable[[Step3Config], tuple[GraphIO, ...]]
     instances: Callable[[Step3Config], list[Instance]]
     reference: Callable[[Step3Config, CheckpointReader, Instance], Callable[..., Tensors]]
     prefix: str = ""
@@ -193,33 +182,33 @@ def _h(cfg: Step3Config) -> int:
 
 
 def _attn_io(moe: bool):
-    def inputs(cfg: Step3Config) -> tuple[IO, ...]:
+    def inputs(cfg: Step3Config) -> tuple[GraphIO, ...]:
         d = cfg.text_config.head_dim
-        return (IO("hidden", "float32", ("batch", "seq", _h(cfg))),
-                IO("positions", "int64", ("batch", "seq")),
-                IO("key_valid", "bool", ("batch", "total")),
-                IO("past_k", "float32", ("batch", "past", d)),
-                IO("past_v", "float32", ("batch", "past", d)))
+        return (GraphIO("hidden", "float32", ("batch", "seq", _h(cfg))),
+                GraphIO("positions", "int64", ("batch", "seq")),
+                GraphIO("key_valid", "bool", ("batch", "total")),
+                GraphIO("past_k", "float32", ("batch", "past", d)),
+                GraphIO("past_v", "float32", ("batch", "past", d)))
 
-    def outputs(cfg: Step3Config) -> tuple[IO, ...]:
+    def outputs(cfg: Step3Config) -> tuple[GraphIO, ...]:
         d, k = cfg.text_config.head_dim, cfg.text_config.moe_top_k
-        out = (IO("residual", "float32", ("batch", "seq", _h(cfg))),
-               IO("normed", "float32", ("batch", "seq", _h(cfg))),
-               IO("present_k", "float32", ("batch", "total", d)),
-               IO("present_v", "float32", ("batch", "total", d)))
+        out = (GraphIO("residual", "float32", ("batch", "seq", _h(cfg))),
+               GraphIO("normed", "float32", ("batch", "seq", _h(cfg))),
+               GraphIO("present_k", "float32", ("batch", "total", d)),
+               GraphIO("present_v", "float32", ("batch", "total", d)))
         if moe:
-            out += (IO("topk_ids", "int64", ("batch", "seq", k)),
-                    IO("topk_weights", "float32", ("batch", "seq", k)))
+            out += (GraphIO("topk_ids", "int64", ("batch", "seq", k)),
+                    GraphIO("topk_weights", "float32", ("batch", "seq", k)))
         return out
     return inputs, outputs
 
 
-def _ffn_io(cfg: Step3Config) -> tuple[IO, ...]:
-    return (IO("x", "float32", ("tokens", _h(cfg))),)
+def _ffn_io(cfg: Step3Config) -> tuple[GraphIO, ...]:
+    return (GraphIO("x", "float32", ("tokens", _h(cfg))),)
 
 
-def _ffn_out(cfg: Step3Config) -> tuple[IO, ...]:
-    return (IO("y", "float32", ("tokens", _h(cfg))),)
+def _ffn_out(cfg: Step3Config) -> tuple[GraphIO, ...]:
+    return (GraphIO("y", "float32", ("tokens", _h(cfg))),)
 
 
 def _layers(moe: bool) -> Callable[[Step3Config], list[Instance]]:
@@ -237,8 +226,8 @@ def _experts(cfg: Step3Config) -> list[Instance]:
 def _vision(kind: str, size: Callable[[Step3Config], int], doc: str) -> SubgraphDecl:
     return SubgraphDecl(
         kind, doc, VisionGraph,
-        lambda cfg: (IO("pixel_values", "float32", ("batch", 3, size(cfg), size(cfg))),),
-        lambda cfg: (IO("features", "float32",
+        lambda cfg: (GraphIO("pixel_values", "float32", ("batch", 3, size(cfg), size(cfg))),),
+        lambda cfg: (GraphIO("features", "float32",
                         ("batch", cfg.vision_tokens(size(cfg)), _h(cfg))),),
         lambda cfg: [Instance()], _ref_vision,
         linear=lambda n: n.endswith(("proj.weight", "fc1.weight", "fc2.weight",
@@ -257,8 +246,8 @@ def _mlp_linear(n: str) -> bool:
 
 REGISTRY: dict[str, SubgraphDecl] = {d.kind: d for d in (
     SubgraphDecl("embed", "token embedding: input_ids [B, T] -> hidden [B, T, h]", EmbedGraph,
-                 lambda cfg: (IO("input_ids", "int64", ("batch", "seq")),),
-                 lambda cfg: (IO("hidden", "float32", ("batch", "seq", _h(cfg))),),
+                 lambda cfg: (GraphIO("input_ids", "int64", ("batch", "seq")),),
+                 lambda cfg: (GraphIO("hidden", "float32", ("batch", "seq", _h(cfg))),),
                  lambda cfg: [Instance()], _ref_embed),
     SubgraphDecl("attn_dense", "attention side of a dense layer (norm, MFA + KV, residual, "
                  "post-attention norm)", lambda cfg: AttentionGraph(cfg, moe=False),
@@ -283,8 +272,8 @@ REGISTRY: dict[str, SubgraphDecl] = {d.kind: d for d in (
                  prefix="model.layers.{layer}.", linear=_mlp_linear),
     SubgraphDecl("lm_head", "final RMSNorm + lm_head: hidden [B, T, h] -> logits [B, T, V]",
                  LMHeadGraph,
-                 lambda cfg: (IO("hidden", "float32", ("batch", "seq", _h(cfg))),),
-                 lambda cfg: (IO("logits", "float32",
+                 lambda cfg: (GraphIO("hidden", "float32", ("batch", "seq", _h(cfg))),),
+                 lambda cfg: (GraphIO("logits", "float32",
                                  ("batch", "seq", cfg.text_config.vocab_size)),),
                  lambda cfg: [Instance()], _ref_lm_head,
                  linear=lambda n: n == "lm_head.weight"),

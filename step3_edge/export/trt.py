@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +29,7 @@ from step3_edge.config import Step3Config
 from step3_edge.errors import MissingExtraError
 from step3_edge.export.binding import FLOAT8E4M3FN, WeightBinding, bind
 from step3_edge.export.subgraphs import Instance
+from step3_edge.manifest import GraphIO, Subgraph, TrtInfo
 from step3_edge.targets import Target
 from step3_edge.vision import CROPS_PER_CALL
 
@@ -62,7 +63,7 @@ def gpu_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(0)
 
 
-def profiles(inputs: list[dict], shapes: TrtShapes, cfg: Step3Config
+def profiles(inputs: Sequence[GraphIO], shapes: TrtShapes, cfg: Step3Config
              ) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
     """(min, opt, max) per input for the prefill and the decode profile."""
     s = shapes
@@ -80,10 +81,10 @@ def profiles(inputs: list[dict], shapes: TrtShapes, cfg: Step3Config
     for which in (0, 1):
         prof = {}
         for io in inputs:
-            dims = [(d, d, d) if isinstance(d, int) else ranges[d][which] for d in io["shape"]]
-            if io["name"] == "pixel_values":
+            dims = [(d, d, d) if isinstance(d, int) else ranges[d][which] for d in io.shape]
+            if io.name == "pixel_values":
                 dims[0] = (1, 1, s.max_crops) if which == 0 else (1, 1, 1)
-            prof[io["name"]] = tuple(tuple(d[i] for d in dims) for i in range(3))
+            prof[io.name] = tuple(tuple(d[i] for d in dims) for i in range(3))
         out.append(prof)
     return out
 
@@ -107,7 +108,7 @@ def materialize(onnx_path: Path, bindings: list[WeightBinding], reader: Checkpoi
     return out
 
 
-def build_engine(onnx_file: Path, inputs: list[dict], cfg: Step3Config, target: Target,
+def build_engine(onnx_file: Path, inputs: Sequence[GraphIO], cfg: Step3Config, target: Target,
                  shapes: TrtShapes = TrtShapes(), workspace_bytes: int = 4 << 30) -> bytes:
     """Serialized, refittable, weight-stripped engine for one graph file (with its data)."""
     trt = import_tensorrt()
@@ -160,11 +161,11 @@ def refit_engine(plan: bytes, values: dict, logger: Any = None, runtime: Any = N
     return engine
 
 
-def build_bundle_engines(bundle: Path, subgraphs: dict[str, dict], reader: CheckpointReader,
-                         cfg: Step3Config, target: Target, plan: dict,
+def build_bundle_engines(bundle: Path, subgraphs: dict[str, Subgraph],
+                         reader: CheckpointReader, cfg: Step3Config, target: Target,
                          shapes: TrtShapes = TrtShapes(),
                          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
-                         ) -> tuple[dict, list[tuple[str, int, dict]]]:
+                         ) -> tuple[TrtInfo, list[tuple[str, int, dict]]]:
     """Build every subgraph's engine for the devices that run it; returns (manifest info,
     [(path, device, meta)]). Prints one line and builds nothing when TensorRT or a GPU is
     missing."""
@@ -174,12 +175,12 @@ def build_bundle_engines(bundle: Path, subgraphs: dict[str, dict], reader: Check
         reason = "tensorrt is not installed (pip install 'step3-edge[trt]')"
         log(f"TensorRT: {reason}; shipping the ONNX subgraphs (ONNX Runtime's CUDA / TensorRT "
             "providers run them)")
-        return {"built": False, "reason": reason}, []
+        return TrtInfo(False, reason), []
     cap = gpu_capability()
     if cap is None:
         reason = "no CUDA GPU is visible"
         log(f"TensorRT {trt.__version__}: {reason}; shipping the ONNX subgraphs")
-        return {"built": False, "reason": reason}, []
+        return TrtInfo(False, reason), []
     if target.compute_capability and tuple(cap) != tuple(target.compute_capability):
         log(f"TensorRT: building on sm_{cap[0]}{cap[1]} for a {target.name} "
             f"(sm_{target.compute_capability[0]}{target.compute_capability[1]}); engines "
@@ -188,16 +189,16 @@ def build_bundle_engines(bundle: Path, subgraphs: dict[str, dict], reader: Check
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, sg in subgraphs.items():
-            bindings = [WeightBinding.from_dict(w) for w in sg["weights"]]
-            inst = Instance(*sg["instances"][0])
+            bindings = [WeightBinding.from_dict(w) for w in sg.weights]
+            inst = Instance(*sg.instances[0])
             try:
-                src = materialize(bundle / sg["file"], bindings, reader, cfg, inst,
+                src = materialize(bundle / sg.file, bindings, reader, cfg, inst,
                                   Path(tmp) / f"{name}.onnx")
-                engine = build_engine(src, sg["inputs"], cfg, target, shapes)
+                engine = build_engine(src, sg.inputs, cfg, target, shapes)
             except RuntimeError as e:          # unsupported op / precision on this TRT
                 failed[name] = str(e)
                 continue
-            for dev in (d for d in sg["devices"] if isinstance(d, int)):
+            for dev in (d for d in sg.devices if isinstance(d, int)):
                 rel = f"device-{dev}/trt/{name}.plan"
                 (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
                 (bundle / rel).write_bytes(engine)
@@ -206,6 +207,6 @@ def build_bundle_engines(bundle: Path, subgraphs: dict[str, dict], reader: Check
     if failed:
         log(f"TensorRT: {len(failed)} subgraph(s) not built ({', '.join(failed)}); their ONNX "
             "files are in the bundle")
-    return {"built": bool(files), "version": trt.__version__, "gpu": f"sm_{cap[0]}{cap[1]}",
-            "precision": "fp8" if target.fp8_math else "int8", "shapes": shapes.__dict__,
-            "failed": failed}, files
+    return TrtInfo(bool(files), version=trt.__version__, gpu=f"sm_{cap[0]}{cap[1]}",
+                   precision="fp8" if target.fp8_math else "int8", shapes=asdict(shapes),
+                   failed=failed), files

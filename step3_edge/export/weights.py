@@ -27,6 +27,7 @@ from pathlib import Path
 from step3_edge.checkpoint import INDEX_NAME, CheckpointReader, check_values
 from step3_edge.config import Step3Config
 from step3_edge.layout import expected_weights, layer_of
+from step3_edge.plan import Plan
 from step3_edge.quantize.schemes import get_scheme
 from step3_edge.shard_writer import ST_CODES, ShardWriter
 
@@ -43,32 +44,31 @@ class WeightFile:
     bytes: int = 0
 
 
-def owner_folder(name: str, role: str, plan: dict) -> str:
-    """Folder of one checkpoint tensor under the plan (Plan.to_dict())."""
+def owner_folder(name: str, role: str, plan: Plan) -> str:
+    """Folder of one checkpoint tensor under the plan."""
     if role == "experts":
         return EXPERTS_DIR
-    devs = plan["device_plans"]
+    devs = plan.device_plans
     if len(devs) == 1:
         return "device-0"
     layer = layer_of(name)
     for d in devs:
-        if role == "mlp" and layer in d["dense_layers"] or \
-                role == "shared_expert" and layer in d["shared_expert_layers"]:
-            return f"device-{d['index']}"
-    first_attn = min(d["index"] for d in devs if d["role"] in ("attention", "both"))
-    return f"device-{first_attn}"
+        if role == "mlp" and layer in d.dense_layers or \
+                role == "shared_expert" and layer in d.shared_expert_layers:
+            return f"device-{d.index}"
+    return f"device-{min(plan.attention_devices)}"
 
 
-def readers_of(folder: str, plan: dict) -> list[int | str]:
+def readers_of(folder: str, plan: Plan) -> list[int | str]:
     """Devices that load tensors from `folder` ("cpu" for cold experts)."""
-    devs = plan["device_plans"]
+    devs = plan.device_plans
     if folder == EXPERTS_DIR:
-        hot = [d["index"] for d in devs if d["hot_experts"]]
-        return hot + (["cpu"] if plan["cold_experts"] else [])
+        hot: list[int | str] = [d.index for d in devs if d.hot_experts]
+        return hot + (["cpu"] if plan.cold_experts else [])
     idx = int(folder.split("-")[1])
-    role = next(d["role"] for d in devs if d["index"] == idx)
+    role = next(d.role for d in devs if d.index == idx)
     if role == "attention":
-        return [d["index"] for d in devs if d["role"] == "attention"]
+        return [d.index for d in devs if d.role == "attention"]
     return [idx]
 
 
@@ -83,7 +83,7 @@ class _Source:
         return self.reader.get_slice(name)
 
 
-def write_weights(src_dir: Path, out: Path, cfg: Step3Config, plan: dict,
+def write_weights(src_dir: Path, out: Path, cfg: Step3Config, plan: Plan,
                   shard_bytes: int = SHARD_BYTES) -> tuple[dict[str, str], list[WeightFile]]:
     """Copy the stored tensors of quantized checkpoint `src_dir` into per-device folders
     of bundle `out`; write the root index. Returns (weight_map, files)."""

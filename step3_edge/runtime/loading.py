@@ -15,12 +15,13 @@ from step3_edge.config import Step3Config
 from step3_edge.errors import BundleError
 from step3_edge.manifest import Manifest, load_manifest
 from step3_edge.model import Step3MoE
+from step3_edge.plan import Plan
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.cost_model import Bandwidths, measure_bandwidths
 from step3_edge.runtime.expert_residency import Router
 from step3_edge.runtime.mlp import read_linear
 from step3_edge.runtime.options import ExpertOptions
-from step3_edge.runtime.planner import Plan, expert_order
+from step3_edge.runtime.planner import expert_order
 
 
 def measure_with_threads(dev: torch.device, backend: TorchBackend, threads: int
@@ -42,7 +43,7 @@ def open_bundle(bundle: str | Path, verify: bool = False
     names are read)."""
     bundle = Path(bundle)
     manifest = load_manifest(bundle, verify=verify)
-    plan = Plan.from_dict(manifest.plan)
+    plan = manifest.plan
     manifest.path("config.json")
     index = manifest.path(INDEX_NAME)
     for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):

@@ -26,6 +26,7 @@ import torch
 
 from step3_edge.config import Step3Config
 from step3_edge.errors import ConfigError, MissingExtraError, PromptError
+from step3_edge.manifest import Manifest
 from step3_edge.runtime.engine import Shard
 from step3_edge.runtime.kernels import NO_KERNELS, KernelCaps
 from step3_edge.runtime.kv import KVPool, StepBatch
@@ -52,11 +53,11 @@ class GraphBackend(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def check_graph_bundle(name: str, manifest: Any, dtype: torch.dtype | None, needs: str,
-                       export: str) -> None:
+def check_graph_bundle(name: str, manifest: Manifest | None, dtype: torch.dtype | None,
+                       needs: str, export: str) -> None:
     """A graph backend's two refusals: a bundle without subgraphs, a compute dtype other than
     float32 (the graph boundary; the weights keep their exported precision)."""
-    if manifest is None or not getattr(manifest, "subgraphs", None):
+    if manifest is None or not manifest.subgraphs:
         raise ConfigError(f"backend='{name}' needs a bundle with {needs}, and this one has "
                           "none", f"{export}, or use backend='torch'")
     if dtype not in (None, torch.float32):
@@ -72,7 +73,7 @@ class OrtBackend:
     caps = NO_KERNELS                   # no torch kernels: the graphs run in ONNX Runtime
     limits: dict[str, int] = {}         # no engine bounds: ONNX Runtime takes any shape
 
-    def __init__(self, manifest: Any, device: str | torch.device = "cpu",
+    def __init__(self, manifest: Manifest | None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, threads: int | None = None) -> None:
         check_graph_bundle("onnxruntime", manifest, dtype, "ONNX subgraphs", "export it with "
                            "ONNX (step3-edge export without --no-onnx)")
@@ -109,7 +110,7 @@ class OrtBackend:
         return {"backend": self.name, "device": "cuda" if "CUDAExecutionProvider" in prov
                 else "cpu", "dtype": "float32", "providers": prov,
                 "sessions": self.graphs.num_sessions, "threads": self.threads,
-                "kernels": {f"{n}: ONNX Runtime ({s.get('precision', '?')})": len(s["instances"])
+                "kernels": {f"{n}: ONNX Runtime ({s.precision})": len(s.instances)
                             for n, s in subs.items()}}
 
 

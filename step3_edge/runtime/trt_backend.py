@@ -27,6 +27,7 @@ import torch
 from step3_edge.errors import BundleError, ConfigError, MissingExtraError, PromptError
 from step3_edge.export.binding import Bound
 from step3_edge.export.onnx_runner import BundleGraphs
+from step3_edge.manifest import Manifest
 from step3_edge.runtime.kernels import NO_KERNELS
 from step3_edge.runtime.ort_backend import check_graph_bundle
 
@@ -156,7 +157,7 @@ def _address(t: torch.Tensor, keep: list[torch.Tensor]) -> int:
 class TrtGraphs(BundleGraphs):
     """`BundleGraphs` whose sessions are refitted TensorRT engines (one per instance)."""
 
-    def __init__(self, manifest: Any, device: torch.device) -> None:
+    def __init__(self, manifest: Manifest, device: torch.device) -> None:
         super().__init__(manifest)
         self.trt, self.device = _trt(), device
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
@@ -212,7 +213,7 @@ class TrtBackend:
     name = "tensorrt"
     caps = NO_KERNELS                   # no torch kernels: the engines run in TensorRT
 
-    def __init__(self, manifest: Any, device: str | torch.device = "cuda",
+    def __init__(self, manifest: Manifest | None, device: str | torch.device = "cuda",
                  dtype: torch.dtype | None = None) -> None:
         check_graph_bundle("tensorrt", manifest, dtype, "ONNX subgraphs and their TensorRT "
                            "engines", "export it for a GPU target with tensorrt installed")
@@ -222,17 +223,17 @@ class TrtBackend:
                               "TensorRT runs on a CUDA GPU: pass device='cuda' on a machine "
                               "with one, or use backend='onnxruntime' / 'torch'")
         _trt()
-        info = ((manifest.data.get("engines") or {}).get("trt") or {})
-        if not info.get("built"):
+        info = manifest.engines.trt
+        if not info.built:
             raise ConfigError("this bundle has no TensorRT engines (at export: "
-                              f"{info.get('reason', 'not recorded')})",
+                              f"{info.reason or 'not recorded'})",
                               "re-export it on the target GPU with tensorrt installed, or "
                               "load it with backend='onnxruntime'")
         self.device, self.dtype = torch.device("cpu"), torch.float32    # what we exchange
         self.gpu = torch.device("cuda", self.asked.index or 0)
         self.graphs = TrtGraphs(manifest, self.gpu)
         self.info = info
-        shapes = info.get("shapes") or {}      # the profiles' bounds: the scheduler keeps in them
+        shapes = info.shapes or {}             # the profiles' bounds: the scheduler keeps in them
         self.limits = {k: shapes[k] for k in ("max_batch", "max_prefill", "max_context")
                        if k in shapes}
 
@@ -244,5 +245,5 @@ class TrtBackend:
         subs = self.graphs.manifest.subgraphs
         return {"backend": self.name, "device": str(self.gpu), "dtype": "float32",
                 "providers": self.graphs.active_providers, "engines": self.graphs.num_sessions,
-                "precision": self.info.get("precision"), "built_on": self.info.get("gpu"),
-                "kernels": {f"{n}: TensorRT": len(s["instances"]) for n, s in subs.items()}}
+                "precision": self.info.precision, "built_on": self.info.gpu,
+                "kernels": {f"{n}: TensorRT": len(s.instances) for n, s in subs.items()}}

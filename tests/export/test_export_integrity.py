@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_tampered_weights_fail_verification_and_inspect(copy: Path, capsys) -> N
 
 def test_tampered_graph_is_refused_when_a_session_is_created(copy: Path) -> None:
     m = load_manifest(copy)
-    rel = m.subgraphs["lm_head"]["file"]
+    rel = m.subgraphs["lm_head"].file
     data = bytearray((copy / rel).read_bytes())
     data[len(data) // 2] ^= 0x5A                       # same size: only the hash tells
     (copy / rel).write_bytes(bytes(data))
@@ -47,7 +48,7 @@ def test_tampered_graph_is_refused_when_a_session_is_created(copy: Path) -> None
 
 def test_a_resized_or_deleted_artifact_is_refused_at_load(copy: Path) -> None:
     m = load_manifest(copy)
-    rel = m.subgraphs["lm_head"]["file"]
+    rel = m.subgraphs["lm_head"].file
     (copy / rel).write_bytes((copy / rel).read_bytes() + b"\0")
     with pytest.raises(BundleError, match=r"lm_head.onnx is \d+ bytes, the manifest says"):
         load_manifest(copy)
@@ -129,19 +130,17 @@ def test_existing_bundle_needs_force(tiny_bf16: Path, fp32_bundle: Path) -> None
 def _replace_and_rehash(bundle: Path, rel: str, raw: bytes) -> None:
     """Put other bytes in `rel` and give the manifest their size and sha256 (and its own
     hash): only the file's content tells it is not what it claims to be."""
-    from step3_edge.manifest import sha256_file, write_manifest
+    from step3_edge.manifest import Manifest, sha256_file, write_manifest
 
     (bundle / rel).write_bytes(raw)
-    data = json.loads((bundle / "manifest.json").read_text())
-    for a in data["artifacts"]:
-        if a["path"] == rel:
-            a["sha256"], a["bytes"] = sha256_file(bundle / rel), len(raw)
-    data.pop("manifest_sha256")
-    write_manifest(bundle, data)
+    m = Manifest.from_dict(bundle, json.loads((bundle / "manifest.json").read_text()))
+    write_manifest(replace(m, artifacts=tuple(
+        replace(a, sha256=sha256_file(bundle / rel), bytes=len(raw)) if a.path == rel else a
+        for a in m.artifacts)))
 
 
 def test_a_graph_that_is_not_onnx_with_a_matching_hash_is_a_bundle_error(copy: Path) -> None:
-    rel = load_manifest(copy).subgraphs["lm_head"]["file"]
+    rel = load_manifest(copy).subgraphs["lm_head"].file
     _replace_and_rehash(copy, rel, b"not a protobuf" * 64)
     load_manifest(copy, verify=True)                  # the manifest itself is consistent
     with pytest.raises(BundleError, match=f"{rel} is not an ONNX graph ONNX Runtime") as e:
@@ -153,8 +152,8 @@ def test_a_graph_swapped_for_another_of_the_bundle_is_a_bundle_error(copy: Path)
     from step3_edge.export.onnx_runner import check_io
 
     m = load_manifest(copy)
-    rel = m.subgraphs["embed"]["file"]                # other weights: ORT refuses the binding
-    _replace_and_rehash(copy, rel, (copy / m.subgraphs["lm_head"]["file"]).read_bytes())
+    rel = m.subgraphs["embed"].file                # other weights: ORT refuses the binding
+    _replace_and_rehash(copy, rel, (copy / m.subgraphs["lm_head"].file).read_bytes())
     with pytest.raises(BundleError, match=f"{rel} is not an ONNX graph"):
         BundleGraphs(copy).session("embed")
     # a graph that binds but has other inputs / outputs than its subgraph declares

@@ -29,7 +29,7 @@ def test_profiles_cover_prefill_and_decode(l20_bundle: Path) -> None:
     cfg = BundleGraphs(m).cfg
     s = TrtShapes(max_batch=8, prefill_tokens=256, max_prefill=1024, max_context=4096)
     for name, sg in m.subgraphs.items():
-        pre, dec = profiles(sg["inputs"], s, cfg)
+        pre, dec = profiles(sg.inputs, s, cfg)
         for prof in (pre, dec):
             for lo, opt, hi in prof.values():
                 assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), name
@@ -43,14 +43,14 @@ def test_materialized_graph_runs_without_binding(l20_bundle: Path) -> None:
     """The self-contained graph TensorRT parses computes what the bound session computes."""
     graphs = BundleGraphs(l20_bundle)
     sg = graphs.manifest.subgraphs["attn_moe"]
-    bindings = [WeightBinding.from_dict(w) for w in sg["weights"]]
-    inst = Instance(*sg["instances"][-1])
-    out = materialize(l20_bundle / sg["file"], bindings, graphs.reader, graphs.cfg, inst,
+    bindings = [WeightBinding.from_dict(w) for w in sg.weights]
+    inst = Instance(*sg.instances[-1])
+    out = materialize(l20_bundle / sg.file, bindings, graphs.reader, graphs.cfg, inst,
                       Path(l20_bundle).parent / "attn_moe_materialized.onnx")
     import onnxruntime as ort
 
     plain = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    bound = BoundSession.create(l20_bundle / sg["file"],
+    bound = BoundSession.create(l20_bundle / sg.file,
                                 bind(bindings, graphs.reader, graphs.cfg, inst))
     rng = np.random.default_rng(0)
     feeds = {"hidden": rng.standard_normal((1, 3, 128)).astype(np.float32),
@@ -66,10 +66,9 @@ def test_without_tensorrt_export_says_so_in_one_line(l20_bundle: Path) -> None:
     graphs = BundleGraphs(l20_bundle)
     lines: list[str] = []
     info, files = build_bundle_engines(l20_bundle, graphs.manifest.subgraphs, graphs.reader,
-                                       graphs.cfg, get_target("l20"), graphs.manifest.plan,
-                                       log=lines.append)
+                                       graphs.cfg, get_target("l20"), log=lines.append)
     assert len(lines) == 1 and "shipping the ONNX subgraphs" in lines[0]
-    assert info["built"] is False and files == []
+    assert info.built is False and files == []
 
 
 def test_engine_builds_refits_and_runs(l20_bundle: Path, tmp_path: Path) -> None:
@@ -81,12 +80,12 @@ def test_engine_builds_refits_and_runs(l20_bundle: Path, tmp_path: Path) -> None
 
     graphs = BundleGraphs(l20_bundle)
     sg = graphs.manifest.subgraphs["expert"]
-    bindings = [WeightBinding.from_dict(w) for w in sg["weights"]]
-    first, last = Instance(*sg["instances"][0]), Instance(*sg["instances"][-1])
-    src = materialize(l20_bundle / sg["file"], bindings, graphs.reader, graphs.cfg, first,
+    bindings = [WeightBinding.from_dict(w) for w in sg.weights]
+    first, last = Instance(*sg.instances[0]), Instance(*sg.instances[-1])
+    src = materialize(l20_bundle / sg.file, bindings, graphs.reader, graphs.cfg, first,
                       tmp_path / "expert.onnx")
     target = get_target("l20")
-    plan = build_engine(src, sg["inputs"], graphs.cfg, target, TrtShapes(max_batch=4))
+    plan = build_engine(src, sg.inputs, graphs.cfg, target, TrtShapes(max_batch=4))
     values = bind(bindings, graphs.reader, graphs.cfg, last)
     engine = refit_engine(plan, values)
     assert isinstance(engine, trt.ICudaEngine)

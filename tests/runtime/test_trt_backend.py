@@ -30,7 +30,7 @@ def test_profile_choice_matches_the_built_profiles(onnx_bundle: Path) -> None:
     t = cfg.text_config
     s = TrtShapes(max_batch=8, prefill_tokens=64, max_prefill=256, max_context=512)
     sg = m.subgraphs["attn_moe"]
-    bounds = [_bounds(p) for p in profiles(sg["inputs"], s, cfg)]
+    bounds = [_bounds(p) for p in profiles(sg.inputs, s, cfg)]
     rng = random.Random()
     for _ in range(20):
         b, past = rng.randint(1, 8), rng.randint(0, 300)
@@ -45,7 +45,7 @@ def test_profile_choice_matches_the_built_profiles(onnx_bundle: Path) -> None:
     assert pick_profile(too_long, bounds) is None                  # > max_prefill
     wrong_rank = {"hidden": (1, t.hidden_size)}
     assert pick_profile(wrong_rank, [_bounds(p) for p in profiles(
-        m.subgraphs["attn_moe"]["inputs"][:1], s, cfg)]) is None
+        m.subgraphs["attn_moe"].inputs[:1], s, cfg)]) is None
 
 
 def test_refusals_name_the_remedy(onnx_bundle: Path) -> None:
@@ -55,7 +55,7 @@ def test_refusals_name_the_remedy(onnx_bundle: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA GPU"):
             Step3Runtime.load(onnx_bundle, backend="tensorrt", device="cpu")
-    elif m.data["engines"]["trt"]["built"] is False:                  # a CPU-target bundle
+    elif m.engines.trt.built is False:                                 # a CPU-target bundle
         with pytest.raises(ConfigError, match="no TensorRT engines"):
             TrtBackend(m, "cuda")
 
@@ -73,7 +73,7 @@ def test_tensorrt_runtime_matches_onnx_runtime(text_ckpt: Path, tmp_path: Path) 
     bundle = export_bundle(text_ckpt, "l20", 1, tmp_path / "trt-bundle", kv_tokens=8192,
                            cpu_mem_bytes=8 << 30, onnx=True, validate=False, trt=True,
                            progress=False)
-    assert load_manifest(bundle).data["engines"]["trt"]["built"]
+    assert load_manifest(bundle).engines.trt.built
     trt_rt = Step3Runtime.load(bundle, backend="tensorrt", device="cuda", bandwidths=FIXED_BW)
     ort_rt = Step3Runtime.load(bundle, backend="onnxruntime", device="cpu", dtype="float32",
                                bandwidths=FIXED_BW)
