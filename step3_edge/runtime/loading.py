@@ -19,7 +19,7 @@ from step3_edge.plan import Plan
 from step3_edge.runtime.backends import TorchBackend
 from step3_edge.runtime.cost_model import Bandwidths, measure_bandwidths
 from step3_edge.runtime.expert_residency import Router
-from step3_edge.runtime.mlp import read_linear
+from step3_edge.runtime.ops import load_runtime_weights
 from step3_edge.runtime.options import ExpertOptions
 from step3_edge.runtime.planner import expert_order
 
@@ -96,7 +96,6 @@ def load_routers(cfg: Step3Config, reader: CheckpointReader, backend: TorchBacke
     out: dict[int, Router] = {}
     for L in t.moe_layers:
         with torch.device("meta"):
-            moe = Step3MoE(t)
-        moe.gate = read_linear(reader, backend, f"model.layers.{L}.moe.gate.weight")
-        out[L] = moe.route
+            moe = Step3MoE(t, experts=False)
+        out[L] = load_runtime_weights(moe, f"model.layers.{L}.moe.", reader, backend).route
     return out
