@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,10 @@ from step3_edge.runtime.mlp import make_mlp, read_linear
 from step3_edge.runtime.ops import RuntimeOps, load_runtime_weights
 from step3_edge.vision import (Step3VisionEncoder, build_vision_heads, embed_with_images,
                                encode_images)
+
+if TYPE_CHECKING:
+    from step3_edge.runtime.builders import AttentionSide, FFNSide
+
 
 class _Embedding(nn.Module):
     """Token embedding kept as stored (bf16); rows are cast to the compute dtype on lookup."""
@@ -298,11 +302,12 @@ class FFNWorker:
 
 
 class Engine:
-    """One process, one device: the attention side then the FFN side of each layer."""
+    """One process, one device: the attention side then the FFN side of each layer (the
+    torch workers here, or a graph backend's)."""
 
     micro_batches = 1
 
-    def __init__(self, attn: AttentionWorker, ffn: FFNWorker, sync_timing: bool = False
+    def __init__(self, attn: AttentionSide, ffn: FFNSide, sync_timing: bool = False
                  ) -> None:
         self.attn, self.ffn = attn, ffn
         n = attn.cfg.text_config.num_hidden_layers
