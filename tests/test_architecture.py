@@ -38,9 +38,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("step3_edge.variants", "step3_edge.export.bundle"):
         "the default model's variants are exported bundles (inside the function)",
     ("step3_edge.export.bundle", "step3_edge.runtime.planner"):
-        "the placement plan is written into the manifest",
+        "plan_placement makes the plan written into the manifest",
     ("step3_edge.export.cli", "step3_edge.runtime.planner"):
-        "export prints and checks the plan it writes",
+        "parse_size reads --cpu-mem",
     ("step3_edge.runtime.ort_backend", "step3_edge.export.onnx_runner"):
         "ONNX Runtime sessions over the bundle's graphs (inside the function)",
     ("step3_edge.runtime.trt_backend", "step3_edge.export.onnx_runner"):
