@@ -289,6 +289,7 @@ class ExportInfo(_Part):
 
 
 def _target(d: dict[str, Any]) -> Target:
+    """The target row as the `Target` it was written from."""
     cc = d["compute_capability"]
     return Target(**{**{f.name: d[f.name] for f in fields(Target)},
                      "compute_capability": tuple(cc) if cc is not None else None})

@@ -90,7 +90,7 @@ def export_bundle(model_dir: str | Path, target: str | Target, devices: int, out
         if onnx and trt and tgt.is_gpu:
             from step3_edge.export.trt import build_bundle_engines
 
-            trt_info, trt_files = build_bundle_engines(tmp, subgraphs, reader, qcfg, tgt, plan)
+            trt_info, trt_files = build_bundle_engines(tmp, subgraphs, reader, qcfg, tgt)
         elif onnx and tgt.is_gpu and not trt:
             trt_info = TrtInfo(False, "--no-trt")
         elif not tgt.is_gpu:
