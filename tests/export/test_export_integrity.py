@@ -152,7 +152,7 @@ def test_a_graph_swapped_for_another_of_the_bundle_is_a_bundle_error(copy: Path)
     from step3_edge.export.onnx_runner import check_io
 
     m = load_manifest(copy)
-    rel = m.subgraphs["embed"].file                # other weights: ORT refuses the binding
+    rel = m.subgraphs["embed"].file                   # other weights: ORT refuses the binding
     _replace_and_rehash(copy, rel, (copy / m.subgraphs["lm_head"].file).read_bytes())
     with pytest.raises(BundleError, match=f"{rel} is not an ONNX graph"):
         BundleGraphs(copy).session("embed")

@@ -49,6 +49,12 @@ def _edit(bundle: Path, edit) -> None:
     (lambda d: d["config"]["text_config"].update(num_hidden_layers="4"),
      "num_hidden_layers is '4'"),
     (lambda d: d["config"].update(text_config=[4]), "moe_num_experts"),
+    (lambda d: d["target"].pop("compute_capability"), "target.compute_capability is missing"),
+    (lambda d: d["target"].update(memory_gib="45"), "target.memory_gib is '45'"),
+    (lambda d: d["engines"]["onnx"].pop("opset"), "engines.onnx.opset is missing"),
+    (lambda d: d["engines"]["trt"].update(shapes=[16]), r"engines.trt.shapes is \[16\]"),
+    (lambda d: d.pop("export"), "manifest.export is missing"),
+    (lambda d: d["export"].update(validated="yes"), "export.validated is 'yes'"),
 ])
 def test_a_malformed_manifest_is_a_bundle_error(copy: Path, edit, match, capsys) -> None:
     _edit(copy, edit)
