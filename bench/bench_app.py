@@ -27,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "app"))
+sys.path.insert(0, str(REPO / "bench"))
+from hostinfo import host, results_path  # noqa: E402
 from app_helpers import (EXAMPLES, ask_in_browser, default_is_trained,  # noqa: E402
                          launch_browser, open_app, spawn, stop)
 
@@ -72,13 +74,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--questions", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2, help="starts of each kind (median kept)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "app.json"))
+    ap.add_argument("--out", help="JSON results (default bench/results/app-<machine>.json)")
     ap.add_argument("--model", help="measure this bundle instead of the default model "
                     "(then only the warm start is timed)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    results: dict = {"host": {**host(), "python": platform.python_version()},
                      "default_model_trained": default_is_trained(), "bundle": args.model}
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         env = dict(os.environ, GRADIO_TEMP_DIR=f"{tmp}/gradio",
@@ -117,8 +119,9 @@ def main() -> int:
         "tokens_per_s": (sum(a["answer_tokens"] - 1 for a in long) / sum(a["span_s"] for a in long)
                          if long else None),
         "tokens_per_s_answers": len(long)}
-    out = Path(args.out)
+    out = Path(args.out) if args.out else results_path("app", results["host"])
     out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
     print(f"default model trained: {results['default_model_trained']}")
     for k in ("fresh_cache", "warm_cache"):
         if k in results:

@@ -1,7 +1,7 @@
 """Core benchmarks: write and load the `mini` checkpoint, reference decode speed.
 
 Each phase runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own. Prints a table
-and writes bench/results/core.json.
+and writes bench/results/core-<machine>.json.
 
     python bench/bench_core.py [--preset mini] [--tokens 32]
 """
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import host, results_path  # noqa: E402
 
 PHASES = {
     "write bf16": """
@@ -73,14 +75,16 @@ def main() -> None:
         for dtype in ("float32", "bfloat16"):
             secs, rss, out = _run(DECODE.format(d=d, dtype=dtype, tokens=args.tokens))
             results[f"decode b=1 {dtype}"] = {**json.loads(out), "peak_rss_mib": round(rss)}
-    print(f"{args.preset} preset on {platform.processor() or platform.machine()}")
+    machine = host()
+    print(f"{args.preset} preset on {machine['cpu']} ({', '.join(machine['simd_flags'])})")
     print(f"{'phase':28} {'seconds':>8} {'peak RSS MiB':>13} {'size MiB':>9} {'tok/s':>7}")
     for name, r in results.items():
         print(f"{name:28} {r.get('seconds', 0):8.2f} {r['peak_rss_mib']:13} "
               f"{r.get('size_mib', ''):>9} {r.get('tokens_per_s', 0):7.1f}")
-    out = Path(__file__).parent / "results" / "core.json"
-    out.write_text(json.dumps({"preset": args.preset, "time": time.ctime(),
+    out = results_path("core", machine)
+    out.write_text(json.dumps({"host": machine, "preset": args.preset, "time": time.ctime(),
                                "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

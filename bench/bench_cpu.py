@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hostinfo import host, results_path  # noqa: E402
 from bench_runtime import (bandwidth, bytes_per_step, decode_rate_reference,  # noqa: E402
                            decode_rate_runtime, mini_bundle, prompts)
 
@@ -41,27 +40,10 @@ from step3_edge.config import Step3Config  # noqa: E402
 from step3_edge.export.bundle import export_bundle  # noqa: E402
 from step3_edge.model import Step3ForConditionalGeneration  # noqa: E402
 from step3_edge.presets import PRESETS  # noqa: E402
-from step3_edge.runtime import Step3Runtime, native  # noqa: E402
-from step3_edge.runtime.backends import make_backend, resolve_dtype  # noqa: E402
+from step3_edge.runtime import Step3Runtime  # noqa: E402
+from step3_edge.runtime.backends import make_backend  # noqa: E402
 from step3_edge.runtime.cost_model import measure_bandwidths  # noqa: E402
 from step3_edge.synth import write_checkpoint  # noqa: E402
-
-SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
-        "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-
-
-def host() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    dtype, why = resolve_dtype(None, "cpu")
-    return {"cpu": model.group(1).strip() if model else platform.processor(),
-            "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "simd_flags": [f for f in SIMD if f in native.cpu_flags()],
-            "native_isa": native.kernel().isa if native.kernel() else None,
-            "native_unavailable": native.unavailable_reason(),
-            "auto_dtype": str(dtype).removeprefix("torch."), "auto_dtype_reason": why,
-            "torch": torch.__version__}
-
 
 def read_seconds(folder: Path) -> float:
     """Seconds to read every file of `folder` once (best of 2: the second from the cache)."""
@@ -192,9 +174,7 @@ def main() -> None:
             "defaults / float32 compute": base / d["float32 compute"],
             "25% resident / all resident": d["defaults, 25% resident, misses on the CPU"] / base}
         print(f"batch {b}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
-    name = re.sub(r"[^a-z0-9]+", "-", res["host"]["cpu"].lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / \
-        f"cpu-{name}-{res['host']['native_isa']}.json"
+    out = args.out or results_path("cpu", res["host"])
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
 

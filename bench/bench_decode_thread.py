@@ -18,7 +18,7 @@ are as described:
     python bench/bench_decode_thread.py [--work DIR] [--new-tokens 32] [--out JSON]
 
 Prints ms per step, tokens/s, the fraction of the roofline (bench_runtime's definition) and
-each case against `main-team`; writes bench/results/decode_thread.json. Asserts nothing.
+each case against `main-team`; writes bench/results/decode_thread-<machine>.json. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_runtime import ROOT, bandwidth, bytes_per_step, mini_bundle  # noqa: E402
+from bench_runtime import bandwidth, bytes_per_step, mini_bundle  # noqa: E402
+from hostinfo import host, results_path  # noqa: E402
 
 CASES = ("main", "runtime", "main-team")
 
@@ -94,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/step3-edge-bench-runtime")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)   # one case, this process
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decode_thread.json")
+    p.add_argument("--out", type=Path,
+                   help="JSON results (default bench/results/decode_thread-<machine>.json)")
     args = p.parse_args(argv)
     _, bundle = mini_bundle(Path(args.work))
     if args.case:
         print(json.dumps(run_case(args.case, bundle, args.new_tokens)))
         return 0
     bw = bandwidth()
-    res: dict = {"threads": torch.get_num_threads(), "cores": os.cpu_count(),
+    res: dict = {"host": host(), "threads": torch.get_num_threads(), "cores": os.cpu_count(),
                  "bandwidth_GBps": bw / 1e9, "new_tokens": args.new_tokens, "cases": {}}
     for case in CASES:          # each in a fresh process: OpenMP teams live as long as it
         cmd = [sys.executable, __file__, "--case", case, "--work", args.work,
@@ -118,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {batch:>2}  {case:<9} {r['ms_per_step']:6.2f} ms/step "
                   f"{r['tokens_per_s']:7.1f} tok/s  {100 * r['roofline_fraction']:5.1f}% of "
                   f"roofline  {r['speedup_vs_main_team']:.2f}x vs main-team")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out or results_path("decode_thread", res["host"])
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and ORT share the cores: no spinning
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import host, results_path  # noqa: E402
 from step3_edge.defaults import default_model  # noqa: E402
 from step3_edge.tasks import EVAL_SEED  # noqa: E402
 from step3_edge.variants import VARIANTS, parse_only, run_variants  # noqa: E402
 
-OUT = Path(__file__).parent / "results" / "default_model_variants.json"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="bundle folder (default: the cache)")
     p.add_argument("--rebuild", action="store_true", help="export the bundles again")
     p.add_argument("--runtime-dtype", choices=["bfloat16", "float32"])
-    p.add_argument("--out", type=Path, default=OUT, help=f"JSON results (default {OUT})")
+    p.add_argument("--out", type=Path, help="JSON results (default "
+                   "bench/results/default_model_variants-<machine>.json)")
     args = p.parse_args(argv)
 
     model = args.model or default_model()
@@ -57,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model}  n={args.n}  seed {args.seed}  ({time.perf_counter() - t0:.0f} s, "
           f"{os.cpu_count()} cores, load average {load and round(load[0], 2)})")
     print(report.table())
-    data = {**report.to_json(), "machine": {"cores": os.cpu_count(), "load_average": load,
-                                            "platform": platform.platform()},
+    machine = host()
+    data = {**report.to_json(), "host": {**machine, "load_average": load,
+                                         "platform": platform.platform()},
             "total_s": round(time.perf_counter() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(portable(json.dumps(data, indent=2)) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out or results_path("default_model_variants", machine)
+    out.write_text(portable(json.dumps(data, indent=2)) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -67,16 +67,16 @@ def bench_latency(bundle: Path, threads: int) -> None:
     graphs = BundleGraphs(bundle, threads=threads, spin=False)
     cfg, reader = graphs.cfg, graphs.reader
     m = graphs.manifest
-    print(f"\nlatency, bundle {bundle.name} (target {m.target}), ORT {threads} thread(s) vs "
+    print(f"\nlatency, bundle {bundle.name} (target {m.target.name}), ORT {threads} thread(s) vs "
           f"torch {threads} thread(s), best-of-N ms, no thread spinning")
     print(f"{'subgraph':<14} {'prec':<5} {'case':<12} {'ORT':>9} {'torch':>9} {'ORT/torch':>9}")
     gen = torch.Generator().manual_seed(0)
     for name, sg in m.subgraphs.items():
-        decl = REGISTRY[sg["kind"]]
-        inst = Instance(*sg["instances"][0])
-        sess = graphs.session(sg["kind"], inst.layer, inst.expert)
+        decl = REGISTRY[sg.kind]
+        inst = Instance(*sg.instances[0])
+        sess = graphs.session(sg.kind, inst.layer, inst.expert)
         ref = decl.reference(cfg, reader, inst)
-        for case, dims in cases(sg["kind"], cfg).items():
+        for case, dims in cases(sg.kind, cfg).items():
             if dims is None:
                 continue
             x = decl.sample(cfg, {"batch": 1, "seq": 1, "past": 0, "tokens": 1, **dims}, gen)
@@ -84,7 +84,7 @@ def bench_latency(bundle: Path, threads: int) -> None:
             t_ort = timed(lambda: sess.run(feeds))
             with torch.inference_mode():
                 t_ref = timed(lambda: ref(**x))
-            print(f"{name:<14} {sg['precision']:<5} {case:<12} {t_ort * 1e3:9.3f} "
+            print(f"{name:<14} {sg.precision:<5} {case:<12} {t_ort * 1e3:9.3f} "
                   f"{t_ref * 1e3:9.3f} {t_ort / t_ref:9.2f}")
 
 

@@ -22,7 +22,7 @@
 
     python bench/bench_runtime.py [--work DIR] [--new-tokens 32]
                                   [--only decode,afd,backends,prefix]
-                                  [--out bench/results/runtime.json]
+                                  [--out bench/results/runtime-<machine>.json]
     python bench/bench_runtime.py --device cuda ...   (the GPU benchmark: bench_runtime_cuda.py)
 """
 
@@ -39,12 +39,14 @@ from pathlib import Path
 import psutil
 import torch
 
-from step3_edge.config import Step3Config
-from step3_edge.export.bundle import export_bundle
-from step3_edge.model import KVCache, Step3ForConditionalGeneration
-from step3_edge.runtime import Step3Runtime
-from step3_edge.runtime.expert_cache import replay, top_experts, trace_counts
-from step3_edge.synth import write_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import host, results_path  # noqa: E402
+from step3_edge.config import Step3Config  # noqa: E402
+from step3_edge.export.bundle import export_bundle  # noqa: E402
+from step3_edge.model import KVCache, Step3ForConditionalGeneration  # noqa: E402
+from step3_edge.runtime import Step3Runtime  # noqa: E402
+from step3_edge.runtime.expert_cache import replay, top_experts, trace_counts  # noqa: E402
+from step3_edge.synth import write_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 32             # tokens before the decode rows
@@ -427,13 +429,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="best of N (the machine is shared)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime.json"))
+    ap.add_argument("--out", help="JSON results (default bench/results/runtime-<machine>.json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt, bundle = mini_bundle(Path(args.work))
     threads = torch.get_num_threads()
-    res: dict = {"threads": threads, "new_tokens": args.new_tokens}
+    res: dict = {"host": host(), "threads": threads, "new_tokens": args.new_tokens}
     only = set(args.only.split(","))
     if "decode" in only:
         decode_section(args, ckpt, bundle, res)
@@ -443,7 +445,7 @@ def main() -> int:
         backends_section(args, ckpt, res)
     if "prefix" in only:
         prefix_section(args, bundle, res)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else results_path("runtime", res["host"])
     if out.is_file() and only != set(SECTIONS):                   # a partial run: merge
         res = {**json.loads(out.read_text()), **res}
     out.parent.mkdir(parents=True, exist_ok=True)

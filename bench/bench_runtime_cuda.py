@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from hostinfo import host, results_path
 from bench_runtime import (LONG_PROMPT, LONG_SEED, bytes_per_step, decode_rate_runtime,
                            long_prompt_rate_runtime, prompts)
 from step3_edge.config import Step3Config
@@ -307,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default="decode,miss,attention,long", help="sections to run")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime_cuda.json"))
+    ap.add_argument("--out", help="JSON results (default bench/results/"
+                    "runtime_cuda-<gpu>.json)")
     args, _ = ap.parse_known_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -343,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                                         b["runtime_probe"].items() if isinstance(v, float)
                                         and k != "seconds"), flush=True)
     only = set(args.only.split(","))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = host()
+    res["host"] = machine
+    out = Path(args.out) if args.out else results_path("runtime_cuda", machine)
     every = {"decode", "miss", "attention", "long"}
     old = json.loads(out.read_text()) if out.is_file() and only != every else {}
 

@@ -48,18 +48,12 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import host, results_path  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "step3_edge.cli"]
-
-
-def cpu_host() -> dict:
-    text = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())
-    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
-            if f in flags]
-    return {"cpu": model.group(1).strip() if model else "?", "simd_flags": simd,
-            "cores": os.cpu_count(), "memory_GB": psutil.virtual_memory().total / 1e9}
+KV_TOKENS = 65536     # the load row's KV pool: a fixed size, written in full before RSS is read
 
 
 def rss_anon(pid: int) -> int:
@@ -118,35 +112,64 @@ def folder_bytes(folder: Path) -> int:
 
 
 LOAD_CHILD = r"""
-import json, os, sys, time
+import ctypes, json, os, sys, time
 from pathlib import Path
+import numpy as np
 sys.path.insert(0, str(Path(sys.argv[2]) / "bench"))
 from bench_cpu import read_seconds
 from bench_runtime import bandwidth, bytes_per_step, decode_rate_runtime
 from bench_scale import rss_anon, folder_bytes
 from step3_edge.runtime import Step3Runtime
-bundle = Path(sys.argv[1])
+
+
+def rss() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def touch_bundle_maps(root: Path) -> int:
+    # one read per page of every map of a bundle file: what a server that has run every
+    # weight (vision included) holds resident
+    n = 0
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        f = line.split()
+        if len(f) >= 6 and f[5].startswith(str(root)) and f[1][0] == "r":
+            a, b = (int(x, 16) for x in f[0].split("-"))
+            np.frombuffer((ctypes.c_uint8 * (b - a)).from_address(a), np.uint8)[::4096].max()
+            n += b - a
+    return n
+
+
+bundle = Path(sys.argv[1]).resolve()
 read = read_seconds(bundle)
 a0 = rss_anon(os.getpid())
 t0 = time.perf_counter()
-rt = Step3Runtime.load(bundle, device="cpu")
+rt = Step3Runtime.load(bundle, device="cpu", kv_tokens=int(sys.argv[3]))
 load = time.perf_counter() - t0
 anon = rss_anon(os.getpid()) - a0
 p = rt.plan
-planned = sum(d.weights_total + d.kv_bytes for d in p.device_plans) + p.cold_bytes
+kv = rt.engine.attn.kv.kv
+weights = sum(d.weights_total for d in p.device_plans) + p.cold_bytes
 row = decode_rate_runtime(rt, 1, 16)
 bw = bandwidth(reps=2)
 row["bytes_per_step"] = bytes_per_step(rt, row["experts_per_step"], 1, 32 + 8)
 row["fraction_of_roofline"] = row["tokens_per_s"] / (bw / row["bytes_per_step"])
+mapped = touch_bundle_maps(bundle)
+kv.fill_(0)                                   # every KV page written, as a full pool is
 print("RESULT " + json.dumps({"read_files_s": read, "load_s": load, "load_anon_GB": anon / 1e9,
                               "bundle_GB": folder_bytes(bundle) / 1e9,
-                              "host_bytes_planned_GB": planned / 1e9,
+                              "planned_weights_GB": weights / 1e9,
+                              "kv_pool_GB": kv.nbytes / 1e9, "mapped_bundle_GB": mapped / 1e9,
+                              "host_planned_GB": (weights + kv.nbytes) / 1e9,
+                              "rss_all_touched_GB": rss() / 1e9,
                               "decode": row, "bandwidth_GBps": bw / 1e9}))
 """
 
 
 def load_row(bundle: Path, log: Path) -> dict:
-    cmd = [sys.executable, "-c", LOAD_CHILD, str(bundle), str(ROOT)]
+    cmd = [sys.executable, "-c", LOAD_CHILD, str(bundle), str(ROOT), str(KV_TOKENS)]
     m = run_measured(cmd, log)
     res = json.loads(next(line for line in log.read_text().splitlines()
                           if line.startswith("RESULT "))[7:])
@@ -233,7 +256,7 @@ def main() -> None:
                     "earlier on this host)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    res = {"host": cpu_host(), "slices": {}}
+    res = {"host": host(), "slices": {}}
     if args.merge and args.merge.is_file():
         res["slices"].update(json.loads(args.merge.read_text())["slices"])
     for s in filter(None, args.slices.split(",")):
@@ -246,8 +269,7 @@ def main() -> None:
         costs = ROOT / "step3_edge" / "assets" / "scale-costs.json"
         costs.write_text(json.dumps({"host": res["host"], **res["costs"]}, indent=1) + "\n")
         print(f"wrote {costs}")
-    cpu = re.sub(r"[^a-z0-9]+", "-", res["host"]["cpu"].lower()).strip("-")
-    out = args.out or ROOT / "bench" / "results" / f"scale-{cpu}.json"
+    out = args.out or results_path("scale", res["host"])
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -62,10 +62,9 @@ class Frontend(nn.Module):
                  vision: bool) -> None:
         super().__init__()
         self.config, self.dtype = cfg, backend.dtype
-        # copied: rows read straight from the mmapped file page-fault on first use (~0.1 ms
-        # per new token in decode)
-        w = reader.read("model.embed_tokens.weight", torch.bfloat16).to(backend.device,
-                                                                        copy=True)
+        # on the CPU the stored table itself (memory-mapped, like every weight: a row is paged
+        # in the first time its token is seen, not copied: 1.8 GB for Step3's)
+        w = reader.read("model.embed_tokens.weight", torch.bfloat16).to(backend.device)
         self.embed_tokens = _Embedding(w, backend.dtype)
         self.vision_model: Step3VisionEncoder | None = None
         if vision:
