@@ -4,8 +4,8 @@
     python bench/bench_default_model.py --model CKPT --n 100 --only int4-ort,fp8-r25-copy
 
 Same as `step3-edge eval --variants` (step3_edge/variants.py), with its defaults: the
-first 500 held-out examples, results in bench/results/default_model_variants.json (with every
-answer that differs from the reference's). Variants: reference model, cpu int8 and int4
+first 500 held-out examples, results in bench/results/default_model_variants-<machine>.json
+(with every answer that differs from the reference's). Variants: reference model, cpu int8 and int4
 bundles through ONNX Runtime, the l20 fp8 bundle in the torch runtime with all experts
 resident, and with 25% resident (misses computed on the CPU / copied into the cache).
 Prints a table; asserts nothing (the CI version is tests/test_default_model_variants.py).

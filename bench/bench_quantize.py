@@ -32,8 +32,10 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import host, results_path  # noqa: E402
+
 REAL_STEP3_FP8_GB = 326.0
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _mini_2x() -> dict:
@@ -171,9 +173,9 @@ def main() -> None:
             rows.append(r)
             _print_row(r)
     _print_summary(rows, args.threads)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantize.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\nraw numbers: {os.path.relpath(RESULTS / 'quantize.json')}")
+    out = results_path("quantize")
+    out.write_text(json.dumps({"host": host(), "rows": rows}, indent=2) + "\n")
+    print(f"\nraw numbers: {os.path.relpath(out)}")
 
 
 def _mb(x: float) -> str:

@@ -13,9 +13,12 @@ layer) the stages run as the CLI runs them, each in its own process:
 
 For each: wall time and peak anonymous memory (RssAnon of the process tree, sampled every
 50 ms: page cache and file-backed mmaps excluded), against the goal of 2x the largest stored
-tensor + 2 GB. The load row also has the plan's host bytes, the load time against the time to
-read the bundle's files, and decode tokens/s against the roofline (weight bytes a step reads /
-copy bandwidth measured in the same process).
+tensor + 2 GB. The load row (a KV pool of `KV_TOKENS`) also has the load time against the time
+to read the bundle's files, the anonymous memory the load added, decode tokens/s against the
+roofline (weight bytes a step reads / copy bandwidth measured in the same process), and the
+host bytes the plan places (weights + KV pool) against the process's RSS once every page of
+the bundle it maps and of the KV pool has been touched (what a server that has run every
+weight holds; file pages included).
 
 Costs (`stage_costs`): a linear model per stage fitted to the slices: per routed expert from
 E=8 vs E=16 at L=2, per MoE layer without its experts from L=2 vs L=3 at E=8, a dense layer
@@ -221,11 +224,14 @@ def stage_costs(rows: dict[str, dict]) -> dict:
         t2, t3, t16 = (r[stage]["seconds"] for r in (base, deeper, wider))
         expert = (t16 - t2) / 8
         layer = t3 - t2 - 8 * expert
-        fixed = t2 - layer - 8 * expert - (layer + 2.6 * expert)      # 1 MoE + 1 dense layer
         vit = 0.0
         for tag, r in rows.items():
             if "v" in tag and tag.split("v")[0] == "2x8":
                 vit = (r[stage]["seconds"] - t2) / (r["vision_layers"] - 2)
+        # a marginal cost below 0 is the noise of a term near 0 (e.g. quantize's per MoE
+        # layer, whose time is in its experts): counted as 0, the fixed part keeping t2
+        layer, expert, vit = max(layer, 0.0), max(expert, 0.0), max(vit, 0.0)
+        fixed = t2 - layer - 8 * expert - (layer + 2.6 * expert)      # 1 MoE + 1 dense layer
         out[stage] = {"fixed_s": fixed - 2 * vit, "per_moe_layer_s": layer,
                       "per_expert_s": expert, "per_dense_layer_s": layer + 2.6 * expert,
                       "per_vit_layer_s": vit,

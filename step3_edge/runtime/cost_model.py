@@ -27,7 +27,8 @@ class Bandwidths:
     measured: bool = True
     # fixed host seconds per missed expert besides bytes and FLOPs (launches, Python, making
     # the device copy's modules): measured on an H100 machine's host for mini's 0.8 MB expert
-    # (bench/results/runtime_cuda.json: CPU 0.13 ms, copy 0.5 ms at 1 token); not probed
+    # (bench/results/runtime_cuda-nvidia-h100-80gb-hbm3.json: CPU 0.13 ms, copy 0.5 ms at 1
+    # token); not probed
     cpu_overhead: float = 1e-4
     copy_overhead: float = 5e-4
 
@@ -64,7 +65,8 @@ def measure_bandwidths(device: torch.device, dtype: torch.dtype, nbytes: int = 3
     b = torch.empty_like(a)
     host = 2 * nbytes / _timed(lambda: b.copy_(a), lambda: None)
     # 64 tokens through a 4096 x 4096 weight: a 1024 x 1024 one under-measured an AMX CPU 4x
-    # (0.83 vs 3.4 TFLOP/s on an expert-sized GEMM, bench/results/runtime_cuda.json)
+    # (0.83 vs 3.4 TFLOP/s on an expert-sized GEMM,
+    # bench/results/runtime_cuda-nvidia-h100-80gb-hbm3.json)
     x, w = torch.full((64, 4096), 0.01, dtype=dtype), torch.full((4096, 4096), 0.01, dtype=dtype)
     gemm: Callable[[], object] = lambda: x @ w
     if dtype == torch.bfloat16 and hasattr(backend, "pack_bf16") and \
