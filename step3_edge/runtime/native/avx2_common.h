@@ -9,6 +9,11 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+#define MAX_ROWS 16   /* rows of x per call, taken in blocks of up to 8 */
+/* the cases of a switch over the rows of x a call takes (1..MAX_ROWS), each a constant M */
+#define CASES CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) \
+    CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
+
 enum { W_INT8 = 0, W_FP8 = 1 };   /* stored weight bytes: int8, or fp8 e4m3fn */
 
 /* 8 stored weight bytes -> float32: int8 as its integer; fp8 bit for bit as
@@ -69,7 +74,7 @@ INLINE void run_rows_q8_m(const float* x, const int64_t M, int64_t K,
                           int64_t row_block, void* y, int64_t ldy, int out_f32, int64_t lo,
                           int64_t hi) {
     const int64_t groups = (K + group - 1) / group;
-    float sums[16];
+    float sums[MAX_ROWS];
     int64_t base = 0;
     for (int64_t s = 0; s < nseg && base < hi; base += seg_rows[s], s++) {
         int64_t a = lo > base ? lo : base, b = hi < base + seg_rows[s] ? hi : base + seg_rows[s];
@@ -99,8 +104,7 @@ static void run_rows_q8(const float* x, int64_t M, int64_t K, const int8_t* cons
     switch (M) {
 #define CASE(n) case n: run_rows_q8_m(x, n, K, segs, scales, seg_rows, nseg, fmt, group, \
                                       row_block, y, ldy, out_f32, lo, hi); break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10)
-        CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
+        CASES
 #undef CASE
     }
 }

@@ -4,7 +4,7 @@
  * isa_avx2.h (AVX2 + FMA); everything else is written once here.
  *
  * s3e_gemv_bf16: y[m, r] = sum_k x[m, k] * W[r, k] for the few rows of x of a decode step
- * (M <= 8) and a weight given as one or more row segments (a fused q|k|v or gate|up is its
+ * (M <= 16) and a weight given as one or more row segments (a fused q|k|v or gate|up is its
  * parts' own [rows, K] tensors, not a concatenated copy). Products of bf16 pairs are
  * accumulated in float32, the sum is rounded once to bf16 (round to nearest even)
  * or, with out_f32, stored as float32 holding that same bf16 value (the lm_head writes
@@ -75,8 +75,6 @@ static void load_kv_row(const void* pool, int kind, int64_t row, float* out, int
 
 const char* s3e_isa(void) { return S3E_ISA; }
 
-#define MAX_ROWS 16   /* rows of x per call: row_dot takes them in blocks of up to 8 */
-
 /* One weight row against M (<= 16) prepared rows of x: row_dot on blocks of 8 (the row is
  * read from memory once, then from cache). */
 INLINE void dot_block(const uint16_t* w, const xrow_t* x, const int64_t M, int64_t K,
@@ -108,9 +106,6 @@ INLINE void run_rows_m(const xrow_t* x, const int64_t M, int64_t K, const uint16
         }
     }
 }
-
-#define CASES CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) \
-    CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
 
 /* dot_block for a run-time M (1..16). */
 static void dot_rows(const uint16_t* w, const xrow_t* x, int64_t M, int64_t K, int64_t ldx,
@@ -348,8 +343,8 @@ static inline uint16_t silu_mul(float g, float u) {
  * Consecutive pairs of one MLP (up to 16, other rows each) form a group whose rows of x are
  * gathered, so that each weight row is read once for all of them.
  * Scratch: xg [P, K] and act [P, widest] (widest >= every pair's m) of float32 size (the rows
- * in row_dot's form), acc float32 [2, M, K] (unused with out_f32). The groups' gate/up rows, then the output columns, are
- * split over `threads`. */
+ * in row_dot's form), acc float32 [2, M, K] (unused with out_f32). The groups' gate/up rows,
+ * then the output columns, are split over `threads`. */
 void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlps,
                      const int64_t* pairs, const float* coef, int64_t P, int64_t nbase, void* y,
                      int out_f32, void* xg_, void* act_, int64_t widest, float* acc,
@@ -358,7 +353,8 @@ void s3e_swiglu_bf16(const uint16_t* x, int64_t M, int64_t K, const int64_t* mlp
     int64_t first[P + 1], groups = 0, total = 0;      /* group g: pairs first[g] .. first[g+1] */
     for (int64_t p = 0; p < P;) {
         int64_t q = p + 1;
-        while (q < P && q - p < MAX_ROWS && pairs[2 * q] == pairs[2 * p] && (q < nbase) == (p < nbase))
+        while (q < P && q - p < MAX_ROWS && pairs[2 * q] == pairs[2 * p] &&
+               (q < nbase) == (p < nbase))
             q++;
         first[groups++] = p;
         total += mlps[4 * pairs[2 * p] + 3];
