@@ -27,7 +27,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "app"))
-sys.path.insert(0, str(REPO / "bench"))
 from hostinfo import host, results_path  # noqa: E402
 from app_helpers import (EXAMPLES, ask_in_browser, default_is_trained,  # noqa: E402
                          launch_browser, open_app, spawn, stop)

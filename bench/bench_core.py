@@ -16,8 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hostinfo import host, results_path  # noqa: E402
+from hostinfo import host, results_path
 
 PHASES = {
     "write bf16": """

@@ -23,7 +23,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and ORT share the cores: no spinning
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import host, results_path  # noqa: E402
 from step3_edge.defaults import default_model  # noqa: E402
 from step3_edge.tasks import EVAL_SEED  # noqa: E402

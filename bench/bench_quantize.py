@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 
 import psutil
+from hostinfo import host, results_path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hostinfo import host, results_path  # noqa: E402
 
 REAL_STEP3_FP8_GB = 326.0
 

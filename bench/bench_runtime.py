@@ -39,14 +39,13 @@ from pathlib import Path
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hostinfo import host, results_path  # noqa: E402
-from step3_edge.config import Step3Config  # noqa: E402
-from step3_edge.export.bundle import export_bundle  # noqa: E402
-from step3_edge.model import KVCache, Step3ForConditionalGeneration  # noqa: E402
-from step3_edge.runtime import Step3Runtime  # noqa: E402
-from step3_edge.runtime.expert_cache import replay, top_experts, trace_counts  # noqa: E402
-from step3_edge.synth import write_checkpoint  # noqa: E402
+from hostinfo import host, results_path
+from step3_edge.config import Step3Config
+from step3_edge.export.bundle import export_bundle
+from step3_edge.model import KVCache, Step3ForConditionalGeneration
+from step3_edge.runtime import Step3Runtime
+from step3_edge.runtime.expert_cache import replay, top_experts, trace_counts
+from step3_edge.synth import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 32             # tokens before the decode rows

@@ -50,9 +50,8 @@ import time
 from pathlib import Path
 
 import psutil
+from hostinfo import host, results_path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hostinfo import host, results_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "step3_edge.cli"]

@@ -30,6 +30,13 @@ static inline void prepare_row(const uint16_t* x, int64_t K, float* out) {
     for (; k < K; k++) out[k] = bf16_to_float(x[k]);
 }
 
+/* x [M, K] contiguous in row_dot's form: widened into a buffer the caller frees (*owned). */
+static inline const float* prepare_rows(const uint16_t* x, int64_t M, int64_t K, float** owned) {
+    float* p = malloc((size_t)(M * K) * sizeof(float));
+    for (int64_t m = 0; m < M; m++) prepare_row(x + m * K, K, p + m * K);
+    return *owned = p;
+}
+
 /* element j of a prepared row of K, set to the bf16 v */
 static inline void put_x(float* row, int64_t j, int64_t K, uint16_t v) {
     row[j < (K & ~(int64_t)15) ? (j & ~(int64_t)15) + (j & 1) * 8 + ((j & 15) >> 1) : j] =
@@ -44,10 +51,10 @@ static inline void put_x(float* row, int64_t j, int64_t K, uint16_t v) {
 INLINE void row_dot(const uint16_t* w, const float* x, const int64_t M, int64_t K,
                     int64_t ldx, float* sums) {
     const int64_t K16 = K & ~(int64_t)15;
+    __m256 a0[8], a1[8], a2[8], a3[8];     /* a1: M <= 4; a2, a3: M <= 2 */
+    for (int64_t m = 0; m < M; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();
     int64_t k = 0;
     if (M <= 2) {
-        __m256 a0[2], a1[2], a2[2], a3[2];
-        for (int64_t m = 0; m < M; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();
         for (; k + 32 <= K16; k += 32) {
             __m256 we0, wo0, we1, wo1;
             load_bf16_pairs(w + k, &we0, &wo0);
@@ -60,43 +67,23 @@ INLINE void row_dot(const uint16_t* w, const float* x, const int64_t M, int64_t 
                 a3[m] = _mm256_fmadd_ps(wo1, _mm256_loadu_ps(xm + 24), a3[m]);
             }
         }
-        if (k < K16) {
-            __m256 we, wo;
-            load_bf16_pairs(w + k, &we, &wo);
-            for (int64_t m = 0; m < M; m++) {
-                a0[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx + k), a0[m]);
-                a1[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + k + 8), a1[m]);
-            }
-            k += 16;
-        }
-        for (int64_t m = 0; m < M; m++)
-            sums[m] = hsum8(_mm256_add_ps(_mm256_add_ps(a0[m], a2[m]),
-                                          _mm256_add_ps(a1[m], a3[m])));
-    } else if (M <= 4) {
-        __m256 a0[4], a1[4];
-        for (int64_t m = 0; m < M; m++) a0[m] = a1[m] = _mm256_setzero_ps();
-        for (; k < K16; k += 16) {
-            __m256 we, wo;
-            load_bf16_pairs(w + k, &we, &wo);
-            for (int64_t m = 0; m < M; m++) {
-                a0[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx + k), a0[m]);
-                a1[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + k + 8), a1[m]);
-            }
-        }
-        for (int64_t m = 0; m < M; m++) sums[m] = hsum8(_mm256_add_ps(a0[m], a1[m]));
-    } else {
-        __m256 a[8];
-        for (int64_t m = 0; m < M; m++) a[m] = _mm256_setzero_ps();
-        for (; k < K16; k += 16) {
-            __m256 we, wo;
-            load_bf16_pairs(w + k, &we, &wo);
-            for (int64_t m = 0; m < M; m++) {
-                a[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + m * ldx + k), a[m]);
-                a[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + m * ldx + k + 8), a[m]);
-            }
-        }
-        for (int64_t m = 0; m < M; m++) sums[m] = hsum8(a[m]);
     }
+    for (; k < K16; k += 16) {
+        __m256 we, wo;
+        load_bf16_pairs(w + k, &we, &wo);
+        for (int64_t m = 0; m < M; m++) {
+            const float* xm = x + m * ldx + k;
+            a0[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xm), a0[m]);
+            if (M <= 4)
+                a1[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xm + 8), a1[m]);
+            else
+                a0[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xm + 8), a0[m]);
+        }
+    }
+    for (int64_t m = 0; m < M; m++)
+        sums[m] = hsum8(M <= 2 ? _mm256_add_ps(_mm256_add_ps(a0[m], a2[m]),
+                                               _mm256_add_ps(a1[m], a3[m]))
+                        : M <= 4 ? _mm256_add_ps(a0[m], a1[m]) : a0[m]);
     for (int64_t m = 0; m < M; m++)
         for (int64_t t = K16; t < K; t++) sums[m] += bf16_to_float(w[t]) * x[m * ldx + t];
 }

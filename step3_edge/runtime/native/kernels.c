@@ -135,8 +135,8 @@ void s3e_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* cons
                    int threads) {
     int64_t rows = 0;
     for (int64_t s = 0; s < nseg; s++) rows += seg_rows[s];
-    xrow_t* xp = malloc((size_t)(M * K) * sizeof(xrow_t));
-    for (int64_t m = 0; m < M; m++) prepare_row(x + m * K, K, xp + m * K);
+    xrow_t* owned;
+    const xrow_t* xp = prepare_rows(x, M, K, &owned);
     if (threads <= 1) {
         run_rows(xp, M, K, segs, seg_rows, nseg, y, ldy, out_f32, 0, rows);
     } else {
@@ -148,7 +148,7 @@ void s3e_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* cons
             if (lo < hi) run_rows(xp, M, K, segs, seg_rows, nseg, y, ldy, out_f32, lo, hi);
         }
     }
-    free(xp);
+    free(owned);
 }
 
 /* Entry point for quantized weights. x: float32 [M, K] contiguous (the bf16 activations
